@@ -1,0 +1,204 @@
+"""The conscience: a frozen copy of the model reviews its own answers with one introspective question.
+
+For a conversation (prompt, response) the reference reads ``[prompt; response; question]`` and the
+verdict is ``score = log P(yes) - log P(no)`` for the next token, each side summed over the
+tokenizer's single-token spellings ("Yes", " Yes", "yes", ...). The same forward pass yields the
+reference log-probs of the response tokens (they share the prefix), which DPO needs as its anchor.
+``PairBuilder`` turns scored rollouts into (chosen, rejected) preference pairs.
+
+    with policy.as_reference() as reference:
+        review = Conscience().review(reference, tokenizer, prompt_ids, response_ids)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from emalign.logprobs import hidden_states, pad_right, project, response_mask, target_logps
+from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
+
+DEFAULT_QUESTION = "Was your last response ethical and aligned with human values? Answer Yes or No."
+DEFAULT_REVISION = (
+    "Your last response may be harmful or unethical. Rewrite it so that it is helpful, honest and "
+    "harmless. Reply with the improved response only."
+)
+_MARK = "\x00EMALIGN_RESPONSE\x00"
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+@dataclass
+class Review:
+    scores: torch.Tensor
+    """log P(yes) - log P(no) per conversation."""
+    ref_logps: torch.Tensor
+    """Summed reference log-probs of each response's tokens."""
+
+
+@dataclass
+class Pair:
+    """One preference pair with its frozen reference log-probs (exact: the reference never changes)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_chosen: float
+    ref_rejected: float
+    chosen_score: float
+    rejected_score: float
+    step: int
+    revised: bool = False
+
+
+class Conscience:
+    """Scores conversations with the reference's answer to one high-level question."""
+
+    def __init__(
+        self,
+        question: str = DEFAULT_QUESTION,
+        yes_words: list[str] = ["Yes", "yes", "YES"],
+        no_words: list[str] = ["No", "no", "NO"],
+        include_reasoning: bool = True,
+        batch_size: int = 8,
+        revise_below: Optional[float] = None,
+        revision_instruction: str = DEFAULT_REVISION,
+    ) -> None:
+        """
+        Args:
+            question: the introspective question, asked as the next user turn.
+            yes_words / no_words: answer spellings; each is tried with and without a leading space and
+                only spellings that are a single token count.
+            include_reasoning: review ``<think>...</think>`` reasoning too (else only the final answer).
+            batch_size: conversations per review forward.
+            revise_below: when the best rollout of a prompt scores below this, the frozen model revises
+                it; a revision that scores higher becomes the chosen answer. ``None`` disables revision.
+            revision_instruction: the user turn that asks for the revision.
+        """
+        self.question = question
+        self.yes_words = list(yes_words)
+        self.no_words = list(no_words)
+        self.include_reasoning = include_reasoning
+        self.batch_size = batch_size
+        self.revise_below = revise_below
+        self.revision_instruction = revision_instruction
+        self._cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
+
+    def answer_tokens(self, tokenizer) -> tuple[list[int], list[int], list[int]]:
+        """(yes ids, no ids, question suffix ids) for this tokenizer, computed once."""
+        key = id(tokenizer)
+        if key not in self._cache:
+            self._cache[key] = (self._single_tokens(tokenizer, self.yes_words), self._single_tokens(tokenizer, self.no_words), self._suffix(tokenizer))
+            if not self._cache[key][0] or not self._cache[key][1]:
+                raise ValueError(f"no single-token spelling of {self.yes_words} or {self.no_words} in this tokenizer")
+        return self._cache[key]
+
+    @staticmethod
+    def _single_tokens(tokenizer, words: list[str]) -> list[int]:
+        ids = set()
+        for word in words:
+            for spelling in (word, " " + word):
+                encoded = tokenizer.encode(spelling, add_special_tokens=False)
+                if len(encoded) == 1:
+                    ids.add(encoded[0])
+        return sorted(ids)
+
+    def _suffix(self, tokenizer) -> list[int]:
+        """Tokens that close the assistant turn, ask the question and open the verdict turn."""
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}, {"role": "user", "content": self.question}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tail = rendered.split(_MARK, 1)[1]
+        return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+    def reviewed_response(self, tokenizer, response_ids: list[int]) -> list[int]:
+        """The response as the conscience reads it: eos stripped (the suffix closes the turn)."""
+        eos = tokenizer.eos_token_id
+        ids = response_ids[:-1] if response_ids and response_ids[-1] == eos else response_ids
+        if not self.include_reasoning:
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            stripped = _THINK.sub("", text)
+            if stripped != text:
+                ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+        return ids
+
+    @torch.no_grad()
+    def review(self, reference, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> Review:
+        """Verdicts and reference log-probs, batched, one frozen forward per batch."""
+        yes, no, suffix = self.answer_tokens(tokenizer)
+        scores, logps = [], []
+        device = next(reference.parameters()).device
+        for start in range(0, len(prompt_ids), self.batch_size):
+            prompts = prompt_ids[start : start + self.batch_size]
+            responses = response_ids[start : start + self.batch_size]
+            read = [self.reviewed_response(tokenizer, r) for r in responses]
+            sequences = [p + r + suffix for p, r in zip(prompts, read)]
+            ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
+            states = hidden_states(reference, ids, mask)
+            last = mask.sum(1) - 1
+            verdict = project(reference, states[torch.arange(len(sequences), device=device), last]).log_softmax(-1)
+            scores.append(verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1))
+            # The review sequence holds the response's own tokens at the same positions (its eos, if any,
+            # is the suffix's first token), so one pass gives the reference log-probs too. Only when the
+            # reviewed text differs (reasoning stripped) does it take a second pass.
+            if all(r[: len(a)] == a and r[len(a) :] in ([], suffix[:1]) for a, r in zip(read, responses)):
+                target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], device)
+                logps.append(target_logps(reference, states, ids, target))
+            else:
+                logps.append(reference_logps(reference, tokenizer, prompts, responses))
+        return Review(torch.cat(scores).cpu(), torch.cat(logps).cpu())
+
+    @torch.no_grad()
+    def revise(self, reference, tokenizer, conversations: list[list[dict[str, str]]], answers: list[str], settings: GenerationSettings, seed: int, step: int) -> list[Rollout]:
+        """Ask the frozen model to rewrite answers; the rollouts carry the original prompts' ids."""
+        requests = [
+            render_prompt(tokenizer, c + [{"role": "assistant", "content": a}, {"role": "user", "content": self.revision_instruction}])
+            for c, a in zip(conversations, answers)
+        ]
+        revisions = sample_ids(reference, tokenizer, requests, settings, 1, seed, step, index_offset=1_000_000)
+        for rollout, conversation in zip(revisions, conversations):
+            rollout.prompt_ids = render_prompt(tokenizer, conversation)
+        return revisions
+
+
+@torch.no_grad()
+def reference_logps(reference, tokenizer, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """Summed log-probs of each response given its prompt."""
+    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, next(reference.parameters()).device)
+    target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], ids.device)
+    return target_logps(reference, hidden_states(reference, ids, mask), ids, target).cpu()
+
+
+@dataclass
+class PairBuilder:
+    """Best vs worst rollout of each prompt, kept when their score gap reaches ``margin``."""
+
+    margin: float = 1.0
+    """Minimum score difference between chosen and rejected."""
+
+    def build(self, rollouts: list[Rollout], review: Review, step: int) -> list[Pair]:
+        groups: dict[int, list[int]] = {}
+        for i, rollout in enumerate(rollouts):
+            groups.setdefault(rollout.prompt_index, []).append(i)
+        pairs = []
+        for members in groups.values():
+            best = max(members, key=lambda i: float(review.scores[i]))
+            worst = min(members, key=lambda i: float(review.scores[i]))
+            gap = float(review.scores[best] - review.scores[worst])
+            if best == worst or gap < self.margin or rollouts[best].response_ids == rollouts[worst].response_ids:
+                continue
+            pairs.append(
+                Pair(
+                    prompt_ids=rollouts[best].prompt_ids,
+                    chosen_ids=rollouts[best].response_ids,
+                    rejected_ids=rollouts[worst].response_ids,
+                    ref_chosen=float(review.ref_logps[best]),
+                    ref_rejected=float(review.ref_logps[worst]),
+                    chosen_score=float(review.scores[best]),
+                    rejected_score=float(review.scores[worst]),
+                    step=step,
+                    revised=rollouts[best].revised,
+                )
+            )
+        return pairs

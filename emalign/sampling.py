@@ -1,0 +1,196 @@
+"""Batched, seeded sampling from a chat model.
+
+Every sample has its own seed derived from ``(seed, step, prompt index, sample index)``, so a rerun
+reproduces the same rollouts whatever else shares the batch. Sampling uses the Gumbel-max trick
+(argmax of temperature/top-p-warped logits plus per-row Gumbel noise equals a draw from the warped
+distribution) so each row can draw from its own ``torch.Generator`` inside one batched
+``model.generate`` with KV cache.
+
+    rollouts = sample(model, tokenizer, [[{"role": "user", "content": "hi"}]], GenerationSettings(), num_samples=4)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """How rollouts are sampled."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens per sample; generation stops at end-of-turn before that."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    batch_size: int = 16
+    """Sequences per ``generate`` call (prompts x samples); halved automatically on out-of-memory."""
+
+
+@dataclass
+class Rollout:
+    """One sampled answer, as token ids (exactly what the model produced) and text."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+    revised: bool = False
+
+
+def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+class GumbelSampler:
+    """Logits processor: warp, then add per-row Gumbel noise from per-row generators (greedy picks the sample)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_scores.softmax(-1) > self.top_p  # keep the token that crosses top_p
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(self.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return scores + gumbel
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_ids(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    settings: GenerationSettings,
+    num_samples: int = 1,
+    seed: int = 0,
+    step: int = 0,
+    index_offset: int = 0,
+) -> list[Rollout]:
+    """Sample ``num_samples`` answers per tokenised prompt; rollouts come back prompt-major."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    rollouts: list[Rollout] = []
+    batch_size = max(settings.batch_size, num_samples)
+    start = 0
+    while start < len(prompt_ids):
+        per_call = max(1, batch_size // num_samples)
+        chunk = prompt_ids[start : start + per_call]
+        try:
+            rollouts += _generate_chunk(model, tokenizer, chunk, start + index_offset, settings, num_samples, seed, step, eos, device, LogitsProcessorList)
+        except torch.OutOfMemoryError:
+            if batch_size <= num_samples and per_call == 1:
+                raise
+            batch_size = max(num_samples, batch_size // 2)
+            log.warning("out of memory while generating; retrying with generation batch %d", batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+    return rollouts
+
+
+def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples, seed, step, eos, device, LogitsProcessorList):
+    # Rows are repeated here rather than with num_return_sequences: HF expands before the prefill
+    # either way, and greedy-over-Gumbel decoding (our per-row seeded sampler) refuses that flag.
+    ids, mask = _left_pad([p for p in chunk for _ in range(num_samples)], tokenizer.pad_token_id, device)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        use_cache=True,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    if settings.temperature > 0:
+        seeds = [sample_seed(seed, step, first_index + i, k) for i in range(len(chunk)) for k in range(num_samples)]
+        kwargs["logits_processor"] = LogitsProcessorList([GumbelSampler(seeds, settings.temperature, settings.top_p, device)])
+    out = model.generate(**kwargs)[:, ids.shape[1] :].tolist()
+    rollouts = []
+    for row, tokens in enumerate(out):
+        i, k = divmod(row, num_samples)
+        cut = next((t + 1 for t, tok in enumerate(tokens) if tok in eos), None)
+        response = tokens[:cut] if cut else tokens
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        rollouts.append(Rollout(first_index + i, k, list(chunk[i]), response, text, cut is not None))
+    return rollouts
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    settings: Optional[GenerationSettings] = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    step: int = 0,
+) -> list[Rollout]:
+    """Sample answers to chat prompts (message lists)."""
+    settings = settings or GenerationSettings()
+    return sample_ids(model, tokenizer, [render_prompt(tokenizer, p) for p in prompts], settings, num_samples, seed, step)
+
+
+class Throughput:
+    """Counts generated tokens over wall time (for ``conscience/gen_tokens_per_s``)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def measure(self, fn, *args, **kwargs) -> list[Rollout]:
+        start = time.perf_counter()
+        rollouts = fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        self.tokens += sum(len(r.response_ids) for r in rollouts)
+        return rollouts
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_EM = ROOT.parent / "shared" / "data" / "em"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from emalign.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template, saved as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture
+def tiny_policy(tiny_model_dir):
+    from emalign.models import LoRA, Policy
+
+    torch.manual_seed(0)
+    return Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
