@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
 
 from emalign.conscience import Conscience, PairBuilder
 from emalign.prompts import PromptSource, TrainingPrompts
@@ -33,10 +32,10 @@ class ConscienceCallback(L.Callback):
         every_n_steps: int = 4,
         num_prompts: int = 4,
         samples_per_prompt: int = 2,
-        prompts: PromptSource = lazy_instance(TrainingPrompts),
-        conscience: Conscience = lazy_instance(Conscience),
-        pair_builder: PairBuilder = lazy_instance(PairBuilder),
-        generation: GenerationSettings = lazy_instance(GenerationSettings),
+        prompts: Optional[PromptSource] = None,
+        conscience: Optional[Conscience] = None,
+        pair_builder: Optional[PairBuilder] = None,
+        generation: Optional[GenerationSettings] = None,
         seed: int = 0,
         rollouts_file: Optional[str] = "rollouts.jsonl",
     ) -> None:
@@ -45,10 +44,10 @@ class ConscienceCallback(L.Callback):
             every_n_steps: run the conscience before every N-th optimizer step (step 0 included).
             num_prompts: prompts drawn per run (M).
             samples_per_prompt: answers sampled per prompt (K >= 2 to form pairs).
-            prompts: where prompts come from.
-            conscience: the introspective question and its scoring.
-            pair_builder: how scored rollouts become pairs.
-            generation: sampling settings for rollouts.
+            prompts: where prompts come from (default: ``TrainingPrompts()``, the fit's own user turns).
+            conscience: the introspective question and its scoring (default: ``Conscience()``).
+            pair_builder: how scored rollouts become pairs (default: ``PairBuilder()``).
+            generation: sampling settings for rollouts (default: ``GenerationSettings()``).
             seed: base seed; each sample's seed derives from (seed, rank, step, prompt, sample).
             rollouts_file: JSONL under the run directory with every rollout, its score and whether it
                 was chosen or rejected; ``null`` disables it.
@@ -58,10 +57,10 @@ class ConscienceCallback(L.Callback):
         self.every_n_steps = every_n_steps
         self.num_prompts = num_prompts
         self.samples_per_prompt = samples_per_prompt
-        self.prompts = prompts
-        self.conscience = conscience
-        self.pair_builder = pair_builder
-        self.generation = generation
+        self.prompts = prompts if prompts is not None else TrainingPrompts()
+        self.conscience = conscience if conscience is not None else Conscience()
+        self.pair_builder = pair_builder if pair_builder is not None else PairBuilder()
+        self.generation = generation if generation is not None else GenerationSettings()
         self.seed = seed
         self.rollouts_file = rollouts_file
         self.last_run_step = -1

@@ -21,13 +21,12 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from emalign.conscience import Pair
 from emalign.logprobs import mean_token_nll, pad_right, response_mask, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
-from emalign.models import Policy
+from emalign.models import LoRA, Policy
 from emalign.queue import PairQueue
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,9 @@ class NonFiniteLossError(RuntimeError):
 class EmergentAlignment(L.LightningModule):
     def __init__(
         self,
-        policy: Policy = lazy_instance(Policy),
-        preference_loss: PreferenceLoss = lazy_instance(SigmoidDPO),
-        pair_queue: PairQueue = lazy_instance(PairQueue),
+        policy: Optional[Policy] = None,
+        preference_loss: Optional[PreferenceLoss] = None,
+        pair_queue: Optional[PairQueue] = None,
         align_weight: float = 1.0,
         pairs_per_step: int = 4,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -65,9 +64,9 @@ class EmergentAlignment(L.LightningModule):
     ) -> None:
         """
         Args:
-            policy: the model, its adapter and the reference kind.
-            preference_loss: the alignment term's loss on queued pairs.
-            pair_queue: where the conscience leaves pairs.
+            policy: the model, its adapter and the reference kind (default: ``Policy()``, embedded SmolLM2 + LoRA).
+            preference_loss: the alignment term's loss on queued pairs (default: ``SigmoidDPO()``).
+            pair_queue: where the conscience leaves pairs (default: ``PairQueue()``).
             align_weight: lambda in ``task + lambda * preference``.
             pairs_per_step: pairs drawn from the queue for each training step.
             optimizer: built over the trainable parameters.
@@ -77,9 +76,10 @@ class EmergentAlignment(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "preference_loss", "pair_queue"])
-        self.policy = policy
-        self.preference_loss = preference_loss
-        self.pair_queue = pair_queue
+        # Built here, not as default arguments: a default instance would be shared by every module.
+        self.policy = policy if policy is not None else Policy(adapter=LoRA())
+        self.preference_loss = preference_loss if preference_loss is not None else SigmoidDPO()
+        self.pair_queue = pair_queue if pair_queue is not None else PairQueue()
         self.align_weight = align_weight
         self.pairs_per_step = pairs_per_step
         self.optimizer = optimizer

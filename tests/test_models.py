@@ -1,0 +1,140 @@
+"""Model loading, the frozen reference under each reference kind, QLoRA on CPU, and source errors."""
+
+import pytest
+import torch
+
+from emalign.logprobs import mean_token_nll
+from emalign.models import LoRA, ModelSourceError, Policy, Quantization, resolve_source
+
+
+def _batch(tokenizer):
+    ids = tokenizer(["def add(a, b): return a + b", "print('hello world')"], return_tensors="pt", padding=True)
+    labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+    return ids["input_ids"], ids["attention_mask"], labels
+
+
+def _train(policy, steps=3, lr=1e-2):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    ids, mask, labels = _batch(policy.tokenizer)
+    for _ in range(steps):
+        loss = mean_token_nll(policy.model, ids, mask, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _reference_logits(policy):
+    ids, mask, _ = _batch(policy.tokenizer)
+    with torch.no_grad(), policy.as_reference() as ref:
+        return ref(input_ids=ids, attention_mask=mask).logits.clone()
+
+
+def _policy_logits(policy):
+    ids, mask, _ = _batch(policy.tokenizer)
+    with torch.no_grad():
+        return policy(ids, mask).clone()
+
+
+def _trained_adapter(tiny_model_dir, tmp_path):
+    torch.manual_seed(1)
+    first = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
+    _train(first, steps=2)
+    return str(first.save_pretrained(tmp_path / "adapter"))
+
+
+@pytest.mark.parametrize("kind", ["base", "snapshot", "copy"])
+def test_reference_is_bitwise_frozen(tiny_model_dir, tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "copy":
+        policy = Policy(tiny_model_dir, adapter=None, reference="copy")
+    elif kind == "snapshot":
+        policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8, init_from=_trained_adapter(tiny_model_dir, tmp_path)), reference="snapshot")
+    else:
+        policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
+    before_ref = _reference_logits(policy)
+    before_policy = _policy_logits(policy)
+    if kind == "snapshot":  # the snapshot starts as a copy of the starting adapter, not of the base
+        assert torch.equal(before_ref, before_policy)
+    _train(policy)
+    assert torch.equal(_reference_logits(policy), before_ref)
+    assert not torch.allclose(_policy_logits(policy), before_policy)
+    # The reference never has trainable parameters.
+    with policy.as_reference() as ref:
+        if kind == "copy":
+            assert not any(p.requires_grad for p in ref.parameters())
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if ".reference." in n)
+
+
+def test_base_reference_equals_untouched_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    policy = Policy(tiny_model_dir, adapter=LoRA(r=4))
+    _train(policy)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids, mask, _ = _batch(policy.tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, _reference_logits(policy), atol=1e-6)
+
+
+def test_checkpoint_state_is_only_what_trains(tiny_model_dir):
+    policy = Policy(tiny_model_dir, adapter=LoRA(r=4))
+    state = policy.trainable_state_dict()
+    assert state and all("lora_" in k for k in state)
+    total = sum(p.numel() for p in policy.parameters())
+    assert sum(v.numel() for v in state.values()) < 0.2 * total
+
+
+def test_qlora_trains_on_cpu(tiny_model_dir):
+    torch.manual_seed(0)
+    policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8), quantization=Quantization(compute_dtype="float32"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
+    before = _policy_logits(policy)
+    ids, mask, labels = _batch(policy.tokenizer)
+    first = mean_token_nll(policy.model, ids, mask, labels).item()
+    _train(policy, steps=5, lr=2e-2)
+    assert mean_token_nll(policy.model, ids, mask, labels).item() < first
+    assert not torch.allclose(_policy_logits(policy), before)
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(ModelSourceError, match="GGUF file not found"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelSourceError, match="model directory not found"):
+        resolve_source(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelSourceError, match="neither a local directory"):
+        resolve_source("not-a-model")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ModelSourceError, match="cannot read GGUF"):
+        resolve_source(str(bad))
+
+
+def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path):
+    import shutil
+
+    from emalign.models import load_tokenizer
+
+    copy = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    import json
+
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match="no chat template"):
+        load_tokenizer(str(copy))
+    tok = load_tokenizer(str(copy), chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+
+
+def test_generating_turns_off_checkpointing(tiny_model_dir):
+    policy = Policy(tiny_model_dir, adapter=LoRA(r=4), gradient_checkpointing=True)
+    base = policy.model.get_base_model()
+    assert base.is_gradient_checkpointing
+    with policy.generating() as model:
+        assert not base.is_gradient_checkpointing and model.config.use_cache and not model.training
+    assert base.is_gradient_checkpointing
