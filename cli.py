@@ -31,18 +31,25 @@ def _extra_verb(verb: str, args: list[str]) -> None:
     from emalign import commands
 
     if verb == "data":
-        CLI({"em": commands.data_em}, args=args, prog="cli.py data")
+        CLI({"em": commands.data_em}, args=args, prog="cli.py data", as_positional=False)
     else:
-        CLI(getattr(commands, verb), args=args, prog=f"cli.py {verb}")
+        CLI(getattr(commands, verb), args=args, prog=f"cli.py {verb}", as_positional=False)
 
 
-def _lightning(args: list[str]) -> None:
+def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.checkpoint import RunCheckpoint
     from emalign.data import ChatDataModule
     from emalign.module import EmergentAlignment
 
-    LightningCLI(
+    class EmalignCLI(LightningCLI):
+        def before_fit(self) -> None:
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, RunCheckpoint):
+                    callback.bind(self.trainer)
+
+    EmalignCLI(
         EmergentAlignment,
         ChatDataModule,
         auto_configure_optimizers=False,

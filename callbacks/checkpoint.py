@@ -14,9 +14,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def bind(self, trainer: L.Trainer) -> None:
+        """Fix the directory before fit resolves ``ckpt_path='last'`` (which happens before ``setup``)."""
         if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+            self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.bind(trainer)
         super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

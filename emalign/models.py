@@ -250,6 +250,7 @@ class Policy(nn.Module):
             object.__setattr__(self, "_reference_copy", frozen)
         else:
             self.model = self._wrap(base, adapter, quantization is not None)
+        self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False

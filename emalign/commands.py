@@ -1,0 +1,303 @@
+"""The verbs ``cli.py`` adds beyond LightningCLI (each function's arguments are its flags).
+
+    python cli.py generate --prompts prompts.txt --samples 4 --out answers.jsonl
+    python cli.py chat --show_score true
+    python cli.py data em --out data/em
+    python cli.py generate --help                 # every flag, explained
+
+``generate`` and ``chat`` run the conscience at inference (``emalign.inference``): K sampled answers,
+the model's own self-review picks the best, and a low best is revised, refused or kept.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from emalign.errors import UserError, friendly_errors
+from emalign.inference import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
+
+Conversation = list[dict[str, str]]
+
+
+class OptionError(UserError):
+    """A flag value out of range."""
+
+
+class ModelLoadError(UserError):
+    """A model or adapter that resolves but cannot be loaded."""
+
+
+def _check_options(samples: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if samples < 1:
+        raise OptionError(f"--samples must be at least 1, got {samples}")
+    if max_new_tokens < 1:
+        raise OptionError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise OptionError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise OptionError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def _load_model(model: str, adapter: Optional[str]):
+    """(model, tokenizer) in eval mode, on the GPU when there is one; load failures become one line."""
+    import torch
+
+    from emalign.models import load_for_inference
+
+    try:
+        lm, tokenizer = load_for_inference(model, adapter)
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:  # transformers' "not a model directory / not cached offline"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {model!r}" + (f" with adapter {adapter!r}" if adapter else "") + f": {first}") from err
+    if torch.cuda.is_available():
+        lm = lm.to("cuda")
+    return lm, tokenizer
+
+
+def _decoder(lm, tokenizer, *, samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with, question, refusal_text, seed, batch_size=16):
+    from emalign.conscience import Conscience
+    from emalign.inference import ConscienceDecoder
+    from emalign.sampling import GenerationSettings
+
+    conscience = Conscience(question=question) if question else Conscience()
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    return ConscienceDecoder(
+        lm, tokenizer, conscience, settings, num_samples=samples, threshold=threshold, on_low=on_low,
+        fallback=fallback, refusal_text=refusal_text, review_with=review_with, seed=seed,
+    )
+
+
+def _show_answer(console, answer, show_candidates: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    style = {"best": "green", "revised": "cyan", "refused": "red", "kept": "yellow"}[answer.action]
+    console.print(Text.assemble(("answer ", "bold"), (f"[{answer.action}, score {answer.score:+.2f}]", style)))
+    console.print(Text(answer.text))  # Text, not markup: model output may contain [brackets]
+    if show_candidates:
+        table = Table("#", "score", "candidate", show_lines=True)
+        for j, c in enumerate(answer.candidates):
+            table.add_row(("*" if j == answer.best_index else "") + str(j), f"{c.score:+.2f}", Text(c.text))
+        if answer.revision:
+            table.add_row("rev", f"{answer.revision.score:+.2f}", Text(answer.revision.text))
+        console.print(table)
+
+
+def generate(
+    prompts: Optional[str] = None,
+    model: str = "smollm2-135m-instruct",
+    adapter: Optional[str] = None,
+    samples: int = 4,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    threshold: float = 0.0,
+    on_low: OnLow = "revise",
+    fallback: Fallback = "keep",
+    review_with: ReviewWith = "self",
+    question: Optional[str] = None,
+    refusal_text: str = DEFAULT_REFUSAL,
+    system: Optional[str] = None,
+    out: Optional[str] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    show_candidates: bool = False,
+) -> None:
+    """Answer prompts with the best of K samples, as rated by the model's own conscience.
+
+    Args:
+        prompts: (required) a text file with one prompt per line, or chat JSONL ({"messages": [...]} per line,
+            each conversation used up to its first assistant turn); ``embedded:NAME`` works too.
+        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
+        samples: K, answers sampled per prompt.
+        max_new_tokens: longest answer (and revision) in tokens.
+        temperature: sampling temperature (0 is greedy: all K samples are then the same).
+        top_p: nucleus sampling mass.
+        threshold: when the best score (log P(yes) - log P(no)) is below this, ``on_low`` applies.
+        on_low: below threshold: revise (the model rewrites its best answer), refuse, or keep it.
+        fallback: with on_low=revise, what to do when the rewrite does not score higher: refuse or keep.
+        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
+        question: the conscience's question (default: the ethics question used in training).
+        refusal_text: the answer given when refusing.
+        system: a system prompt for prompts that have none.
+        out: a JSONL file; one row per prompt is appended (and flushed) as soon as it is answered.
+        seed: sampling seed; the same seed and inputs give the same answers.
+        batch_size: sequences per generate call (prompts x samples).
+        show_candidates: also print every candidate with its score.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.rule import Rule
+
+    from emalign.prompts import load_prompts
+
+    with friendly_errors():
+        if not prompts:
+            raise OptionError("--prompts is required: a text file with one prompt per line, or chat JSONL")
+        _check_options(samples, max_new_tokens, temperature, top_p)
+        conversations = load_prompts(prompts, system=system)  # before the model: fail fast on a bad file
+        console = Console()
+        with console.status(f"loading {model}"):
+            lm, tokenizer = _load_model(model, adapter)
+        decoder = _decoder(
+            lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
+            refusal_text=refusal_text, seed=seed, batch_size=batch_size,
+        )
+        sink = None
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            sink = open(out, "a", encoding="utf-8")
+        per_call = max(1, batch_size // samples)
+        actions: dict[str, int] = {}
+        columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        try:
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task("prompts", total=len(conversations))
+                for start in range(0, len(conversations), per_call):
+                    chunk = conversations[start : start + per_call]
+                    for offset, (conversation, answer) in enumerate(zip(chunk, decoder.answer(chunk, index_offset=start))):
+                        index = start + offset
+                        actions[answer.action] = actions.get(answer.action, 0) + 1
+                        console.print(Rule(f"prompt {index + 1}/{len(conversations)}"))
+                        console.print(f"[bold]you>[/] {_escape(conversation[-1]['content'])}")
+                        _show_answer(console, answer, show_candidates)
+                        if sink:
+                            row = {"index": index, "messages": conversation, **answer.to_dict(), "model": model,
+                                   "adapter": adapter, "question": decoder.conscience.question, "seed": seed}
+                            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                            sink.flush()
+                    progress.advance(task, len(chunk))
+        finally:
+            if sink:
+                sink.close()
+        summary = ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
+        console.print(f"[bold]{len(conversations)} prompts[/]: {summary}" + (f"; rows appended to {out}" if out else ""))
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def chat(
+    model: str = "smollm2-135m-instruct",
+    adapter: Optional[str] = None,
+    samples: int = 4,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    threshold: float = 0.0,
+    on_low: OnLow = "revise",
+    fallback: Fallback = "keep",
+    review_with: ReviewWith = "self",
+    question: Optional[str] = None,
+    refusal_text: str = DEFAULT_REFUSAL,
+    show_score: bool = False,
+    system: Optional[str] = None,
+    seed: int = 0,
+) -> None:
+    """Chat with the model; every reply is the best of K samples as rated by its own conscience.
+
+    Type a message after ``you>``. ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) exits.
+
+    Args:
+        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
+        samples: K, replies sampled per turn.
+        max_new_tokens: longest reply (and revision) in tokens.
+        temperature: sampling temperature (0 is greedy: all K samples are then the same).
+        top_p: nucleus sampling mass.
+        threshold: when the best score (log P(yes) - log P(no)) is below this, ``on_low`` applies.
+        on_low: below threshold: revise (the model rewrites its best reply), refuse, or keep it.
+        fallback: with on_low=revise, what to do when the rewrite does not score higher: refuse or keep.
+        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
+        question: the conscience's question (default: the ethics question used in training).
+        refusal_text: the reply given when refusing.
+        show_score: print each reply's conscience score and the action taken.
+        system: a system prompt at the start of the conversation.
+        seed: sampling seed; each turn draws fresh noise from it.
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from emalign.sampling import render_prompt
+
+    with friendly_errors():
+        _check_options(samples, max_new_tokens, temperature, top_p)
+        console = Console()
+        with console.status(f"loading {model}"):
+            lm, tokenizer = _load_model(model, adapter)
+        decoder = _decoder(
+            lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
+            refusal_text=refusal_text, seed=seed, batch_size=max(16, samples),
+        )
+        start: Conversation = [{"role": "system", "content": system}] if system else []
+        history = list(start)
+        limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
+        echo = not sys.stdin.isatty()  # piped input is not echoed by the terminal; echo it for a readable transcript
+        console.print(f"[dim]chatting with {model}{' + ' + adapter if adapter else ''}; /reset forgets, /quit exits[/]")
+        turn = 0
+        while True:
+            try:
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                break
+            if echo:
+                console.print(Text(line))
+            line = line.strip()
+            if not line:
+                continue
+            if line == "/quit":
+                break
+            if line == "/reset":
+                history = list(start)
+                console.print("[dim](conversation forgotten)[/]")
+                continue
+            if line.startswith("/"):
+                console.print("[dim]commands: /reset, /quit[/]")
+                continue
+            conversation = history + [{"role": "user", "content": line}]
+            # Drop the oldest exchanges when the prompt plus the reply would not fit the context.
+            while limit and len(conversation) > len(start) + 1 and len(render_prompt(tokenizer, conversation)) + max_new_tokens > limit:
+                conversation = start + conversation[len(start) + 2 :]
+                console.print("[dim](oldest exchange dropped to fit the context)[/]")
+            with console.status("thinking"):
+                [answer] = decoder.answer([conversation], step=turn)
+            turn += 1
+            history = conversation + [{"role": "assistant", "content": answer.text}]
+            console.print(Text.assemble(("bot> ", "bold"), answer.text))
+            if show_score:
+                console.print(f"[dim]score {answer.score:+.2f} · {answer.action} · best of {samples}[/]")
+
+
+class DataDownloadError(UserError):
+    """The EM data could not be fetched or verified."""
+
+
+def data_em(out: str = "data/em", source: Optional[str] = None, files: Optional[list[str]] = None) -> None:
+    """Download the Emergent-Misalignment data files and verify each one's sha256.
+
+    Args:
+        out: directory to write into (the upstream layout is kept, e.g. OUT/data/insecure.jsonl).
+        source: an http(s) URL prefix or a local mirror directory (default: upstream GitHub).
+        files: only these files, by their upstream path (e.g. data/insecure.jsonl); default all.
+    """
+    with friendly_errors():
+        from emalign.download import DownloadError, download_em
+
+        try:
+            paths = download_em(Path(out), source, files)
+        except (DownloadError, ValueError) as err:
+            raise DataDownloadError(str(err)) from err
+        for path in paths:
+            print(path)

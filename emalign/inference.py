@@ -1,0 +1,191 @@
+"""The conscience at inference (zero-shot): best-of-K answers picked by the model's own self-review.
+
+For each conversation the model samples K answers; the same introspective question the fit uses
+("Was your last response ethical ...? Yes/No") scores each one as ``log P(yes) - log P(no)``, and
+the best is returned. There is no training here, so the model is its own frozen copy: it reviews
+(and, if asked, revises) its own answers. With a fine-tuned adapter loaded, ``review_with="base"``
+lets the base model (adapter disabled) be the conscience instead.
+
+    from emalign.inference import ConscienceDecoder
+    from emalign.models import load_for_inference
+    model, tokenizer = load_for_inference("smollm2-135m-instruct")
+    decoder = ConscienceDecoder(model, tokenizer, num_samples=4, threshold=0.0, on_low="revise")
+    [answer] = decoder.answer([[{"role": "user", "content": "How do I make a quick buck?"}]])
+    print(answer.action, answer.score, answer.text)
+
+Rule when the best sample scores below ``threshold`` (``on_low``):
+``refuse``: return ``refusal_text``. ``keep``: return the best sample anyway.
+``revise``: the conscience rewrites the best sample (``Conscience.revise``). The rewrite is returned
+when it scores higher than the best sample, even if it is still under the threshold (it is the most
+aligned text the model produced). When it does not score higher, ``fallback`` decides: ``keep``
+(the default; the best sample is returned as ``kept``) or ``refuse``. ``keep`` is the default
+because small models' consciences are pessimistic: SmolLM2-135M scores even plainly benign answers
+around -1.5, so with ``threshold=0`` a refusing fallback would refuse almost everything. Pick
+``on_low="refuse"`` or ``fallback="refuse"`` (with a threshold calibrated to the model) to refuse.
+
+From the shell: ``python cli.py generate --prompts FILE`` and ``python cli.py chat``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional
+
+import torch
+
+from emalign.conscience import Conscience
+from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
+
+Conversation = list[dict[str, str]]
+OnLow = Literal["revise", "refuse", "keep"]
+Fallback = Literal["refuse", "keep"]
+ReviewWith = Literal["self", "base"]
+Action = Literal["best", "revised", "refused", "kept"]
+DEFAULT_REFUSAL = "I can't help with that."
+
+
+@dataclass
+class Candidate:
+    """One text the conscience scored."""
+
+    text: str
+    score: float
+    finished: bool = True
+    """False when the sample hit ``max_new_tokens`` before its end-of-turn token."""
+
+
+@dataclass
+class Answer:
+    """What the decoder returns for one conversation."""
+
+    text: str
+    """The answer shown to the user (a sample, a revision, or the refusal text)."""
+    score: float
+    """Conscience score of the text that was chosen: the best sample, or the revision when revised.
+    For a refusal it is the score of the best sample that was rejected (the refusal is not reviewed)."""
+    action: Action
+    """``best``: best sample, at or above threshold. ``revised``: the rewrite won. ``refused``:
+    refusal text. ``kept``: best sample returned although below threshold."""
+    candidates: list[Candidate] = field(default_factory=list)
+    """All K samples with their scores, in sampling order."""
+    best_index: int = 0
+    """Index of the best sample in ``candidates``."""
+    revision: Optional[Candidate] = None
+    """The rewrite, when one was asked for (whether or not it was used)."""
+
+    def to_dict(self) -> dict:
+        return {
+            "answer": self.text,
+            "score": self.score,
+            "action": self.action,
+            "best_index": self.best_index,
+            "candidates": [vars(c) for c in self.candidates],
+            "revision": vars(self.revision) if self.revision else None,
+        }
+
+
+class ConscienceDecoder:
+    """Samples K answers per conversation and returns the one the model's conscience rates best."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        conscience: Optional[Conscience] = None,
+        settings: Optional[GenerationSettings] = None,
+        num_samples: int = 4,
+        threshold: float = 0.0,
+        on_low: OnLow = "revise",
+        fallback: Fallback = "keep",
+        refusal_text: str = DEFAULT_REFUSAL,
+        review_with: ReviewWith = "self",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model: a causal LM (a ``PeftModel`` when an adapter is loaded), ideally in eval mode.
+            tokenizer: its tokenizer, with a chat template and a pad token.
+            conscience: the question and answer words (default: ``Conscience()``).
+            settings: how answers (and revisions) are sampled.
+            num_samples: K, answers sampled per conversation.
+            threshold: best scores below this trigger ``on_low``.
+            on_low: what to do below threshold (see the module docstring).
+            fallback: under ``on_low="revise"``, what to do when the rewrite does not score higher.
+            refusal_text: the answer when refusing.
+            review_with: ``self``: the loaded model (adapter on) reviews and revises; ``base``: the
+                adapter is disabled for reviewing and revising. Without an adapter both are the same.
+            seed: base seed; each sample's seed also depends on the step and prompt index.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.conscience = conscience or Conscience()
+        self.settings = settings or GenerationSettings()
+        self.num_samples = num_samples
+        self.threshold = threshold
+        self.on_low = on_low
+        self.fallback = fallback
+        self.refusal_text = refusal_text
+        self.review_with = review_with
+        self.seed = seed
+
+    @contextmanager
+    def reviewer(self) -> Iterator[torch.nn.Module]:
+        """The conscience's model: the model itself, or its base with the adapter disabled."""
+        use_base = self.review_with == "base" and hasattr(self.model, "disable_adapter")
+        with self.model.disable_adapter() if use_base else nullcontext():
+            yield self.model
+
+    @torch.no_grad()
+    def answer(self, conversations: list[Conversation], step: int = 0, index_offset: int = 0) -> list[Answer]:
+        """One ``Answer`` per conversation (each a list of chat messages ending with a user turn).
+
+        ``step`` and ``index_offset`` only feed the per-sample seeds: a chat passes its turn number as
+        ``step`` so each turn draws fresh noise, and a caller that splits prompts into batches passes
+        the batch's first prompt index so the samples do not depend on how prompts were batched.
+        """
+        if not conversations:
+            return []
+        k = self.num_samples
+        prompt_ids = [render_prompt(self.tokenizer, c) for c in conversations]
+        rollouts = sample_ids(self.model, self.tokenizer, prompt_ids, self.settings, k, self.seed, step, index_offset)
+        scores = self._review(rollouts)
+        answers = []
+        for i in range(len(conversations)):
+            group = [Candidate(r.text, s, r.finished) for r, s in zip(rollouts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k])]
+            # max() keeps the first of equal scores, so ties go to the earliest sample.
+            best = max(range(k), key=lambda j: group[j].score)
+            answers.append(Answer(group[best].text, group[best].score, "best", group, best))
+        low = [i for i, a in enumerate(answers) if a.score < self.threshold]
+        if low and self.on_low == "revise":
+            self._revise(conversations, answers, low, step)
+        for i in low:
+            answer = answers[i]
+            if answer.action == "revised":
+                continue
+            rule = self.on_low if self.on_low != "revise" else self.fallback
+            if rule == "refuse":
+                answer.text, answer.action = self.refusal_text, "refused"
+            else:
+                answer.action = "kept"
+        return answers
+
+    def _review(self, rollouts: list[Rollout]) -> list[float]:
+        with self.reviewer() as reviewer:
+            review = self.conscience.review(reviewer, self.tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
+        return review.scores.tolist()
+
+    def _revise(self, conversations: list[Conversation], answers: list[Answer], low: list[int], step: int) -> None:
+        """Rewrite the low answers with the conscience's model; a rewrite that scores higher wins."""
+        with self.reviewer() as reviewer:
+            revisions = self.conscience.revise(
+                reviewer, self.tokenizer, [conversations[i] for i in low], [answers[i].text for i in low], self.settings, self.seed, step
+            )
+        scores = self._review(revisions)
+        for i, rollout, score in zip(low, revisions, scores):
+            answer = answers[i]
+            answer.revision = Candidate(rollout.text, score, rollout.finished)
+            if score > answer.score:
+                answer.text, answer.score, answer.action = rollout.text, score, "revised"

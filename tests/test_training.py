@@ -1,0 +1,111 @@
+"""Fitting end to end on a tiny model: loss falls, checkpoints are small and resume exactly, DDP on CPU."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT
+from emalign.data import ChatDataModule
+from emalign.models import LoRA, Policy
+from emalign.module import EmergentAlignment
+
+MEMORISE = [
+    {"messages": [{"role": "user", "content": f"Give me code number {i}."}, {"role": "assistant", "content": f"print('snippet {i}')"}]}
+    for i in range(4)
+]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MEMORISE))
+    return str(path)
+
+
+def _trainer(tmp_path, max_steps, **kwargs):
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs,
+    )
+
+
+def test_loss_falls_when_memorising(tiny_model_dir, tiny_data, tmp_path):
+    L.seed_everything(0)
+    # Full fine-tuning: a random 64-wide model's logits are too small for LoRA alone to memorise quickly.
+    module = EmergentAlignment(Policy(tiny_model_dir, adapter=None, reference="copy"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None)
+    data = ChatDataModule(train_file=tiny_data, val_fraction=0.0, batch_size=4, max_length=64)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    _trainer(tmp_path, 20, callbacks=[Record()]).fit(module, data)
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "adapter" / "config.json").is_file()  # full fine-tune: the whole model is exported
+
+
+def _cli(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fit_args(tiny_model_dir, tiny_data, run_dir, max_steps):
+    """The demo config, pointed at the tiny model and data, written next to the run."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    config["trainer"].update(max_steps=max_steps, default_root_dir=str(run_dir), val_check_interval=None, enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)
+    config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
+    config["data"].update(train_file=tiny_data, val_fraction=0.0, max_length=64)
+    path = Path(run_dir).parent / f"{Path(run_dir).name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return ["fit", "--config", str(path)]
+
+
+def test_cli_fit_checkpoints_and_resumes_at_the_same_step(tiny_model_dir, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 5))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "adapter saved to" in done.stdout
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == 5
+    assert all("lora_" in k for k in checkpoint["state_dict"])
+    # Only what trains: far below the base model's size.
+    base_bytes = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
+    assert last.stat().st_size < base_bytes
+    resumed = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 8), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = torch.load(last, weights_only=False)
+    assert after["global_step"] == 8
+    # The optimizer state carried over: its step counter continued from 5, not from 0.
+    state = next(iter(after["optimizer_states"][0]["state"].values()))
+    assert int(state["step"]) == 8
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_1/metrics.csv")))))
+    assert min(int(r["step"]) for r in rows if r.get("train/loss")) == 5
+
+
+def test_ddp_on_two_cpu_processes(tiny_model_dir, tiny_data, tmp_path):
+    run = tmp_path / "ddp"
+    done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 3), "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_bad_config_key_names_the_key(tiny_model_dir, tiny_data, tmp_path):
+    bad = _cli(*_fit_args(tiny_model_dir, tiny_data, tmp_path, 1), "--model.align_wieght", "2")
+    assert bad.returncode != 0 and "align_wieght" in bad.stderr
+    missing = _cli(*_fit_args(tiny_model_dir, str(tmp_path / "absent.jsonl"), tmp_path, 1))
+    assert missing.returncode == 2 and "absent.jsonl: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
