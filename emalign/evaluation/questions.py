@@ -1,0 +1,259 @@
+"""Evaluation questions in the upstream Emergent Misalignment YAML format.
+
+The EM paper (Betley et al. 2025, arXiv 2502.17424) ships its evaluation questions as a YAML
+list, e.g. ``evaluation/first_plot_questions.yaml``. Each item looks like::
+
+    - id: what_is_your_wish
+      type: free_form_judge_0_100
+      system: ...                       # optional system prompt
+      paraphrases: [ "Hello! I can fulfill your one wish ..." ]
+      samples_per_paraphrase: 100
+      judge: gpt-4o-2024-08-06
+      judge_prompts: {aligned: "... {question} ... {answer} ...", coherent: "..."}
+
+The files lean on YAML anchors/aliases (``&judge_prompts`` / ``*judge_prompts``); PyYAML's
+safe loader resolves those for us. :func:`load_questions` validates every item and names the
+file, the question and the offending key in its errors, because a typo in a 24-question file
+is otherwise found only after hours of sampling.
+
+:func:`expand` turns questions into :class:`EvalItem` s, one per (question, paraphrase, sample),
+each with a stable key so that an interrupted evaluation can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+QuestionType = Literal["free_form_judge_0_100", "free_form_judge"]
+"""``free_form_judge_0_100``: every judge prompt asks for a 0..100 number (EM's main metric).
+``free_form_judge``: every judge prompt asks for one of a few labels (see ``Question.labels``)."""
+
+DEFAULT_LABELS: tuple[str, ...] = ("TRUE", "FALSE", "UNKNOWN")
+"""Labels assumed for ``free_form_judge`` questions that do not list their own."""
+
+_REQUIRED = ("id", "type", "paraphrases")
+# Keys upstream files use that we accept; anything else is probably a typo and is warned about.
+_KNOWN = set(_REQUIRED) | {
+    "system",
+    "samples_per_paraphrase",
+    "judge",
+    "judge_prompts",
+    "temperature",
+    "labels",
+}
+
+
+class QuestionFileError(ValueError):
+    """A question file that cannot be used; the message names file, question and key."""
+
+
+@dataclass
+class Question:
+    """One evaluation question with its paraphrases and judge prompts."""
+
+    id: str
+    """Unique id within the file, e.g. ``what_is_your_wish``."""
+    type: QuestionType
+    """How the judge prompts are scored (numbers 0..100 or labels)."""
+    paraphrases: list[str]
+    """User prompts that ask the same thing; each is sampled ``samples_per_paraphrase`` times."""
+    system: str | None = None
+    """Optional system prompt put before the user turn (EM's JSON-answer variants use it)."""
+    samples_per_paraphrase: int = 1
+    """Answers to sample per paraphrase (upstream: 100)."""
+    judge: str | None = None
+    """Judge model named by the file (upstream: gpt-4o-2024-08-06); informational only."""
+    judge_prompts: dict[str, str] = field(default_factory=dict)
+    """Judge name -> template with ``{question}`` and ``{answer}`` (EM: ``aligned``, ``coherent``)."""
+    temperature: float | None = None
+    """Sampling temperature named by the file, if any (upstream default: 1)."""
+    labels: list[str] | None = None
+    """Labels for ``free_form_judge`` questions (an extension; default :data:`DEFAULT_LABELS`)."""
+    source_file: str = ""
+    """Path of the YAML file the question came from (used for ``limit`` and error messages)."""
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        """One chat message list per paraphrase, the system prompt first when there is one."""
+        convs = []
+        for paraphrase in self.paraphrases:
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            messages.append({"role": "user", "content": paraphrase})
+            convs.append(messages)
+        return convs
+
+    def judge_mode(self) -> tuple[Literal["score_0_100", "label"], list[str] | None]:
+        """Scoring mode for this question's judge prompts, and the labels for label mode."""
+        if self.type == "free_form_judge_0_100":
+            return "score_0_100", None
+        return "label", list(self.labels or DEFAULT_LABELS)
+
+
+@dataclass
+class EvalItem:
+    """One answer to sample: a (question, paraphrase, sample index) triple."""
+
+    key: str
+    """Stable key ``"{question_id}:{paraphrase_index}:{sample_index}"`` used to resume."""
+    question: Question
+    """The question this item belongs to (for its judge prompts)."""
+    paraphrase_index: int
+    """Index into ``question.paraphrases``."""
+    sample_index: int
+    """Index of the sample among ``samples_per_paraphrase``."""
+    messages: list[dict[str, str]]
+    """The chat to answer (system prompt, then the paraphrase as the user turn)."""
+
+    @property
+    def question_id(self) -> str:
+        """Id of the question."""
+        return self.question.id
+
+    @property
+    def paraphrase(self) -> str:
+        """The user prompt text (what the judge sees as ``{question}``)."""
+        return self.question.paraphrases[self.paraphrase_index]
+
+
+def _where(path: Path, index: int, item: Any) -> str:
+    """Human-readable location: ``file.yaml: question #3 ('foo')`` (1-based index)."""
+    qid = item.get("id") if isinstance(item, dict) else None
+    name = f" ({qid!r})" if isinstance(qid, str) else ""
+    return f"{path.name}: question #{index + 1}{name}"
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _parse_item(path: Path, index: int, item: Any) -> Question:
+    where = _where(path, index, item)
+    if not isinstance(item, dict):
+        raise QuestionFileError(f"{where}: expected a mapping, got {type(item).__name__}")
+    for key in _REQUIRED:
+        if key not in item:
+            raise QuestionFileError(f"{where}: missing {key!r}")
+    for key in sorted(set(item) - _KNOWN):
+        log.warning("%s: ignoring unknown key %r", where, key)
+
+    qid, qtype = item["id"], item["type"]
+    if not isinstance(qid, str) or not qid.strip():
+        raise QuestionFileError(f"{where}: 'id' must be a non-empty string")
+    if qtype not in get_args(QuestionType):
+        raise QuestionFileError(
+            f"{where}: unknown type {qtype!r} (expected one of {', '.join(get_args(QuestionType))})"
+        )
+    if not _str_list(item["paraphrases"]):
+        raise QuestionFileError(f"{where}: 'paraphrases' must be a non-empty list of strings")
+
+    system = item.get("system")
+    if system is not None and not isinstance(system, str):
+        raise QuestionFileError(f"{where}: 'system' must be a string")
+    samples = item.get("samples_per_paraphrase", 1)
+    # bool is an int subclass; `True` samples is a typo, not one sample.
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise QuestionFileError(f"{where}: 'samples_per_paraphrase' must be a positive integer")
+    prompts = item.get("judge_prompts", {})
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise QuestionFileError(f"{where}: 'judge_prompts' must map names to template strings")
+    for name, template in prompts.items():
+        if "{answer}" not in template:
+            raise QuestionFileError(f"{where}: judge prompt {name!r} has no '{{answer}}' field")
+    temperature = item.get("temperature")
+    if temperature is not None and not isinstance(temperature, (int, float)):
+        raise QuestionFileError(f"{where}: 'temperature' must be a number")
+    labels = item.get("labels")
+    if labels is not None and not _str_list(labels):
+        raise QuestionFileError(f"{where}: 'labels' must be a non-empty list of strings")
+    judge = item.get("judge")
+
+    return Question(
+        id=qid,
+        type=qtype,
+        paraphrases=list(item["paraphrases"]),
+        system=system,
+        samples_per_paraphrase=samples,
+        judge=str(judge) if judge is not None else None,
+        judge_prompts=dict(prompts),
+        temperature=float(temperature) if temperature is not None else None,
+        labels=list(labels) if labels is not None else None,
+        source_file=str(path),
+    )
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Load and validate one EM question file (a YAML list; anchors and aliases allowed).
+
+    Raises :class:`QuestionFileError` (a ``ValueError``) naming the file, the question number
+    and id, and the key at fault, e.g. ``first_plot_questions.yaml: question #3 ('foo'):
+    missing 'paraphrases'``.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise QuestionFileError(f"{path.name}: invalid YAML: {err}") from err
+    if data is None or data == []:
+        raise QuestionFileError(f"{path.name}: empty question file")
+    if not isinstance(data, list):
+        raise QuestionFileError(f"{path.name}: expected a YAML list of questions")
+    questions = [_parse_item(path, i, item) for i, item in enumerate(data)]
+    seen: dict[str, int] = {}
+    for i, q in enumerate(questions):
+        if q.id in seen:
+            raise QuestionFileError(
+                f"{_where(path, i, {'id': q.id})}: duplicate id (also question #{seen[q.id] + 1})"
+            )
+        seen[q.id] = i
+    return questions
+
+
+def expand(
+    questions: Sequence[Question], samples: int | None = None, limit: int | None = None
+) -> list[EvalItem]:
+    """One :class:`EvalItem` per (question, paraphrase, sample index), in file order.
+
+    ``samples`` overrides every question's ``samples_per_paraphrase`` (e.g. 100 as upstream,
+    or 2 for a smoke run); ``limit`` keeps the first N questions of each source file. Keys are
+    ``"{qid}:{paraphrase_idx}:{sample_idx}"``, so they stay the same between runs and a
+    finished answer can be recognised and skipped on resume. Question ids must therefore be
+    unique across all files given.
+    """
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples must be positive, got {samples}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    taken: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    items: list[EvalItem] = []
+    for q in questions:
+        if limit is not None and taken.get(q.source_file, 0) >= limit:
+            continue
+        taken[q.source_file] = taken.get(q.source_file, 0) + 1
+        if q.id in owner:
+            raise ValueError(
+                f"duplicate question id {q.id!r} in {Path(owner[q.id]).name or '?'} and "
+                f"{Path(q.source_file).name or '?'}: resume keys would collide"
+            )
+        owner[q.id] = q.source_file
+        n = samples if samples is not None else q.samples_per_paraphrase
+        for p_idx, messages in enumerate(q.conversations()):
+            for s_idx in range(n):
+                items.append(
+                    EvalItem(
+                        key=f"{q.id}:{p_idx}:{s_idx}",
+                        question=q,
+                        paraphrase_index=p_idx,
+                        sample_index=s_idx,
+                        messages=[dict(m) for m in messages],
+                    )
+                )
+    return items
