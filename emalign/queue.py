@@ -45,12 +45,16 @@ class PairQueue:
     def expire(self, step: int) -> None:
         self.pairs = [p for p in self.pairs if step - p.step <= self.max_age]
 
-    def sample(self, n: int, step: int) -> list[Pair]:
-        """Up to ``n`` distinct pairs, drawn uniformly with a generator seeded by ``(seed, step)``."""
+    def sample(self, n: int, step: int, draw: int = 0) -> list[Pair]:
+        """Up to ``n`` distinct pairs, drawn uniformly with a generator seeded by ``(seed, step, draw)``.
+
+        ``draw`` tells apart the micro-batches of one optimizer step (gradient accumulation), which
+        would otherwise all train on the same pairs.
+        """
         self.expire(step)
         if not self.pairs:
             return []
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + draw)
         order = torch.randperm(len(self.pairs), generator=generator)[:n].tolist()
         return [self.pairs[i] for i in order]
 
