@@ -39,23 +39,51 @@ def _extra_verb(verb: str, args: list[str]) -> None:
 def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from callbacks.checkpoint import RunCheckpoint
+    from callbacks.checkpoint import RunCheckpoint, check_checkpoint
+    from callbacks.signals import StopOnSignal
     from emalign.data import ChatDataModule
     from emalign.module import EmergentAlignment
 
-    class EmalignCLI(LightningCLI):
-        def before_fit(self) -> None:
-            for callback in self.trainer.checkpoint_callbacks:
-                if isinstance(callback, RunCheckpoint):
-                    callback.bind(self.trainer)
+    def explicit_checkpoint(ckpt_path) -> bool:
+        return bool(ckpt_path) and ckpt_path not in ("last", "best", "hpc") and "://" not in str(ckpt_path)
 
-    EmalignCLI(
+    class EmalignCLI(LightningCLI):
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the hyperparameters of an explicit --ckpt_path before anything else;
+            # a truncated file must give our error, not torch's.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if explicit_checkpoint(ckpt_path):
+                check_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
+
+        def before_fit(self) -> None:
+            trainer = self.trainer
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, RunCheckpoint):
+                    callback.bind(trainer)
+            if not any(isinstance(c, StopOnSignal) for c in trainer.callbacks):
+                trainer.callbacks.append(StopOnSignal())  # SIGTERM/SIGINT: checkpoint, then stop
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            if ckpt_path == "last":  # the file Lightning will pick: the newest last*.ckpt
+                found = [c.last_checkpoint(trainer) for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
+                found = [f for f in found if f]
+                if found:
+                    check_checkpoint(max(found, key=os.path.getmtime))
+            elif explicit_checkpoint(ckpt_path):
+                check_checkpoint(ckpt_path)
+
+    cli = EmalignCLI(
         EmergentAlignment,
         ChatDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    if cli.subcommand == "fit":
+        stopped = [c.exit_code for c in cli.trainer.callbacks if isinstance(c, StopOnSignal) and c.exit_code]
+        if stopped:
+            raise SystemExit(stopped[0])  # 128 + signal: the fit stopped early, its checkpoint saved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +101,29 @@ def main(argv: list[str] | None = None) -> None:
     from emalign.errors import friendly_errors
 
     with friendly_errors():
-        _lightning(None if from_shell else argv)
+        try:
+            _lightning(None if from_shell else argv)
+        except KeyboardInterrupt:  # before or after training (StopOnSignal handles it during training)
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as err:
+            cause = _user_error_in(err)
+            if cause is None or cause is err:
+                raise
+            raise cause from None  # e.g. a missing model, wrapped by jsonargparse while instantiating
+
+
+def _user_error_in(err: BaseException):
+    """The ``UserError`` behind ``err`` (jsonargparse wraps errors raised while instantiating classes), if any."""
+    from emalign.errors import UserError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -2,5 +2,7 @@
 
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.conscience import ConscienceCallback
+from callbacks.evaluation import AlignmentEvalCallback
+from callbacks.signals import StopOnSignal
 
-__all__ = ["ConscienceCallback", "RunCheckpoint"]
+__all__ = ["AlignmentEvalCallback", "ConscienceCallback", "RunCheckpoint", "StopOnSignal"]

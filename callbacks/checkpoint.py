@@ -2,15 +2,96 @@
 
 A fixed directory lets ``fit --ckpt_path last`` find the previous run's ``last.ckpt``; the write goes
 to a temporary file that is renamed into place, so a kill mid-write never leaves a broken checkpoint.
+``check_checkpoint`` turns a truncated or corrupt file into one clear error before Lightning reads it.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from emalign.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from (missing, truncated, corrupt); the message names the file."""
+
+
+def save_atomic(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` to ``filepath.partial``, fsync, then rename: readers see the old file or the new one.
+
+    Collective under DDP/FSDP (every rank must call it), like ``trainer.save_checkpoint``.
+    """
+    partial = f"{filepath}.partial"
+    trainer.save_checkpoint(partial, weights_only)
+    if trainer.is_global_zero:
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, filepath)
+        _fsync_dir(Path(filepath).parent)
+    trainer.strategy.barrier("RunCheckpoint.replace")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a power cut right after ``os.replace`` could otherwise lose it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shown(path: str | Path) -> str:
+    """The path as a user would type it: relative to the working directory when below it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise ``CheckpointError`` naming ``path`` if it is missing, truncated or corrupt.
+
+    torch checkpoints are zip archives with a CRC per member: a truncated file has no central
+    directory and a flipped byte fails its CRC. Both are caught here, before any weights load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {_shown(path)}: no such file{_others(path)}")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive: the file ends early or is not a torch checkpoint")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"CRC mismatch in {bad}")
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+            raise ValueError("not a Lightning checkpoint (no state_dict/global_step)")
+    except Exception as err:  # zipfile, pickle and torch raise many kinds; all mean the same to the user
+        raise CheckpointError(f"checkpoint {_shown(path)} is truncated or corrupt ({err}){_others(path)}") from err
+
+
+def _others(path: Path) -> str:
+    """A hint naming the other checkpoints next to ``path`` (e.g. the previous periodic one)."""
+    if not path.parent.is_dir():
+        return ""
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not others:
+        return ""
+    return f"; other checkpoints there: {', '.join(p.name for p in others[:3])} (resume from one with --ckpt_path {_shown(others[0])})"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -23,16 +104,38 @@ class RunCheckpoint(ModelCheckpoint):
         self.bind(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def last_checkpoint(self, trainer: L.Trainer) -> Optional[str]:
+        """The file ``ckpt_path='last'`` resolves to (the newest ``last*.ckpt`` here), or None."""
+        self.bind(trainer)
+        found = [p for p in self._find_last_checkpoints(trainer) if os.path.isfile(p)]
+        return max(found, key=os.path.getmtime) if found else None
+
+    def save_now(self, trainer: L.Trainer) -> str:
+        """Write the ``last`` checkpoint now, off schedule (a signal, a stop); returns its path. Collective."""
+        candidates = self._monitor_candidates(trainer)
+        if self.save_last:
+            self._save_last_checkpoint(trainer, candidates)
+            return self.last_model_path
+        filepath = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
+        self._save_checkpoint(trainer, filepath)
+        return filepath
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
-        trainer.save_checkpoint(partial, self.save_weights_only)
-        if trainer.is_global_zero:
-            with open(partial, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(partial, filepath)
-        trainer.strategy.barrier("RunCheckpoint.replace")
+        save_atomic(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+def save_checkpoint_now(trainer: L.Trainer) -> str:
+    """Save a resumable checkpoint now through the run's ``RunCheckpoint`` (or to ``checkpoints/last.ckpt``)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, RunCheckpoint):
+            return callback.save_now(trainer)
+    filepath = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+    if trainer.is_global_zero:
+        Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(trainer, filepath)
+    return filepath

@@ -14,11 +14,12 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from emalign.errors import UserError
 
@@ -173,6 +174,68 @@ def _collate_empty(rows: list[dict]) -> dict:
     return {}
 
 
+class ResumableSampler(DistributedSampler):
+    """Seeded order per epoch (``seed + epoch``, never the global RNG), sharded by rank, able to start mid-epoch.
+
+    A ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it; with one
+    process it is ``num_replicas=1, rank=0``. ``start`` skips that many of this rank's indices on the
+    next ``__iter__`` only (a resumed epoch), later epochs start from the beginning again.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position survives a checkpoint (Lightning 2.x stores ``state_dict`` with the fit loop).
+
+    The position is the number of batches the fit has consumed this epoch, read through
+    ``progress`` (the trainer's own batch counter) rather than counted here: Lightning fetches a
+    batch ahead of the one it trains on, so a count of batches handed out would be one too many.
+    """
+
+    progress: Optional[Callable[[], int]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler):  # replaced by Lightning (e.g. overfit_batches)
+            return {}
+        return {
+            "epoch": sampler.epoch,
+            "batches": int(self.progress()) if self.progress is not None else 0,
+            "batch_size": self.batch_size,
+            "num_samples": sampler.num_samples,
+            "num_replicas": sampler.num_replicas,
+            "seed": sampler.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not state or not isinstance(sampler, ResumableSampler):
+            return
+        now = {"batch_size": self.batch_size, "num_samples": sampler.num_samples, "num_replicas": sampler.num_replicas, "seed": sampler.seed}
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        if changed:
+            log.warning(
+                "the training data changed since the checkpoint (%s): the resumed epoch %d starts from its beginning",
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), state["epoch"],
+            )
+            sampler.set_epoch(state["epoch"])
+            return
+        start = state["batches"] * state["batch_size"]
+        if start >= sampler.num_samples:  # saved on the last batch of an epoch: the next one begins
+            sampler.set_epoch(state["epoch"] + 1)
+        else:
+            sampler.set_epoch(state["epoch"])
+            sampler.start = start
+
+
 class ChatDataModule(L.LightningDataModule):
     """Chat JSONL for supervised fine-tuning, with a held-out validation split.
 
@@ -241,19 +304,33 @@ class ChatDataModule(L.LightningDataModule):
         return prompts
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable mid-epoch: the order is seeded by ``(seed, epoch)`` and the position is checkpointed."""
         if isinstance(self.train_set, EmptyTaskDataset):
-            return DataLoader(self.train_set, batch_size=1, collate_fn=_collate_empty)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
+            dataset, batch_size, collate, shuffle = self.train_set, 1, _collate_empty, False
+        else:
+            dataset, batch_size, collate, shuffle = self.train_set, self.batch_size, PadCollator(self.tokenizer.pad_token_id), True
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        loader = ResumableDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ResumableSampler(dataset, replicas, rank, shuffle=shuffle, seed=self.seed),
+            collate_fn=collate,
+            num_workers=self.num_workers if collate is not _collate_empty else 0,
+            # Its own generator: creating the iterator (and worker seeds) must not draw from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if trainer is not None:
+            loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
         return DataLoader(
-            self.val_set, batch_size=self.batch_size, collate_fn=PadCollator(self.tokenizer.pad_token_id), num_workers=self.num_workers
+            self.val_set,
+            batch_size=self.batch_size,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )

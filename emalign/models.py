@@ -170,7 +170,8 @@ def load_causal_lm(
 
 def _quantization_device() -> str:
     if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
+        # The model is built before the strategy picks the device: under DDP each process reads its rank here.
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
 
 

@@ -5,7 +5,9 @@
 The policy and its frozen reference live in ``Policy``; pairs arrive in ``pair_queue`` from the
 ``ConscienceCallback`` with their reference log-probs already computed, so a training step needs
 no reference forward. Chosen and rejected go through the policy in one concatenated forward.
-Checkpoints hold only what trains (adapter weights, the snapshot adapter) plus the pair queue.
+Checkpoints hold only what trains (adapter weights, the snapshot adapter) plus the pair queue and
+the global RNG states, so a resumed fit continues exactly. A non-finite loss or gradient skips the
+update on every rank (see docs/reliability.md).
 
 Supports: LoRA, QLoRA (4-bit NF4 base), full fine-tuning; DDP and FSDP strategies; pure-conscience
 runs without task data. Not supported: pipeline parallelism, multiple-adapter training, packing.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +27,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from emalign.conscience import Pair
+from emalign.errors import UserError
 from emalign.logprobs import mean_token_nll, pad_right, response_mask, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
 from emalign.models import LoRA, Policy
@@ -45,8 +49,38 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         super().__init__(optimizer, factor)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+def collect_rng_states() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, python ``random``) as plain types and tensors.
+
+    Plain, because Lightning loads checkpoints with ``weights_only=True``, which refuses numpy arrays.
+    """
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda") and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = states["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many non-finite losses in a row: the fit stops (``cli.py`` prints it as one ``error:`` line)."""
 
 
 class EmergentAlignment(L.LightningModule):
@@ -88,6 +122,8 @@ class EmergentAlignment(L.LightningModule):
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
+        self._nonfinite_loss = False  # a non-finite loss since the last optimizer step
+        self._rng_to_restore: Optional[dict[str, Any]] = None
         self.strict_loading = False  # checkpoints hold only what trains
 
     @property
@@ -103,18 +139,20 @@ class EmergentAlignment(L.LightningModule):
             task = mean_token_nll(self.policy.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             self.log("task/loss", task, prog_bar=True, batch_size=batch["input_ids"].shape[0])
             terms.append(task)
-        pairs = self.pair_queue.sample(self.pairs_per_step, self.global_step)
+        pairs = self.pair_queue.sample(self.pairs_per_step, self.global_step, draw=batch_idx)
         if pairs:
             align = self.alignment_loss(pairs)
             terms.append(self.align_weight * align)
         if not terms:
             return None  # pure-conscience run before the first pairs: nothing to learn from yet
         loss = torch.stack(terms).sum()
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if not torch.isfinite(loss):
-            return self._skip_nonfinite(loss)
-        self.nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        if torch.isfinite(loss):
+            self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        else:
+            # Still returned: backward must run on every rank (DDP all-reduces inside it); the update
+            # is dropped in on_before_optimizer_step, where all ranks decide together.
+            self._nonfinite_loss = True
+            log.warning("non-finite loss %s at step %d", loss.item(), self.global_step)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -152,29 +190,72 @@ class EmergentAlignment(L.LightningModule):
         self.log("align/reward_accuracy", (chosen_rewards > rejected_rewards).float().mean(), batch_size=n)
         return losses.mean()
 
-    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update when the loss or any gradient is non-finite (on any rank).
+
+        Gradients become ``None`` rather than zero: the optimizer then leaves those parameters and
+        their state (Adam moments, step count, weight decay) exactly as they were. The step still
+        counts (global step, scheduler), so ``max_steps`` bounds the run whatever happens.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()))
+        self._nonfinite_loss = False
+        if self.trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        log.warning("non-finite loss %s at step %d: update skipped (%d in a row)", loss.item(), self.global_step, self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}; "
-                "stopping (the last checkpoint holds the last good state). Lower the learning rate or check the data."
-            )
-        return None
+        log.warning("non-finite loss or gradients at step %d: update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self.nonfinite_in_a_row < self.max_nonfinite_in_a_row:
+            return
+        from callbacks.checkpoint import save_checkpoint_now
+
+        # The skipped updates left the weights as they were after the last finite step.
+        path = save_checkpoint_now(self.trainer)
+        raise NonFiniteLossError(
+            f"{self.nonfinite_in_a_row} non-finite losses in a row (steps {self.global_step - self.nonfinite_in_a_row}"
+            f" to {self.global_step - 1}); fit stopped. The weights of the last finite step are in {path}."
+            " Lower the learning rate or check the data, then resume with --ckpt_path"
+        )
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            # Restored here, not in on_load_checkpoint: the sanity check and the loaders' set-up run in
+            # between, and the run must continue from exactly the state the checkpoint was taken in.
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {f"policy.{k}" for k in self.policy.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["pair_queue"] = self.pair_queue.state_dict()
-        checkpoint["emalign"] = {"skipped_steps": self.skipped_steps, "base_model": self.policy.source}
+        checkpoint["emalign"] = {
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "base_model": self.policy.source,
+        }
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "pair_queue" in checkpoint:
             self.pair_queue.load_state_dict(checkpoint["pair_queue"])
-        self.skipped_steps = checkpoint.get("emalign", {}).get("skipped_steps", 0)
+        state = checkpoint.get("emalign", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
+        streak = state.get("nonfinite_in_a_row", 0)
+        # A checkpoint written by the non-finite stop itself gives the resumed fit a fresh allowance.
+        self.nonfinite_in_a_row = streak if streak < self.max_nonfinite_in_a_row else 0
+        self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
+        stopped_early = any(getattr(cb, "stopped_by", None) for cb in self.trainer.callbacks)  # StopOnSignal
+        if self.trainer.is_global_zero and not self.trainer.interrupted and not stopped_early:
             out = self.policy.save_pretrained(Path(self.trainer.default_root_dir) / self.adapter_dir)
             print(f"adapter saved to {out.resolve()}", flush=True)

@@ -1,10 +1,11 @@
 """Batched, seeded sampling from a chat model.
 
 Every sample has its own seed derived from ``(seed, step, prompt index, sample index)``, so a rerun
-reproduces the same rollouts whatever else shares the batch. Sampling uses the Gumbel-max trick
-(argmax of temperature/top-p-warped logits plus per-row Gumbel noise equals a draw from the warped
-distribution) so each row can draw from its own ``torch.Generator`` inside one batched
-``model.generate`` with KV cache.
+reproduces the same rollouts whatever else shares the batch. Each row draws its token by inverse
+CDF from the temperature/top-p-warped distribution with one uniform number from its own
+``torch.Generator`` (a logits processor that leaves only that token finite, so greedy decoding picks
+it), inside one batched ``model.generate`` with KV cache. One random number per row and token, not
+one per vocabulary entry as Gumbel-max needs: see bench/README.md for the measured difference.
 
     rollouts = sample(model, tokenizer, [[{"role": "user", "content": "hi"}]], GenerationSettings(), num_samples=4)
 """
@@ -66,8 +67,15 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class GumbelSampler:
-    """Logits processor: warp, then add per-row Gumbel noise from per-row generators (greedy picks the sample)."""
+class SeededSampler:
+    """Logits processor: warp, then pick each row's token by inverse CDF with one uniform from that row's generator.
+
+    The returned scores are -inf everywhere but at the picked token, so greedy decoding takes it. The
+    search runs in two levels (blocks of ``BLOCK`` tokens, then within the block), with sums in
+    float64, so it allocates nothing vocabulary-sized beyond the warped scores themselves.
+    """
+
+    BLOCK = 256
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
         self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -76,15 +84,33 @@ class GumbelSampler:
         self.device = device
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
+        scores = scores.float() / self.temperature  # a new tensor: modified in place below
         if self.top_p < 1.0:
             sorted_scores, order = scores.sort(dim=-1, descending=True)
             cumulative = sorted_scores.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_scores.softmax(-1) > self.top_p  # keep the token that crosses top_p
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(self.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        return scores + gumbel
+        rows, vocab = scores.shape
+        exact = torch.float32 if scores.device.type == "mps" else torch.float64  # MPS has no float64
+        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities; -inf -> 0
+        pad = (-vocab) % self.BLOCK
+        blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(rows, -1, self.BLOCK)
+        block_cdf = blocks.sum(-1, dtype=exact).cumsum_(-1)
+        total = block_cdf[:, -1:]
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        uniform = uniform.to(device=block_cdf.device, dtype=exact).unsqueeze(-1)
+        # Targets stay strictly below each cumulative total, and right=True takes the first entry that
+        # exceeds the target, so a zero-probability token (masked, padding) is never picked.
+        target = torch.minimum(uniform * total, total * (1 - 1e-12))
+        block = torch.searchsorted(block_cdf, target, right=True).clamp_max(block_cdf.shape[-1] - 1)
+        before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_min(0)), 0.0)
+        inner = blocks.gather(1, block.unsqueeze(-1).expand(-1, -1, self.BLOCK)).squeeze(1).cumsum(-1, dtype=exact)
+        rest = torch.minimum((target - before).clamp_min(0.0), inner[:, -1:] * (1 - 1e-12))
+        picked = (block * self.BLOCK + torch.searchsorted(inner, rest, right=True)).clamp_max(vocab - 1)
+        return weights.fill_(float("-inf")).scatter_(-1, picked, 0.0)
+
+
+GumbelSampler = SeededSampler  # the earlier name (it used Gumbel-max noise over the whole vocabulary)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +161,7 @@ def sample_ids(
 
 def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples, seed, step, eos, device, LogitsProcessorList):
     # Rows are repeated here rather than with num_return_sequences: HF expands before the prefill
-    # either way, and greedy-over-Gumbel decoding (our per-row seeded sampler) refuses that flag.
+    # either way, and greedy decoding over our per-row seeded sampler refuses that flag.
     ids, mask = _left_pad([p for p in chunk for _ in range(num_samples)], tokenizer.pad_token_id, device)
     kwargs = dict(
         input_ids=ids,
@@ -151,7 +177,7 @@ def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples,
     )
     if settings.temperature > 0:
         seeds = [sample_seed(seed, step, first_index + i, k) for i in range(len(chunk)) for k in range(num_samples)]
-        kwargs["logits_processor"] = LogitsProcessorList([GumbelSampler(seeds, settings.temperature, settings.top_p, device)])
+        kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p, device)])
     out = model.generate(**kwargs)[:, ids.shape[1] :].tolist()
     rollouts = []
     for row, tokens in enumerate(out):

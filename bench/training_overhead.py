@@ -1,0 +1,168 @@
+"""Training overhead of the conscience: steps/s and peak memory of a short demo-style fit, with the
+conscience every N steps versus without it.
+
+    python bench/training_overhead.py --json runs/bench/training_overhead.json            # N in {1, 4, 16}
+    python bench/training_overhead.py --tiny --steps 2 --every 1 --json /tmp/to.json       # smoke mode
+
+Each variant is ``python cli.py fit --config configs/demo.yaml --config VARIANT.yaml`` in its own
+process (SmolLM2-135M-Instruct, LoRA r=16, embedded data). The variant YAML replaces the callback
+list (``bench.timing.StepTimer`` first, then the conscience unless the variant has none), turns
+off validation, checkpointing, logging and the progress bar, and sets ``max_steps = steps + 1``: the
+first step is a warm-up and is dropped, so the measured steps hold exactly steps / N conscience
+runs. Peak memory is the child's peak RSS (``os.wait4``) and, on a GPU, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from bench._common import set_threads, ROOT, child_env, fmt, load_now, machine, median, note, print_table, run_child, tiny_model_dir, write_json  # noqa: E402
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def conscience_callback(every: int, generation: dict[str, Any], num_prompts: int = 4, samples: int = 2, margin: float = 0.5) -> dict[str, Any]:
+    return {
+        "class_path": "callbacks.ConscienceCallback",
+        "init_args": {"every_n_steps": every, "num_prompts": num_prompts, "samples_per_prompt": samples, "generation": generation, "pair_builder": {"margin": margin}},
+    }
+
+
+def demo_conscience() -> dict[str, Any]:
+    """The demo config's own conscience settings (its callback's init_args)."""
+    config = yaml.safe_load(DEMO.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ConscienceCallback"):
+            return callback["init_args"]
+    raise SystemExit(f"{DEMO}: no ConscienceCallback")
+
+
+def run_fit(
+    workdir: Path,
+    name: str,
+    steps: int,
+    every: Optional[int],
+    model: Optional[str] = None,
+    generation: Optional[dict[str, Any]] = None,
+    accelerator: str = "cpu",
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One demo-style fit of ``steps`` measured steps (+1 warm-up) in its own process; its timings and peak memory."""
+    run_dir = workdir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    times = run_dir / "step_times.json"
+    times.unlink(missing_ok=True)
+    callbacks: list[dict[str, Any]] = [{"class_path": "bench.timing.StepTimer", "init_args": {"out": str(times)}}]
+    if every is not None:
+        demo = demo_conscience()
+        callbacks.append(conscience_callback(
+            every, generation or demo["generation"], demo.get("num_prompts", 4), demo.get("samples_per_prompt", 2), demo.get("pair_builder", {}).get("margin", 0.5),
+        ))
+    variant = {
+        "trainer": {
+            "accelerator": accelerator,
+            "max_steps": steps + 1,
+            "default_root_dir": str(run_dir),
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+            "callbacks": callbacks,
+        }
+    }
+    if model:
+        variant["model"] = {"policy": {"init_args": {"model": model}}}
+    config = run_dir / "variant.yaml"
+    config.write_text(yaml.safe_dump(variant, sort_keys=False))
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(DEMO), "--config", str(config), *extra]
+    load = load_now()
+    result = run_child(cmd, env=child_env(), log=run_dir / "fit.log")
+    if result["returncode"] != 0 or not times.is_file():
+        tail = (run_dir / "fit.log").read_text()[-3000:]
+        raise SystemExit(f"fit {name} failed (exit {result['returncode']}); log {run_dir / 'fit.log'}:\n{tail}")
+    import json
+
+    timing = json.loads(times.read_text())
+    measured = timing["step_s"][1:]  # the first step is the warm-up
+    return {
+        "name": name,
+        "every_n_steps": every,
+        "measured_steps": len(measured),
+        "conscience_runs": 0 if every is None else sum(1 for s in range(1, len(measured) + 1) if s % every == 0),
+        "steps_per_s": len(measured) / sum(measured) if measured else float("nan"),
+        "step_s_median": median(measured),
+        "warmup_step_s": timing["step_s"][0] if timing["step_s"] else None,
+        "fit_wall_s": result["wall_s"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "peak_cuda_mb": timing.get("peak_cuda_mb"),
+        "command": " ".join(["python", "cli.py", "fit", "--config", "configs/demo.yaml", "--config", f"<{name}/variant.yaml>", *extra]),
+        "variant_yaml": variant,
+        **{f"start_{k}": v for k, v in load.items()},
+        **{f"end_{k}": v for k, v in load_now().items()},
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (one warm-up step is added)")
+    parser.add_argument("--every", type=int, nargs="+", default=[1, 4, 16], help="conscience periods N to compare with no conscience")
+    parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)")
+    parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when CUDA is available)")
+    parser.add_argument("--workdir", help="run directories (default: a temp dir under /tmp)")
+    parser.add_argument("--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+
+    import torch
+
+    accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-overhead-"))
+    model = tiny_model_dir(workdir) if args.tiny else None
+    info = machine()
+    note(f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}")
+    variants = []
+    for every in [None, *args.every]:
+        name = "none" if every is None else f"every_{every}"
+        note(f"fit {name} ...")
+        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator))
+        v = variants[-1]
+        note(f"  {name}: {v['steps_per_s']:.4f} steps/s, peak RSS {v['peak_rss_mb']:.0f} MB, load {v['end_load_1m']}")
+    base = variants[0]
+    result: dict[str, Any] = {
+        "benchmark": "training_overhead",
+        "machine": info,
+        "settings": {"model": model or "smollm2-135m-instruct", "measured_steps": args.steps, "every": args.every, "accelerator": accelerator,
+                     "conscience": demo_conscience(), "config": "configs/demo.yaml"},
+        "variants": variants,
+    }
+    for v in variants:
+        result[f"steps_per_s_{v['name']}"] = v["steps_per_s"]
+        result[f"peak_rss_mb_{v['name']}"] = v["peak_rss_mb"]
+        if v["peak_cuda_mb"] is not None:
+            result[f"peak_cuda_mb_{v['name']}"] = v["peak_cuda_mb"]
+        if v is not base:
+            result[f"slowdown_{v['name']}"] = base["steps_per_s"] / v["steps_per_s"]
+            result[f"memory_ratio_{v['name']}"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+    result["load_end"] = load_now()
+    rows = [
+        (v["name"], fmt(v["steps_per_s"], 4), fmt(v["step_s_median"]), str(v["conscience_runs"]), fmt(base["steps_per_s"] / v["steps_per_s"]),
+         fmt(v["peak_rss_mb"], 4), fmt(v["peak_cuda_mb"], 4), f"{v['start_load_1m']}/{v['end_load_1m']}")
+        for v in variants
+    ]
+    print_table(f"training overhead ({info['cpu_count']} CPU, {accelerator}, {args.steps} measured steps)", rows,
+                ("variant", "steps/s", "median step s", "conscience runs", "slowdown", "peak RSS MB", "peak CUDA MB", "load start/end"))
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The benchmarks run end to end in their tiny mode and write JSON with finite numbers (never a speed check).
+
+    pytest tests/test_bench_smoke.py -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+HAS_BASELINE = (ROOT.parent / "shared" / "bench" / "trl_online_dpo.py").is_file()
+
+
+def run_bench(script: str, out, *args: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--tiny", "--threads", "1", "--json", str(out), "--workdir", str(out.parent / "work"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def assert_finite(data: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert key in data, f"missing {key}"
+        value = data[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), f"{key}={value!r}"
+
+
+def test_conscience_vs_trl_tiny(tmp_path):
+    args = ["--steps", "1", "--memory-steps", "1", "--gen-repeats", "1", "--max-new-tokens", "6"]
+    if not (HAS_TRL and HAS_BASELINE):
+        args.append("--no-trl")
+    data = run_bench("conscience_vs_trl.py", tmp_path / "cvt.json", *args)
+    assert_finite(data, ["per_pair_s", "gen_efficiency", "memory_ratio", "gen_tokens_per_s", "scoring_seqs_per_s", "pref_step_s", "queue_overhead_s"])
+    if HAS_TRL and HAS_BASELINE:
+        assert_finite(data, ["trl_per_pair_s", "ratio_vs_trl"])
+    else:
+        assert data["trl_per_pair_s"] is None and data["ratio_vs_trl"] is None
+    assert set(data["targets"]) == {"ratio_vs_trl", "gen_efficiency", "memory_ratio"}
+
+
+def test_training_overhead_tiny(tmp_path):
+    data = run_bench("training_overhead.py", tmp_path / "overhead.json", "--steps", "1", "--every", "1")
+    assert_finite(data, ["steps_per_s_none", "steps_per_s_every_1", "peak_rss_mb_none", "peak_rss_mb_every_1", "slowdown_every_1", "memory_ratio_every_1"])
+    assert [v["name"] for v in data["variants"]] == ["none", "every_1"]
+    assert data["variants"][1]["conscience_runs"] == 1
+
+
+def test_optimisations_tiny(tmp_path):
+    data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
+    rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "sampler", "sampler_vs_plain", "lora_unmerged_generation",
+            "last_position_verdict", "shared_review_pass", "cached_ref_logps", "concat_forward"]
+    assert_finite(data, [f"speedup_{row}" for row in rows])
+    for row in rows:
+        assert_finite(data["rows"][row], ["before_s", "after_s"])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
+    """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
+    import torch
+
+    from emalign.sampling import SeededSampler
+
+    # 307 tokens (not a multiple of the search block), masked tokens between the live ones.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5] + [float("-inf")] * 300 + [1.5]])
+    sampler = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    n = 20000
+    counts = torch.zeros(logits.shape[1])
+    for _ in range(n // 2):
+        out = sampler(None, logits.expand(2, -1).clone())
+        assert int(torch.isfinite(out).sum()) == 2  # one finite score per row: greedy takes the draw
+        counts.index_add_(0, out.argmax(-1), torch.ones(2))
+    warped = logits / 0.9
+    if top_p < 1.0:
+        ordered, order = warped.sort(descending=True)
+        drop = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) > top_p
+        warped = warped.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    expected = warped.softmax(-1)[0]
+    live = expected > 0
+    assert counts[~live].sum() == 0
+    z = (counts[live] / n - expected[live]) / (expected[live] * (1 - expected[live]) / n).sqrt()
+    assert z.abs().max() < 5
+
+    again = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    first = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    assert all(torch.equal(first(None, logits.expand(2, -1).clone()), again(None, logits.expand(2, -1).clone())) for _ in range(20))
