@@ -13,6 +13,8 @@ new tokens, temperature 0.9), median of ``--repeats`` runs after one warm-up run
                       under gradient checkpointing: ``use_cache=False``)
 * sampler             the per-row seeded sampler in ``sample_ids``  vs  the per-row Gumbel noise
                       sampler it replaced (a full-vocabulary ``torch.rand`` per row per token)
+* sampler_call_RxV    the sampler alone on random logits, R rows x V vocabulary (20 calls):
+                      the per-row Gumbel sampler  vs  the current one (shows how each scales)
 * sampler_vs_plain    ``sample_ids``  vs  plain HF ``do_sample`` (not seeded per row), forced length
 * last_position_verdict  head at the verdict and response positions only  vs  full-sequence logits
 * shared_review_pass  one frozen pass for verdict and reference log-probs  vs  two passes
@@ -201,6 +203,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    bench_pair(lambda: generate_rows(model, tok, prompt_ids, settings, K, 1, 0, stop_at_eos=False, sampler=LegacyGumbelSampler),
                               lambda: generate_rows(model, tok, prompt_ids, settings, K, 1, 0, stop_at_eos=False), args.repeats),
                    note="both forced to max_new_tokens")
+        for shape in ((args.prompts * K, len(tok)),) + (() if args.tiny else ((64, 151936),)):
+            name = f"sampler_call_{shape[0]}x{shape[1]}"
+            if wanted(name) or (args.only and "sampler_call" in args.only):
+                from emalign.sampling import SeededSampler
+
+                logits = torch.randn(*shape, device=device) * 3
+                seeds = list(range(shape[0]))
+
+                def calls(cls, n=20, logits=logits, seeds=seeds):
+                    sampler = cls(seeds, args.temperature, 1.0, device)
+                    for _ in range(n):
+                        sampler(None, logits)
+
+                record(name, "per-row Gumbel noise over the whole vocabulary", "sample_ids' current sampler",
+                       bench_pair(lambda: calls(LegacyGumbelSampler), lambda: calls(SeededSampler), args.repeats), note="20 calls")
         if wanted("sampler_vs_plain"):
             from emalign.sampling import _left_pad
 
