@@ -11,6 +11,9 @@ new tokens, temperature 0.9), median of ``--repeats`` runs after one warm-up run
 * stop_at_eos         generation ends when every row has its end of turn  vs  always max_new_tokens
 * kv_cache_generation generate with the KV cache (``Policy.generating``)  vs  without (what TRL does
                       under gradient checkpointing: ``use_cache=False``)
+* gc_off_generation   a policy with gradient checkpointing on: ``sample_ids`` inside
+                      ``Policy.generating()`` (eval mode, checkpointing off, cache on)  vs  straight
+                      from the training-mode model
 * sampler             the per-row seeded sampler in ``sample_ids``  vs  the per-row Gumbel noise
                       sampler it replaced (a full-vocabulary ``torch.rand`` per row per token)
 * sampler_call_RxV    the sampler alone on random logits, R rows x V vocabulary (20 calls):
@@ -233,6 +236,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             record("lora_unmerged_generation", "through the unmerged LoRA layers (shipped)", "base weights only (what a merged adapter would cost)",
                    bench_pair(lambda: generate_rows(model, tok, prompt_ids, settings, K, 1, 0, stop_at_eos=False), base_only, args.repeats), note="proposal: not shipped")
         rollouts = sample_ids(model, tok, prompt_ids, settings, K, 1, 0)
+
+    if wanted("gc_off_generation"):
+        base = policy.model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.gradient_checkpointing, policy.model.config.use_cache = True, False
+        policy.model.train()
+
+        def in_generating():
+            with policy.generating() as model:
+                sample_ids(model, tok, prompt_ids, settings, K, 1, 0)
+
+        try:
+            record("gc_off_generation", "training-mode model, gradient checkpointing on", "inside Policy.generating()",
+                   bench_pair(lambda: sample_ids(policy.model, tok, prompt_ids, settings, K, 1, 0), in_generating, args.repeats))
+        finally:
+            base.gradient_checkpointing_disable()
+            policy.gradient_checkpointing, policy.model.config.use_cache = False, True
 
     conscience = Conscience()
     prompts, responses = [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]

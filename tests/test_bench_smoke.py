@@ -59,7 +59,7 @@ def test_training_overhead_tiny(tmp_path):
 
 def test_optimisations_tiny(tmp_path):
     data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
-    rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "sampler", "sampler_vs_plain", "lora_unmerged_generation",
+    rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler", "sampler_call_8x49152", "sampler_vs_plain", "lora_unmerged_generation",
             "last_position_verdict", "shared_review_pass", "cached_ref_logps", "concat_forward"]
     assert_finite(data, [f"speedup_{row}" for row in rows])
     for row in rows:
