@@ -129,14 +129,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     model = tiny_model_dir(workdir) if args.tiny else None
     info = machine()
     note(f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}")
-    variants = []
-    for every in [None, *args.every]:
-        name = "none" if every is None else f"every_{every}"
-        note(f"fit {name} ...")
-        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator))
-        v = variants[-1]
-        note(f"  {name}: {v['steps_per_s']:.4f} steps/s, peak RSS {v['peak_rss_mb']:.0f} MB, load {v['end_load_1m']}")
-    base = variants[0]
+    variants: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "benchmark": "training_overhead",
         "machine": info,
@@ -144,15 +137,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      "conscience": demo_conscience(), "config": "configs/demo.yaml"},
         "variants": variants,
     }
-    for v in variants:
-        result[f"steps_per_s_{v['name']}"] = v["steps_per_s"]
-        result[f"peak_rss_mb_{v['name']}"] = v["peak_rss_mb"]
-        if v["peak_cuda_mb"] is not None:
-            result[f"peak_cuda_mb_{v['name']}"] = v["peak_cuda_mb"]
-        if v is not base:
-            result[f"slowdown_{v['name']}"] = base["steps_per_s"] / v["steps_per_s"]
-            result[f"memory_ratio_{v['name']}"] = v["peak_rss_mb"] / base["peak_rss_mb"]
-    result["load_end"] = load_now()
+    for every in [None, *args.every]:
+        name = "none" if every is None else f"every_{every}"
+        note(f"fit {name} ...")
+        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator))
+        v = variants[-1]
+        note(f"  {name}: {v['steps_per_s']:.4f} steps/s, peak RSS {v['peak_rss_mb']:.0f} MB, load {v['end_load_1m']}")
+        summarise(result)
+        write_json(args.json, result)  # after every variant: a stopped run keeps what it measured
+    base = variants[0]
     rows = [
         (v["name"], fmt(v["steps_per_s"], 4), fmt(v["step_s_median"]), str(v["conscience_runs"]), fmt(base["steps_per_s"] / v["steps_per_s"]),
          fmt(v["peak_rss_mb"], 4), fmt(v["peak_cuda_mb"], 4), f"{v['start_load_1m']}/{v['end_load_1m']}")
@@ -162,6 +155,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 ("variant", "steps/s", "median step s", "conscience runs", "slowdown", "peak RSS MB", "peak CUDA MB", "load start/end"))
     write_json(args.json, result)
     return result
+
+
+def summarise(result: dict[str, Any]) -> None:
+    variants = result["variants"]
+    base = variants[0]
+    for v in variants:
+        result[f"steps_per_s_{v['name']}"] = v["steps_per_s"]
+        result[f"peak_rss_mb_{v['name']}"] = v["peak_rss_mb"]
+        if v["peak_cuda_mb"] is not None:
+            result[f"peak_cuda_mb_{v['name']}"] = v["peak_cuda_mb"]
+        if v is not base:
+            result[f"slowdown_{v['name']}"] = base["steps_per_s"] / v["steps_per_s"]
+            result[f"memory_ratio_{v['name']}"] = v["peak_rss_mb"] / base["peak_rss_mb"]
+    result["load_end"] = load_now()
 
 
 if __name__ == "__main__":
