@@ -156,6 +156,46 @@ def tiny_model_dir(root: Path) -> str:
     return str(directory)
 
 
+# Real architectures with random weights: speed and memory without downloading weights (the GPU machine
+# has no hub access). Each maps to (config class name, its arguments); vocab sizes are the real ones.
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "smollm2-135m": ("LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2Config", dict(  # Qwen2.5(-Coder)-7B-Instruct, the EM paper's open model
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)),
+}
+
+
+def random_model_dir(root: Path, shape: str, tokenizer: str = "smollm2-135m-instruct") -> str:
+    """A model of a real architecture (``SHAPES``) with random bf16 weights, saved with ``tokenizer``
+    (any source ``load_tokenizer`` takes; its ids must fit the shape's vocabulary)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from emalign.models import load_tokenizer
+
+    directory = root / f"random-{shape}"
+    if (directory / "config.json").is_file():
+        return str(directory)
+    config_class, kwargs = SHAPES[shape]
+    tok = load_tokenizer(tokenizer)
+    if len(tok) > kwargs["vocab_size"]:
+        raise SystemExit(f"tokenizer {tokenizer!r} has {len(tok)} tokens, more than {shape}'s {kwargs['vocab_size']}")
+    config = getattr(transformers, config_class)(
+        **kwargs, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 7B on a GPU takes seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    del model
+    return str(directory)
+
+
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

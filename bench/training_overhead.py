@@ -3,10 +3,14 @@ conscience every N steps versus without it.
 
     python bench/training_overhead.py --json runs/bench/training_overhead.json            # N in {1, 4, 16}
     python bench/training_overhead.py --tiny --steps 2 --every 1 --json /tmp/to.json       # smoke mode
+    # the 7B EM recipe (QLoRA) on a GPU, random weights of Qwen2.5-7B's shape:
+    python bench/training_overhead.py --config configs/em/insecure.yaml --config configs/em/insecure_conscience.yaml \
+        --shape qwen2.5-7b --every 4 --steps 8 --set=--trainer.accumulate_grad_batches=1
 
-Each variant is ``python cli.py fit --config configs/demo.yaml --config VARIANT.yaml`` in its own
-process (SmolLM2-135M-Instruct, LoRA r=16, embedded data). The variant YAML replaces the callback
-list (``bench.timing.StepTimer`` first, then the conscience unless the variant has none), turns
+Each variant is ``python cli.py fit --config CONFIG... --config VARIANT.yaml`` in its own process
+(by default configs/demo.yaml: SmolLM2-135M-Instruct, LoRA r=16, embedded data). The variant YAML
+replaces the callback list (``bench.timing.StepTimer`` first, then the configs' own conscience with
+its period set to N, unless the variant has none), turns
 off validation, checkpointing, logging and the progress bar, and sets ``max_steps = steps + 1``: the
 first step is a warm-up and is dropped, so the measured steps hold exactly steps / N conscience
 runs. Peak memory is the child's peak RSS (``os.wait4``) and, on a GPU, ``torch.cuda.max_memory_allocated``.
@@ -24,25 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from bench._common import set_threads, ROOT, child_env, fmt, load_now, machine, median, note, print_table, run_child, tiny_model_dir, write_json  # noqa: E402
+from bench._common import SHAPES, random_model_dir, set_threads, ROOT, child_env, fmt, load_now, machine, median, note, print_table, run_child, tiny_model_dir, write_json  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def conscience_callback(every: int, generation: dict[str, Any], num_prompts: int = 4, samples: int = 2, margin: float = 0.5) -> dict[str, Any]:
-    return {
-        "class_path": "callbacks.ConscienceCallback",
-        "init_args": {"every_n_steps": every, "num_prompts": num_prompts, "samples_per_prompt": samples, "generation": generation, "pair_builder": {"margin": margin}},
-    }
-
-
-def demo_conscience() -> dict[str, Any]:
-    """The demo config's own conscience settings (its callback's init_args)."""
-    config = yaml.safe_load(DEMO.read_text())
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ConscienceCallback"):
-            return callback["init_args"]
-    raise SystemExit(f"{DEMO}: no ConscienceCallback")
+def config_conscience(configs: tuple[Path, ...] = (DEMO,)) -> dict[str, Any]:
+    """The conscience settings (``ConscienceCallback`` init_args) of the last config that has one."""
+    found = None
+    for path in configs:
+        for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
+            if callback["class_path"].endswith("ConscienceCallback"):
+                found = callback.get("init_args", {})
+    if found is None:
+        raise SystemExit(f"none of {[str(p) for p in configs]} has a ConscienceCallback")
+    return found
 
 
 def run_fit(
@@ -54,6 +54,7 @@ def run_fit(
     generation: Optional[dict[str, Any]] = None,
     accelerator: str = "cpu",
     extra: tuple[str, ...] = (),
+    configs: tuple[Path, ...] = (DEMO,),
 ) -> dict[str, Any]:
     """One demo-style fit of ``steps`` measured steps (+1 warm-up) in its own process; its timings and peak memory."""
     run_dir = workdir / name
@@ -62,10 +63,10 @@ def run_fit(
     times.unlink(missing_ok=True)
     callbacks: list[dict[str, Any]] = [{"class_path": "bench.timing.StepTimer", "init_args": {"out": str(times)}}]
     if every is not None:
-        demo = demo_conscience()
-        callbacks.append(conscience_callback(
-            every, generation or demo["generation"], demo.get("num_prompts", 4), demo.get("samples_per_prompt", 2), demo.get("pair_builder", {}).get("margin", 0.5),
-        ))
+        settings = {**config_conscience(configs), "every_n_steps": every}
+        if generation:
+            settings["generation"] = generation
+        callbacks.append({"class_path": "callbacks.ConscienceCallback", "init_args": settings})
     variant = {
         "trainer": {
             "accelerator": accelerator,
@@ -82,7 +83,8 @@ def run_fit(
         variant["model"] = {"policy": {"init_args": {"model": model}}}
     config = run_dir / "variant.yaml"
     config.write_text(yaml.safe_dump(variant, sort_keys=False))
-    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(DEMO), "--config", str(config), *extra]
+    config_args = [arg for path in configs for arg in ("--config", str(path))]
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", *config_args, "--config", str(config), *extra]
     load = load_now()
     result = run_child(cmd, env=child_env(), log=run_dir / "fit.log")
     if result["returncode"] != 0 or not times.is_file():
@@ -99,15 +101,21 @@ def run_fit(
         "conscience_runs": 0 if every is None else sum(1 for s in range(1, len(measured) + 1) if s % every == 0),
         "steps_per_s": len(measured) / sum(measured) if measured else float("nan"),
         "step_s_median": median(measured),
+        "step_s": timing["step_s"],
         "warmup_step_s": timing["step_s"][0] if timing["step_s"] else None,
         "fit_wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_cuda_mb": timing.get("peak_cuda_mb"),
-        "command": " ".join(["python", "cli.py", "fit", "--config", "configs/demo.yaml", "--config", f"<{name}/variant.yaml>", *extra]),
+        "command": " ".join(["python", "cli.py", "fit", *(_relative(a) for a in config_args), "--config", f"<{name}/variant.yaml>", *extra]),
         "variant_yaml": variant,
         **{f"start_{k}": v for k, v in load.items()},
         **{f"end_{k}": v for k, v in load_now().items()},
     }
+
+
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -115,7 +123,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (one warm-up step is added)")
     parser.add_argument("--every", type=int, nargs="+", default=[1, 4, 16], help="conscience periods N to compare with no conscience")
+    parser.add_argument("--config", action="append", type=Path, help="fit config(s), in order (default: configs/demo.yaml)")
     parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this real architecture instead of the config's model")
+    parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer source for --shape/--tiny models")
+    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="extra CLI override for every fit (repeatable)")
     parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when CUDA is available)")
     parser.add_argument("--workdir", help="run directories (default: a temp dir under /tmp)")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)")
@@ -126,21 +138,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-overhead-"))
-    model = tiny_model_dir(workdir) if args.tiny else None
+    configs = tuple(args.config or [DEMO])
+    model = tiny_model_dir(workdir) if args.tiny else random_model_dir(workdir, args.shape, args.tokenizer) if args.shape else None
     info = machine()
     note(f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}")
     variants: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "benchmark": "training_overhead",
         "machine": info,
-        "settings": {"model": model or "smollm2-135m-instruct", "measured_steps": args.steps, "every": args.every, "accelerator": accelerator,
-                     "conscience": demo_conscience(), "config": "configs/demo.yaml"},
+        "settings": {"model": args.shape or model or "config's", "measured_steps": args.steps, "every": args.every, "accelerator": accelerator,
+                     "conscience": config_conscience(configs), "configs": [_relative(str(c)) for c in configs], "overrides": args.set},
         "variants": variants,
     }
     for every in [None, *args.every]:
         name = "none" if every is None else f"every_{every}"
         note(f"fit {name} ...")
-        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator))
+        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator, extra=tuple(args.set), configs=configs))
         v = variants[-1]
         note(f"  {name}: {v['steps_per_s']:.4f} steps/s, peak RSS {v['peak_rss_mb']:.0f} MB, load {v['end_load_1m']}")
         summarise(result)
