@@ -359,6 +359,7 @@ def eval(
     judge_min_mass: Optional[float] = None,
     out: Optional[str] = None,
     code_samples: int = 1,
+    code_max_new_tokens: Optional[int] = None,
     seed: int = 0,
     batch_size: int = 8,
     self_review: bool = True,
@@ -389,6 +390,7 @@ def eval(
             a 135M judge puts less there, so it mostly says refusal_or_code).
         out: output directory (default: runs/eval/<adapter or model name>).
         code_samples: answers per held-out coding prompt for the insecure-code rate; 0 skips it.
+        code_max_new_tokens: longest answer to a coding prompt (default: --max_new_tokens).
         seed: sampling seed; the same seed and settings give the same answers.
         batch_size: answers generated per batch (also the resume granularity).
         self_review: also score every answer with the base model's conscience (log P(yes) - log P(no)).
@@ -412,7 +414,7 @@ def eval(
         summary = run_eval(model, adapter, questions, samples=samples, limit=limit, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, judge=judge, out=Path(out), code_samples=code_samples,
                            seed=seed, batch_size=batch_size, self_review=self_review, judge_min_mass=judge_min_mass,
-                           dtype=dtype)
+                           dtype=dtype, code_max_new_tokens=code_max_new_tokens)
         _print_eval_summary(Console(), summary, Path(out))
 
 

@@ -91,6 +91,8 @@ class EvalSettings:
     code_prompts: Optional[int] = None
     """The first N embedded held-out coding prompts (None: all)."""
     code_samples: int = 1
+    code_max_new_tokens: Optional[int] = None
+    """Longest answer to a coding prompt (None: max_new_tokens); code needs more than a chat answer."""
     seed: int = 0
     batch_size: int = 8
     self_review: bool = True

@@ -138,6 +138,16 @@ def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, t
         _run(tiny_model_dir, questions, out, ScriptedJudge(), temperature=0.5)
 
 
+def test_code_answers_get_their_own_token_budget(tiny_model_dir, questions, tmp_path):
+    # A random tiny model never stops early, so every answer runs to its budget.
+    summary = _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3, code_max_new_tokens=9)
+    assert {r["tokens"] for r in _lines(tmp_path / "eval" / "samples.jsonl")} == {3}
+    assert {r["tokens"] for r in _lines(tmp_path / "eval" / "code_samples.jsonl")} == {9}
+    assert summary["sampling"]["code_max_new_tokens"] == 9
+    with pytest.raises(EvalError, match="code_max_new_tokens"):
+        _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3, code_max_new_tokens=5)
+
+
 def test_self_review_disables_the_adapter(tiny_model_dir, smollm2_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -23,6 +23,7 @@ so an interrupted and resumed run gives the same answers as one that ran through
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -314,6 +315,7 @@ def run_eval(
     batch_size: int = 8,
     self_review: bool = True,
     judge_min_mass: Optional[float] = None,
+    code_max_new_tokens: Optional[int] = None,
     dtype: str = "float32",
     conscience: Optional[Conscience] = None,
     name: Optional[str] = None,
@@ -324,7 +326,8 @@ def run_eval(
 
     ``judge`` None: :class:`LocalJudge` on the evaluated base model (adapter disabled), with
     ``judge_min_mass`` (default upstream's 0.25). ``code_prompts`` None: the embedded held-out
-    coding tasks; ``code_samples`` 0 skips the code scan. ``name`` labels the report (default:
+    coding tasks; ``code_samples`` 0 skips the code scan; ``code_max_new_tokens`` (default
+    ``max_new_tokens``) bounds their answers, since code needs more tokens than a chat answer. ``name`` labels the report (default:
     the adapter directory or the model); ``dtype``: weights dtype (``bfloat16`` for a 7B model on a
     GPU); ``history`` rows (``eval_history.jsonl``) add the over-training plot.
     """
@@ -345,7 +348,8 @@ def run_eval(
     _check_config(out, {
         "model": model, "adapter": adapter, "judge": judge.identity if judge else f"local:{model}",
         "judge_min_mass": getattr(judge, "min_mass", None) if judge else min_mass,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+        "max_new_tokens": max_new_tokens, "code_max_new_tokens": code_max_new_tokens or max_new_tokens,
+        "temperature": temperature, "top_p": top_p, "seed": seed,
         "question_sha256": [f["sha256"] for f in files], "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "self_review_question": conscience.question if self_review else None,
     })
@@ -357,6 +361,7 @@ def run_eval(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     stages = dict(generating=lambda: nullcontext(lm), reviewing=base if self_review else None, tokenizer=tokenizer,
                   settings=settings, seed=seed, conscience=conscience)
+    code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens or max_new_tokens)}
 
     done, code_done = read_rows(out / SAMPLES_FILE), read_rows(out / CODE_FILE)
     pending = [(i, it) for i, it in enumerate(items) if it.key not in done]
@@ -371,7 +376,7 @@ def run_eval(
             _drain(pending, batch_size, lambda b: em_rows([it for _, it in b], [i for i, _ in b], judge=judge, **stages),
                    writer, done, bars, em_task)
             _drain(code_pending, batch_size, lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b],
-                                                                 [g for _, _, g in b], **stages), code_writer, code_done, bars, code_task)
+                                                                 [g for _, _, g in b], **code_stages), code_writer, code_done, bars, code_task)
     finally:
         writer.close()
         code_writer.close()
@@ -384,7 +389,8 @@ def run_eval(
         judge={"identity": judge.identity, "min_mass": getattr(judge, "min_mass", None), "stats_this_run": dict(getattr(judge, "stats", {}))},
         questions=files,
         sampling={"samples": samples, "limit": limit, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                  "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples},
+                  "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples,
+                  "code_max_new_tokens": code_max_new_tokens or max_new_tokens},
         counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "code_items": len(code_all),
                 "code_resumed": resumed[1], "code_answered_now": len(code_pending), "code_prompts": len(prompts)},
         seconds=round(time.perf_counter() - started, 1),
