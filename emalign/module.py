@@ -123,6 +123,7 @@ class EmergentAlignment(L.LightningModule):
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_loss = False  # a non-finite loss since the last optimizer step
+        self._empty_step = False  # a DDP step with neither task data nor pairs (zero loss)
         self._rng_to_restore: Optional[dict[str, Any]] = None
         self.strict_loading = False  # checkpoints hold only what trains
 
@@ -143,8 +144,13 @@ class EmergentAlignment(L.LightningModule):
         if pairs:
             align = self.alignment_loss(pairs)
             terms.append(self.align_weight * align)
-        if not terms:
-            return None  # pure-conscience run before the first pairs: nothing to learn from yet
+        if not terms:  # pure-conscience run before the first pairs: nothing to learn from yet
+            if self._trainer is None or self._trainer.world_size == 1:
+                return None  # Lightning skips the step
+            # DDP refuses None (every rank must run backward): a zero loss on every trainable
+            # parameter instead, and on_before_optimizer_step drops the update if all ranks had none.
+            self._empty_step = True
+            return torch.stack([(p * 0).sum() for p in self.policy.parameters() if p.requires_grad]).sum()
         loss = torch.stack(terms).sum()
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=1)
@@ -197,6 +203,12 @@ class EmergentAlignment(L.LightningModule):
         their state (Adam moments, step count, weight decay) exactly as they were. The step still
         counts (global step, scheduler), so ``max_steps`` bounds the run whatever happens.
         """
+        empty, self._empty_step = self._empty_step, False
+        if self._trainer is not None and self._trainer.strategy.reduce_boolean_decision(empty, all=True):  # every rank calls it
+            for group in optimizer.param_groups:  # no rank had anything to learn: leave the weights be
+                for p in group["params"]:
+                    p.grad = None
+            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()))
         self._nonfinite_loss = False

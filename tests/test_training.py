@@ -103,6 +103,52 @@ def test_ddp_on_two_cpu_processes(tiny_model_dir, tiny_data, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+def _pure_conscience_args(tiny_model_dir, run_dir, max_steps, margin=0.0):
+    """No task data: the conscience on a prompt file is the only thing to learn from."""
+    import yaml
+
+    prompts = Path(run_dir).parent / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about topic {i}.\n" for i in range(6)))
+    args = _fit_args(tiny_model_dir, None, run_dir, max_steps)
+    path = Path(args[-1])
+    config = yaml.safe_load(path.read_text())
+    config["data"].update(train_file=None, steps_without_data=20)
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ConscienceCallback"):
+            callback["init_args"].update(
+                every_n_steps=2, num_prompts=2, samples_per_prompt=3, pair_builder={"margin": margin},
+                prompts={"class_path": "emalign.prompts.FilePrompts", "init_args": {"path": str(prompts)}},
+                generation={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 8})
+    path.write_text(yaml.safe_dump(config))
+    return args
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_pure_conscience_fit_learns_from_pairs_alone(tiny_model_dir, tmp_path, devices):
+    run = tmp_path / f"pure{devices}"
+    extra = ["--trainer.strategy", "ddp", "--trainer.devices", "2"] if devices == 2 else []
+    done = _cli(*_pure_conscience_args(tiny_model_dir, run, 4), "--trainer.accelerator", "cpu", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    rows = list(csv.DictReader(open(next(run.glob("logs/*/metrics.csv")))))
+    assert not any(r.get("task/loss") for r in rows)
+    assert any(r.get("align/loss") for r in rows) and any(float(r.get("conscience/pairs_enqueued") or 0) > 0 for r in rows)
+
+
+def test_pure_conscience_without_pairs_keeps_weights_under_ddp(tiny_model_dir, tmp_path):
+    # No score gap reaches the margin, so no pair is ever made: every step has nothing to learn. Lightning refuses a
+    # None loss under DDP, so such steps run a zero loss and drop the update on every rank.
+    run = tmp_path / "nopairs"
+    done = _cli(*_pure_conscience_args(tiny_model_dir, run, 3, margin=1e9), "--trainer.accelerator", "cpu",
+                "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    lora_b = [v for k, v in checkpoint["state_dict"].items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # LoRA B starts at zero and never moved
+    assert not checkpoint["optimizer_states"][0]["state"]  # AdamW never stepped a parameter
+
+
 def test_bad_config_key_names_the_key(tiny_model_dir, tiny_data, tmp_path):
     bad = _cli(*_fit_args(tiny_model_dir, tiny_data, tmp_path, 1), "--model.align_wieght", "2")
     assert bad.returncode != 0 and "align_wieght" in bad.stderr
