@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU profile we run on a lent H100/H200 (no internet, no weights there): the conscience's training
 # overhead at two real shapes with random weights, through the real `cli.py fit` and the real configs.
-#   2. SmolLM2-135M's shape, configs/demo.yaml (LoRA r=16), conscience every 4 steps vs none;
 #   1. Qwen2.5-7B's shape, configs/em/insecure.yaml + configs/em/insecure_conscience.yaml (QLoRA NF4,
 #      r=32, 8 prompts x 4 samples x 256 tokens), on 600 records of EM's insecure.jsonl, one micro-batch
-#      per optimizer step (the recipe accumulates 8; the per-step cost scales from the micro-batch).
+#      per optimizer step (the recipe accumulates 8; the per-step cost scales from the micro-batch);
+#   2. SmolLM2-135M's shape, configs/demo.yaml (LoRA r=16), conscience every 4 steps vs none.
 # Carried: .whl (the wheels the image lacks: bitsandbytes, transformers, peft, jsonargparse,
 # docstring_parser, typeshed_client, bandit, stevedore, datasets, dill, multiprocess) and .gpu
 # (SmolLM2's tokenizer, the 600 records). Results: $OUT/*.json, logs alongside.

@@ -33,16 +33,17 @@ from bench._common import SHAPES, random_model_dir, set_threads, ROOT, child_env
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def config_conscience(configs: tuple[Path, ...] = (DEMO,)) -> dict[str, Any]:
-    """The conscience settings (``ConscienceCallback`` init_args) of the last config that has one."""
+def config_conscience(configs: tuple[Path, ...] = (DEMO,), with_class_path: bool = False) -> Any:
+    """The conscience settings (``ConscienceCallback`` init_args) of the last config that has one
+    (with its class path too when asked: a subclass stays itself)."""
     found = None
     for path in configs:
         for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
             if callback["class_path"].endswith("ConscienceCallback"):
-                found = callback.get("init_args", {})
+                found = callback["class_path"], callback.get("init_args", {})
     if found is None:
         raise SystemExit(f"none of {[str(p) for p in configs]} has a ConscienceCallback")
-    return found
+    return found if with_class_path else found[1]
 
 
 def run_fit(
@@ -63,10 +64,11 @@ def run_fit(
     times.unlink(missing_ok=True)
     callbacks: list[dict[str, Any]] = [{"class_path": "bench.timing.StepTimer", "init_args": {"out": str(times)}}]
     if every is not None:
-        settings = {**config_conscience(configs), "every_n_steps": every}
+        class_path, init_args = config_conscience(configs, with_class_path=True)
+        settings = {**init_args, "every_n_steps": every}
         if generation:
             settings["generation"] = generation
-        callbacks.append({"class_path": "callbacks.ConscienceCallback", "init_args": settings})
+        callbacks.append({"class_path": class_path, "init_args": settings})
     variant = {
         "trainer": {
             "accelerator": accelerator,
@@ -126,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--config", action="append", type=Path, help="fit config(s), in order (default: configs/demo.yaml)")
     parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this real architecture instead of the config's model")
-    parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer source for --shape/--tiny models")
+    parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer source for --shape models")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="extra CLI override for every fit (repeatable)")
     parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when CUDA is available)")
     parser.add_argument("--workdir", help="run directories (default: a temp dir under /tmp)")
@@ -137,8 +139,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-overhead-"))
-    configs = tuple(args.config or [DEMO])
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-overhead-")).resolve()
+    configs = tuple(Path(c).resolve() for c in args.config or [DEMO])  # the fits run from the repository root
+    config_conscience(configs)  # fail on a config without a conscience before building a (7B) model
+    if args.tokenizer and Path(args.tokenizer).exists():
+        args.tokenizer = str(Path(args.tokenizer).resolve())
     model = tiny_model_dir(workdir) if args.tiny else random_model_dir(workdir, args.shape, args.tokenizer) if args.shape else None
     info = machine()
     note(f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}")

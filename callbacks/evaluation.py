@@ -21,6 +21,8 @@ next gradient sync. FSDP is not supported (rank 0 cannot generate alone with sha
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -54,6 +56,7 @@ class AlignmentEvalCallback(L.Callback):
         judge: Optional[Judge] = None,
         judge_min_mass: float = MIN_NUMBER_MASS,
         code_prompts: int = 4,
+        code_max_new_tokens: Optional[int] = None,
         self_review: bool = True,
         batch_size: int = 8,
         seed: int = 0,
@@ -71,6 +74,7 @@ class AlignmentEvalCallback(L.Callback):
             judge: the judge (default: LocalJudge on the policy's frozen reference).
             judge_min_mass: for the default judge: least probability on numbers for a score.
             code_prompts: the first N embedded held-out coding prompts, for the insecure-code rate; 0 skips it.
+            code_max_new_tokens: longest answer to a coding prompt (default: max_new_tokens).
             self_review: score every answer with the reference's conscience.
             batch_size: answers generated per batch.
             seed: sampling seed (the same at every evaluation).
@@ -84,6 +88,7 @@ class AlignmentEvalCallback(L.Callback):
         self.samples = samples
         self.limit = limit
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+        self.code_settings = dataclasses.replace(self.settings, max_new_tokens=code_max_new_tokens or max_new_tokens)
         self.judge = judge
         self.judge_min_mass = judge_min_mass
         self.code_prompts = code_prompts
@@ -156,7 +161,8 @@ class AlignmentEvalCallback(L.Callback):
         keys = code_keys(len(self.prompts), 1)
         for s in range(0, len(keys), size):
             batch = keys[s : s + size]
-            code += code_rows([k for k, _, _ in batch], [self.prompts[p] for _, p, _ in batch], [g for _, _, g in batch], **stages)
+            code += code_rows([k for k, _, _ in batch], [self.prompts[p] for _, p, _ in batch], [g for _, _, g in batch],
+                              **{**stages, "settings": self.code_settings})
         summary = summarize_eval(rows, code)
         metrics = {k: summary.get(k) for k in (*LOGGED, "misalignment_ci", "code_refusal_share", "insecure_code_ci", "self_review_se", "n", "n_scored")}
         metrics["judge"] = judge.identity

@@ -123,7 +123,8 @@ class EmergentAlignment(L.LightningModule):
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_loss = False  # a non-finite loss since the last optimizer step
-        self._empty_step = False  # a DDP step with neither task data nor pairs (zero loss)
+        self._empty_step = False  # a DDP micro-batch with neither task data nor pairs (zero loss)
+        self._had_terms = False  # a micro-batch with something to learn since the last optimizer step
         self._rng_to_restore: Optional[dict[str, Any]] = None
         self.strict_loading = False  # checkpoints hold only what trains
 
@@ -151,6 +152,7 @@ class EmergentAlignment(L.LightningModule):
             # parameter instead, and on_before_optimizer_step drops the update if all ranks had none.
             self._empty_step = True
             return torch.stack([(p * 0).sum() for p in self.policy.parameters() if p.requires_grad]).sum()
+        self._had_terms = True
         loss = torch.stack(terms).sum()
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=1)
@@ -203,11 +205,13 @@ class EmergentAlignment(L.LightningModule):
         their state (Adam moments, step count, weight decay) exactly as they were. The step still
         counts (global step, scheduler), so ``max_steps`` bounds the run whatever happens.
         """
-        empty, self._empty_step = self._empty_step, False
+        empty = self._empty_step and not self._had_terms  # every micro-batch of the step was empty
+        self._empty_step = self._had_terms = False
         if self._trainer is not None and self._trainer.strategy.reduce_boolean_decision(empty, all=True):  # every rank calls it
             for group in optimizer.param_groups:  # no rank had anything to learn: leave the weights be
                 for p in group["params"]:
                     p.grad = None
+            self._nonfinite_loss = False
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()))

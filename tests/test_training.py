@@ -133,6 +133,9 @@ def test_pure_conscience_fit_learns_from_pairs_alone(tiny_model_dir, tmp_path, d
     rows = list(csv.DictReader(open(next(run.glob("logs/*/metrics.csv")))))
     assert not any(r.get("task/loss") for r in rows)
     assert any(r.get("align/loss") for r in rows) and any(float(r.get("conscience/pairs_enqueued") or 0) > 0 for r in rows)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["optimizer_states"][0]["state"]  # updates were taken, not only losses logged
+    assert any(torch.count_nonzero(v) > 0 for k, v in checkpoint["state_dict"].items() if "lora_B" in k)
 
 
 def test_pure_conscience_without_pairs_keeps_weights_under_ddp(tiny_model_dir, tmp_path):

@@ -267,6 +267,7 @@ def _check_config(out: Path, config: dict) -> None:
     path = out / CONFIG_FILE
     if path.exists() and ((out / SAMPLES_FILE).exists() or (out / CODE_FILE).exists()):
         old = json.loads(path.read_text(encoding="utf-8"))
+        old.setdefault("code_max_new_tokens", old.get("max_new_tokens"))  # written before the key existed
         for key, value in config.items():
             if key in old and old[key] != value:
                 raise EvalError(f"{out} holds answers made with {key}={old[key]!r}, not {value!r}; "
@@ -343,12 +344,16 @@ def run_eval(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     min_mass = judge_min_mass if judge_min_mass is not None else MIN_NUMBER_MASS
+    if code_max_new_tokens is None:
+        code_max_new_tokens = max_new_tokens
+    elif code_max_new_tokens < 1:
+        raise EvalError(f"code_max_new_tokens must be at least 1, got {code_max_new_tokens}")
     conscience = conscience if conscience is not None else Conscience()
     # Checked before the (possibly large) model loads; the default judge's identity is known already.
     _check_config(out, {
         "model": model, "adapter": adapter, "judge": judge.identity if judge else f"local:{model}",
         "judge_min_mass": getattr(judge, "min_mass", None) if judge else min_mass,
-        "max_new_tokens": max_new_tokens, "code_max_new_tokens": code_max_new_tokens or max_new_tokens,
+        "max_new_tokens": max_new_tokens, "code_max_new_tokens": code_max_new_tokens,
         "temperature": temperature, "top_p": top_p, "seed": seed,
         "question_sha256": [f["sha256"] for f in files], "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "self_review_question": conscience.question if self_review else None,
@@ -361,7 +366,7 @@ def run_eval(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     stages = dict(generating=lambda: nullcontext(lm), reviewing=base if self_review else None, tokenizer=tokenizer,
                   settings=settings, seed=seed, conscience=conscience)
-    code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens or max_new_tokens)}
+    code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens)}
 
     done, code_done = read_rows(out / SAMPLES_FILE), read_rows(out / CODE_FILE)
     pending = [(i, it) for i, it in enumerate(items) if it.key not in done]
@@ -390,7 +395,7 @@ def run_eval(
         questions=files,
         sampling={"samples": samples, "limit": limit, "max_new_tokens": max_new_tokens, "temperature": temperature,
                   "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples,
-                  "code_max_new_tokens": code_max_new_tokens or max_new_tokens},
+                  "code_max_new_tokens": code_max_new_tokens},
         counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "code_items": len(code_all),
                 "code_resumed": resumed[1], "code_answered_now": len(code_pending), "code_prompts": len(prompts)},
         seconds=round(time.perf_counter() - started, 1),
