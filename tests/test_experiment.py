@@ -84,6 +84,24 @@ def test_no_conscience_config_replaces_the_callback_list():
     assert callbacks(without.stdout) == [c for c in callbacks(with_conscience.stdout) if c != "callbacks.ConscienceCallback"]
 
 
+def test_more_pairs_config_changes_only_the_conscience():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    args = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "configs/demo.yaml", "--print_config"]
+    demo = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    more = subprocess.run(args[:-1] + ["--config", "configs/experiments/more_pairs.yaml", "--print_config"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0 and more.returncode == 0, more.stderr[-2000:]
+    a, b = yaml.safe_load(demo.stdout), yaml.safe_load(more.stdout)
+    conscience = lambda c: next(x for x in c["trainer"]["callbacks"] if x["class_path"].endswith("ConscienceCallback"))  # noqa: E731
+    assert (conscience(b)["init_args"]["every_n_steps"], conscience(b)["init_args"]["samples_per_prompt"]) == (2, 4)
+    assert b["model"]["pairs_per_step"] == 4
+    # Everything but the conscience's settings and pairs_per_step is the demo's.
+    for c in (a, b):
+        conscience(c)["init_args"] = None
+        c["model"]["pairs_per_step"] = None
+    assert a == b
+
+
 def test_markdown_marks_missing_runs_and_mixed_judges():
     md = comparison_markdown([{"name": "gone", "fit": "missing"}], ["local:a", "openai:b"])
     assert "| gone | missing | not evaluated |" in md and "not comparable" in md
