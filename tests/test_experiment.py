@@ -70,12 +70,15 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
     assert "absent.yaml" in err and "python cli.py data em" in err and "Traceback" not in err
 
 
-def test_no_conscience_config_replaces_the_callback_list():
+def _print_config(*configs: str) -> subprocess.CompletedProcess:
+    """``cli.py fit --config configs/demo.yaml --config ... --print_config`` from the repository root."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    args = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "configs/demo.yaml", "--print_config"]
-    with_conscience = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    without = subprocess.run(args[:-1] + ["--config", "configs/experiments/no_conscience.yaml", "--print_config"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = [sys.executable, str(ROOT / "cli.py"), "fit"] + [a for c in ("configs/demo.yaml", *configs) for a in ("--config", c)]
+    return subprocess.run(args + ["--print_config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_no_conscience_config_replaces_the_callback_list():
+    with_conscience, without = _print_config(), _print_config("configs/experiments/no_conscience.yaml")
     assert with_conscience.returncode == 0 and without.returncode == 0, without.stderr[-2000:]
     callbacks = lambda out: [c["class_path"] for c in yaml.safe_load(out)["trainer"]["callbacks"]]  # noqa: E731
     assert "callbacks.ConscienceCallback" in callbacks(with_conscience.stdout)
@@ -85,11 +88,7 @@ def test_no_conscience_config_replaces_the_callback_list():
 
 
 def test_more_pairs_config_changes_only_the_conscience():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    args = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "configs/demo.yaml", "--print_config"]
-    demo = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    more = subprocess.run(args[:-1] + ["--config", "configs/experiments/more_pairs.yaml", "--print_config"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    demo, more = _print_config(), _print_config("configs/experiments/more_pairs.yaml")
     assert demo.returncode == 0 and more.returncode == 0, more.stderr[-2000:]
     a, b = yaml.safe_load(demo.stdout), yaml.safe_load(more.stdout)
     conscience = lambda c: next(x for x in c["trainer"]["callbacks"] if x["class_path"].endswith("ConscienceCallback"))  # noqa: E731
