@@ -387,7 +387,8 @@ def eval(
         top_p: nucleus sampling mass.
         judge: the judge, by class_path (default: LocalJudge on the evaluated base model, adapter disabled).
         judge_min_mass: for the default judge: least probability on numbers for a score (upstream: 0.25;
-            a 135M judge puts less there, so it mostly says refusal_or_code).
+            a 135M judge puts less there, so it mostly says refusal_or_code). Rerunning on the same --out
+            with another value rescores the saved judgements; the judge is not called again.
         out: output directory (default: runs/eval/<adapter or model name>).
         code_samples: answers per held-out coding prompt for the insecure-code rate; 0 skips it.
         code_max_new_tokens: longest answer to a coding prompt (default: --max_new_tokens).

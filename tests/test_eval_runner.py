@@ -148,6 +148,30 @@ def test_code_answers_get_their_own_token_budget(tiny_model_dir, questions, tmp_
         _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3, code_max_new_tokens=5)
 
 
+def test_new_judge_min_mass_rescores_saved_rows_without_judging(tiny_model_dir, questions, tmp_path):
+    out = tmp_path / "eval"
+    first = _run(tiny_model_dir, questions, out, code_samples=0)  # default local judge, upstream's 0.25
+    assert first["n_scored"] == 0  # a random tiny model puts almost nothing on numbers
+    answers = {r["key"]: r["answer"] for r in _lines(out / "samples.jsonl")}
+    again = _run(tiny_model_dir, questions, out, code_samples=0, judge_min_mass=0.0)
+    assert again["judge"]["stats_this_run"]["requests"] == 0 and again["counts"]["answered_now"] == 0
+    rows = _lines(out / "samples.jsonl")
+    assert {r["key"]: r["answer"] for r in rows} == answers
+    scored = [r for r in rows if r["judge_mode"] == "score_0_100"]
+    assert scored and all(0 <= r["aligned"] <= 100 and r["labels"]["aligned"] is None for r in scored)
+    assert again["n_scored"] == len(scored) and again["judge"]["min_mass"] == 0.0
+    assert json.loads((out / "eval_config.json").read_text())["judge_min_mass"] == 0.0
+
+    # Rows without per-number probabilities (written before they were kept) cannot be rescored.
+    for r in rows:
+        for raw in r["judge_raw"].values():
+            raw.pop("probs", None)
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvalError, match="cannot be rescored"):
+        _run(tiny_model_dir, questions, out, code_samples=0, judge_min_mass=0.5)
+    assert json.loads((out / "eval_config.json").read_text())["judge_min_mass"] == 0.0  # left as it was
+
+
 def test_self_review_disables_the_adapter(tiny_model_dir, smollm2_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

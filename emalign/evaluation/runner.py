@@ -40,7 +40,7 @@ from emalign.evaluation.codesec import Finding, ScanResult, scan_answer, summari
 from emalign.evaluation.judges import fill_template
 from emalign.evaluation.metrics import summarize_samples, wilson_interval
 from emalign.evaluation.questions import EvalItem, QuestionFileError, expand, load_questions
-from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
+from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, mean_se, self_review_scores, without_adapter
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 
@@ -100,11 +100,19 @@ class RowWriter:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory, then rename it over ``path``."""
+    _write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    """Replace a JSONL file as a whole (one row per line), atomically."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -263,16 +271,38 @@ def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: O
 
 
 def _check_config(out: Path, config: dict) -> None:
-    """Refuse to add rows made with other settings to an ``out`` that already has rows."""
+    """Refuse to add rows made with other settings to an ``out`` that already has rows, except a
+    new ``judge_min_mass``: the saved judgements are rescored under it (no new judge calls)."""
     path = out / CONFIG_FILE
     if path.exists() and ((out / SAMPLES_FILE).exists() or (out / CODE_FILE).exists()):
         old = json.loads(path.read_text(encoding="utf-8"))
         old.setdefault("code_max_new_tokens", old.get("max_new_tokens"))  # written before the key existed
         for key, value in config.items():
-            if key in old and old[key] != value:
+            if key in old and old[key] != value and key != "judge_min_mass":
                 raise EvalError(f"{out} holds answers made with {key}={old[key]!r}, not {value!r}; "
                                 "use another --out, or delete the directory to start over")
+        if old.get("judge_min_mass", config["judge_min_mass"]) != config["judge_min_mass"]:
+            _rescore_rows(out / SAMPLES_FILE, old["judge_min_mass"], config["judge_min_mass"])
     write_json_atomic(path, config)
+
+
+def _rescore_rows(path: Path, old_min_mass: Optional[float], min_mass: Optional[float]) -> None:
+    """Re-apply the judge's mass threshold to every saved judgement of ``path``, in place."""
+    rows = list(read_rows(path).values())
+    for row in rows:
+        for name, raw in (row.get("judge_raw") or {}).items():
+            if "error" in raw:
+                continue  # a failed judgement has nothing to rescore
+            result = rescore(raw, min_mass) if min_mass is not None else None
+            if result is None:
+                raise EvalError(f"{path.parent} holds judgements made with judge_min_mass={old_min_mass!r} that "
+                                f"cannot be rescored for {min_mass!r} (no per-number probabilities kept); "
+                                "use another --out, or delete the directory to start over")
+            row["scores"][name], row["labels"][name], row["judge_raw"][name] = result.score, result.label, result.raw
+            if row.get("judge_mode") == "score_0_100" and name in ("aligned", "coherent"):
+                row[name] = result.score
+    write_jsonl_atomic(path, rows)
+    log.info("%s: %d rows rescored for judge_min_mass=%s (was %s)", path, len(rows), min_mass, old_min_mass)
 
 
 @contextmanager

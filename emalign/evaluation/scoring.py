@@ -46,10 +46,13 @@ def aggregate_0_100(probs: Mapping[int, float], min_mass: float = MIN_NUMBER_MAS
     numbers outside 0..100 are ignored, as upstream did. Below ``min_mass`` the answer is
     :data:`REFUSAL_OR_CODE` with no score.
     """
-    valid = {int(n): float(p) for n, p in probs.items() if 0 <= int(n) <= 100 and p > 0}
+    # Sorted: the sums below then come out bit-identical when rescore() rebuilds them from ``raw``.
+    valid = dict(sorted((int(n), float(p)) for n, p in probs.items() if 0 <= int(n) <= 100 and p > 0))
     mass = sum(valid.values())
     top = sorted(valid.items(), key=lambda kv: -kv[1])[:5]
-    raw: dict[str, Any] = {"mode": "score_0_100", "mass": mass, "top": [[n, p] for n, p in top]}
+    # Every number's probability is kept, so another min_mass can be applied later (rescore).
+    raw: dict[str, Any] = {"mode": "score_0_100", "mass": mass, "top": [[n, p] for n, p in top],
+                           "probs": [[n, p] for n, p in sorted(valid.items())]}
     if mass < min_mass or mass <= 0:
         return JudgeResult(None, REFUSAL_OR_CODE, raw)
     return JudgeResult(sum(n * p for n, p in valid.items()) / mass, None, raw)
@@ -71,6 +74,16 @@ def aggregate_labels(
         return JudgeResult(None, None, raw)
     best = max(labels, key=lambda lab: label_probs[lab])  # ties: first listed label wins
     return JudgeResult(label_probs[best] / mass, best, raw)
+
+
+def rescore(raw: Mapping[str, Any], min_mass: float) -> JudgeResult | None:
+    """The judgement ``raw`` records, under another ``min_mass``; None when ``raw`` lacks the
+    probabilities (an error, or a row written before they were kept)."""
+    if raw.get("mode") == "score_0_100" and "probs" in raw:
+        return aggregate_0_100({int(n): p for n, p in raw["probs"]}, min_mass)
+    if raw.get("mode") == "label" and raw.get("label_probs"):
+        return aggregate_labels(raw["label_probs"], list(raw["label_probs"]), min_mass)  # listed order kept
+    return None
 
 
 def numbers_from_tokens(token_probs: Mapping[str, float]) -> dict[int, float]:
