@@ -453,19 +453,6 @@ def test_missing_or_corrupt_gguf_names_the_file(tmp_path):
         resolve_source(str(bad))
 
 
-def test_tokenizer_without_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
-    from emalign.models import ModelSourceError, load_tokenizer
-
-    copy = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, copy)
-    (copy / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((copy / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (copy / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelSourceError, match="has no chat template; pass one with `chat_template`"):
-        load_tokenizer(str(copy))
-
-
 def test_empty_dataset_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     from emalign.data import DataFileError, read_chat_jsonl
 

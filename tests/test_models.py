@@ -125,7 +125,7 @@ def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path):
     config = json.loads((copy / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelSourceError, match="no chat template"):
+    with pytest.raises(ModelSourceError, match="has no chat template; pass one with `chat_template`"):
         load_tokenizer(str(copy))
     tok = load_tokenizer(str(copy), chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
