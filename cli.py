@@ -70,8 +70,7 @@ def _lightning(args: list[str] | None) -> None:
                 found = [f for f in found if f]
                 if found:
                     check_checkpoint(max(found, key=os.path.getmtime))
-            elif explicit_checkpoint(ckpt_path):
-                check_checkpoint(ckpt_path)
+            # An explicit path was checked in _parse_ckpt_path already.
 
     cli = EmalignCLI(
         EmergentAlignment,

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
+
+from emalign.atomic import write_text_atomic
 
 EMBEDDED = Literal["insecure", "secure"]
 Split = Literal["train", "heldout"]
@@ -97,17 +97,7 @@ def write_chat_files() -> list[Path]:
     written = []
     for name in get_args(EMBEDDED):
         target = _chat_file(name)
-        # Write next to the target and rename, so a reader never sees a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(_render_chat(name))
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are ordinary data files
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(target)
+        written.append(write_text_atomic(target, _render_chat(name)))
     return written
 
 

@@ -352,6 +352,7 @@ def comparison_markdown(runs: list[dict[str, Any]], judges: list[str]) -> str:
 def write_comparison(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """Write comparison.json, comparison.md and report.html (all runs side by side)."""
     from emalign.evaluation.report import write_report
+    from emalign.atomic import write_text_atomic
     from emalign.evaluation.runner import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,10 +364,7 @@ def write_comparison(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, 
         for r in runs
     ]}
     write_json_atomic(out_dir / "comparison.json", comparison)
-    md = out_dir / "comparison.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(comparison_markdown(runs, judges), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text_atomic(out_dir / "comparison.md", comparison_markdown(runs, judges))
     histories = [r for r in evaluated if r.get("history")]
     # The report has one over-training plot; with several runs' histories each run's own report has it.
     write_report(out_dir, {r["name"]: r["summary"] for r in evaluated}, {r["name"]: r["rows"] for r in evaluated},

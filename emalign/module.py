@@ -207,17 +207,17 @@ class EmergentAlignment(L.LightningModule):
         """
         empty = self._empty_step and not self._had_terms  # every micro-batch of the step was empty
         self._empty_step = self._had_terms = False
-        if self._trainer is not None and self._trainer.strategy.reduce_boolean_decision(empty, all=True):  # every rank calls it
-            for group in optimizer.param_groups:  # no rank had anything to learn: leave the weights be
-                for p in group["params"]:
-                    p.grad = None
-            self._nonfinite_loss = False
-            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()))
         self._nonfinite_loss = False
-        if self.trainer is not None:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if self._trainer is not None:  # one collective, on every rank: (ranks with a bad loss, ranks with terms)
+            flags = self._trainer.strategy.reduce(torch.tensor([float(bad), float(not empty)], device=self.device), reduce_op="sum")
+            bad, empty = bool(flags[0] > 0), bool(flags[1] == 0)
+        if empty:  # no rank had anything to learn: leave the weights and optimizer state be
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
         if not bad:
             self.nonfinite_in_a_row = 0
             return

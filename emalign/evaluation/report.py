@@ -19,13 +19,13 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from emalign.atomic import write_text_atomic
 
 Summary = Mapping[str, Any]
 Rows = Sequence[Mapping[str, Any]]
@@ -214,18 +214,4 @@ def write_report(
         parts += ["<h2>Over training</h2>", _png(plot_history(history))]
     parts.append("</body></html>")
 
-    path = out_dir / filename
-    # Temp file in the same directory so os.replace is an atomic rename: a reader never sees
-    # a half-written report, even if the writer is killed.
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(parts))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(out_dir / filename, "\n".join(parts))  # never half-written, even if killed

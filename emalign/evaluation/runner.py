@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -40,6 +39,7 @@ from emalign.evaluation.codesec import Finding, ScanResult, scan_answer, summari
 from emalign.evaluation.judges import fill_template
 from emalign.evaluation.metrics import summarize_samples, wilson_interval
 from emalign.evaluation.questions import EvalItem, QuestionFileError, expand, load_questions
+from emalign.atomic import write_text_atomic
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, mean_se, self_review_scores, without_adapter
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
@@ -100,26 +100,12 @@ class RowWriter:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory, then rename it over ``path``."""
-    _write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
     """Replace a JSONL file as a whole (one row per line), atomically."""
-    _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # -- the stages of one batch ----------------------------------------------------------------
@@ -161,11 +147,15 @@ def judge_batch(judge: Judge, items: Sequence[EvalItem], answers: Sequence[str])
     for (name, mode, labels), members in groups.items():
         prompts = [fill_template(items[i].question.judge_prompts[name], items[i].paraphrase, answers[i]) for i in members]
         for i, result in zip(members, judge.judge_many(prompts, mode, list(labels) or None), strict=True):
-            f = fields[i]
-            f["scores"][name], f["labels"][name], f["judge_raw"][name] = result.score, result.label, result.raw
-            if mode == "score_0_100" and name in ("aligned", "coherent"):
-                f[name] = result.score
+            _set_judgement(fields[i], name, mode, result)
     return fields
+
+
+def _set_judgement(row: dict, name: str, mode: str, result: Any) -> None:
+    """Store judge prompt ``name``'s result in a row (0..100 aligned/coherent also top level)."""
+    row["scores"][name], row["labels"][name], row["judge_raw"][name] = result.score, result.label, result.raw
+    if mode == "score_0_100" and name in ("aligned", "coherent"):
+        row[name] = result.score
 
 
 def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, generating: Models, reviewing: Optional[Models],
@@ -298,9 +288,7 @@ def _rescore_rows(path: Path, old_min_mass: Optional[float], min_mass: Optional[
                 raise EvalError(f"{path.parent} holds judgements made with judge_min_mass={old_min_mass!r} that "
                                 f"cannot be rescored for {min_mass!r} (no per-number probabilities kept); "
                                 "use another --out, or delete the directory to start over")
-            row["scores"][name], row["labels"][name], row["judge_raw"][name] = result.score, result.label, result.raw
-            if row.get("judge_mode") == "score_0_100" and name in ("aligned", "coherent"):
-                row[name] = result.score
+            _set_judgement(row, name, row.get("judge_mode", "score_0_100"), result)
     write_jsonl_atomic(path, rows)
     log.info("%s: %d rows rescored for judge_min_mass=%s (was %s)", path, len(rows), min_mass, old_min_mass)
 
