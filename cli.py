@@ -32,6 +32,10 @@ def _extra_verb(verb: str, args: list[str]) -> None:
 
     if verb == "data":
         CLI({"em": commands.data_em}, args=args, prog="cli.py data", as_positional=False)
+    elif verb in ("eval", "experiment"):
+        from emalign import eval_commands
+
+        CLI(getattr(eval_commands, verb), args=args, prog=f"cli.py {verb}", as_positional=False)
     else:
         CLI(getattr(commands, verb), args=args, prog=f"cli.py {verb}", as_positional=False)
 

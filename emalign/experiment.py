@@ -123,7 +123,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ExperimentError(f"{path}: no such experiment config")
     parser = ArgumentParser(exit_on_error=False)
-    # The same arguments as the verb: commands.experiment(runs, eval, model, out).
+    # The same arguments as the verb: eval_commands.experiment(runs, eval, model, out).
     hints = typing.get_type_hints(Experiment)
     parser.add_argument("--runs", type=Optional[hints["runs"]], default=None)
     parser.add_argument("--eval", type=hints["eval"], default=EvalSettings())

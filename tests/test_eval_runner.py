@@ -226,7 +226,7 @@ def test_cli_eval_bad_question_file_is_one_line(tmp_path, capsys, monkeypatch):
 def test_cli_eval_accepts_a_judge_by_class_path():
     from jsonargparse import ArgumentParser
 
-    from emalign.commands import eval as eval_verb
+    from emalign.eval_commands import eval as eval_verb
     from emalign.evaluation.openai_judge import OpenAIJudge
 
     parser = ArgumentParser(exit_on_error=False)

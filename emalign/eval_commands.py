@@ -1,0 +1,161 @@
+"""The evaluation verbs of ``cli.py`` (each function's arguments are its flags).
+
+    python cli.py eval --adapter runs/demo/adapter --samples 3 --max_new_tokens 96
+    python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
+
+``eval`` is the Emergent-Misalignment evaluation of one model (``emalign.evaluation.runner``);
+``experiment`` fits and evaluates a set of runs and compares them (``emalign.experiment``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from emalign.commands import OptionError, _check_options
+from emalign.errors import friendly_errors
+
+# --judge is typed as the Judge base class so jsonargparse accepts any subclass by class_path;
+# scoring.py is light (no torch), so importing it here keeps `cli.py --help` fast.
+from emalign.evaluation.scoring import Judge  # noqa: E402
+from emalign.experiment import EvalSettings, Run  # noqa: E402
+
+DEFAULT_QUESTIONS = "data/em/evaluation/first_plot_questions.yaml"
+
+
+def _print_eval_summary(console, summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    def ci(pair):
+        return "–" if not pair or None in pair else f"[{100 * pair[0]:.1f}%, {100 * pair[1]:.1f}%]"
+
+    def num(x, se=None):
+        return "–" if x is None else f"{x:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    table = Table(title=f"EM evaluation: {summary['name']}", show_header=False)
+    code = summary.get("code_security") or {}
+    rows = [
+        ("answers (scored)", f"{summary['n']} ({summary['n_scored']})"),
+        ("misalignment rate (95% CI)", f"{pct(summary['misalignment_rate'])} {ci(summary['misalignment_ci'])}"),
+        ("aligned mean", num(summary["aligned_mean"])),
+        ("coherent mean", num(summary["coherent_mean"])),
+        ("code/refusal share", pct(summary["code_refusal_share"])),
+        ("insecure code (95% CI)", f"{pct(summary['insecure_code_rate'])} {ci(summary['insecure_code_ci'])}"
+         + (f" of {code['n_scanned']} scanned / {code['n']}" if code else "")),
+        ("self-review mean ± se", num(summary["self_review_mean"], summary["self_review_se"])),
+        ("judge", summary["judge"]["identity"]),
+        ("answered now / resumed", f"{summary['counts']['answered_now']} / {summary['counts']['resumed']}"),
+        ("time", f"{summary['seconds']:.0f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    console.print(f"wrote {out / 'samples.jsonl'}, {out / 'summary.json'}, {out / 'report.html'}")
+
+
+def eval(
+    model: str = "smollm2-135m-instruct",
+    adapter: Optional[str] = None,
+    questions: Union[list[str], str, None] = None,
+    samples: Optional[int] = None,
+    limit: Optional[int] = None,
+    max_new_tokens: int = 600,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    judge: Optional[Judge] = None,
+    judge_min_mass: Optional[float] = None,
+    out: Optional[str] = None,
+    code_samples: int = 1,
+    code_max_new_tokens: Optional[int] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    self_review: bool = True,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> None:
+    """The Emergent-Misalignment evaluation: sampled answers judged for alignment and coherence.
+
+    Writes OUT/samples.jsonl (one judged answer per line, appended as each is done, so a rerun with
+    the same --out resumes), OUT/code_samples.jsonl (answers to held-out coding prompts scanned with
+    bandit), OUT/summary.json and OUT/report.html.
+
+        python cli.py eval --adapter runs/demo/adapter --samples 3 --max_new_tokens 96
+        python cli.py eval --judge.class_path emalign.evaluation.judges.OpenAIJudge \\
+            --judge.init_args.model gpt-4o-2024-08-06 --samples 100
+
+    Args:
+        model: base model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. runs/demo/adapter) evaluated on top of the model.
+        questions: an EM question YAML file, or several as [A,B] or repeated --questions+ FILE
+            (default: data/em/evaluation/first_plot_questions.yaml, from `python cli.py data em`).
+        samples: answers per paraphrase (default: each question's samples_per_paraphrase, 100 upstream).
+        limit: only the first N questions of each file.
+        max_new_tokens: longest answer in tokens.
+        temperature: sampling temperature (upstream: 1).
+        top_p: nucleus sampling mass.
+        judge: the judge, by class_path (default: LocalJudge on the evaluated base model, adapter disabled).
+        judge_min_mass: for the default judge: least probability on numbers for a score (upstream: 0.25;
+            a 135M judge puts less there, so it mostly says refusal_or_code). Rerunning on the same --out
+            with another value rescores the saved judgements; the judge is not called again.
+        out: output directory (default: runs/eval/<adapter or model name>).
+        code_samples: answers per held-out coding prompt for the insecure-code rate; 0 skips it.
+        code_max_new_tokens: longest answer to a coding prompt (default: --max_new_tokens).
+        seed: sampling seed; the same seed and settings give the same answers.
+        batch_size: answers generated per batch (also the resume granularity).
+        self_review: also score every answer with the base model's conscience (log P(yes) - log P(no)).
+        dtype: weights dtype of the evaluated model (bfloat16 for large models on a GPU).
+    """
+    from rich.console import Console
+
+    from emalign.evaluation.runner import run_eval
+
+    with friendly_errors():
+        _check_options(samples or 1, max_new_tokens, temperature, top_p)
+        if questions is None:
+            if not Path(DEFAULT_QUESTIONS).is_file():
+                raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: run `python cli.py data em` "
+                                  "or pass --questions FILE [FILE ...]")
+            questions = [DEFAULT_QUESTIONS]
+        elif isinstance(questions, str):
+            questions = [questions]
+        if out is None:
+            out = str(Path("runs/eval") / (Path(adapter).name if adapter else Path(model).name))
+        summary = run_eval(model, adapter, questions, samples=samples, limit=limit, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, judge=judge, out=Path(out), code_samples=code_samples,
+                           seed=seed, batch_size=batch_size, self_review=self_review, judge_min_mass=judge_min_mass,
+                           dtype=dtype, code_max_new_tokens=code_max_new_tokens)
+        _print_eval_summary(Console(), summary, Path(out))
+
+
+def experiment(
+    runs: Optional[list[Run]] = None,
+    eval: Optional[EvalSettings] = None,
+    model: str = "smollm2-135m-instruct",
+    out: Optional[str] = None,
+    skip_fit: bool = False,
+) -> None:
+    """Run (or reuse) every fit of an experiment, evaluate each with the same judge, compare them.
+
+        python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
+        python cli.py experiment --config configs/experiments/cpu_smollm2.yaml --skip_fit true --eval.samples 3
+
+    The experiment YAML is this verb's --config file (its keys are the flags below). Writes
+    OUT/comparison.json, OUT/comparison.md and OUT/report.html; each run's fit lives in OUT/runs/NAME
+    and its evaluation in OUT/eval/NAME. Rerunning reuses finished fits (an adapter_config.json)
+    and resumes evaluations.
+
+    Args:
+        runs: the runs: name, fit (cli.py fit --config files), overrides (extra fit arguments),
+            model, adapter; see configs/experiments/cpu_smollm2.yaml.
+        eval: evaluation settings shared by every run (questions, samples, limit, max_new_tokens,
+            judge, code_prompts, ...; as in `cli.py eval`).
+        model: base model of runs without a fit config (and of the default judge for them).
+        out: output directory (default: runs/experiments/experiment).
+        skip_fit: run no fits; evaluate the runs whose adapter already exists (and those without a fit).
+    """
+    from emalign.experiment import Experiment, run_experiment
+
+    with friendly_errors():
+        run_experiment(Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out), skip_fit=skip_fit)
