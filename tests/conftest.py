@@ -54,3 +54,20 @@ def tiny_policy(tiny_model_dir):
 
     torch.manual_seed(0)
     return Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
+
+
+def run_cli(args: list[str]) -> int:
+    """``cli.py`` in this process (no model import cost); returns the exit code."""
+    import sys
+
+    import cli
+
+    saved = sys.argv
+    sys.argv = ["cli.py"]
+    try:
+        cli.main(list(args))
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0

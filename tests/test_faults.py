@@ -1,7 +1,7 @@
 """Fault injection: every failure the reliability issue names, provoked on purpose, with its handling checked.
 
 Stop and resume (SIGTERM, SIGINT, kill -9, a crash mid-write, a corrupt checkpoint), determinism,
-non-finite losses (also under DDP), out-of-memory during generation, bad input, security basics.
+non-finite losses (also under DDP). Out-of-memory, bad input and security: test_bad_input.py.
 Fits run on the tiny 2-layer Llama of conftest.py, in-process where a signal is not involved.
 See docs/reliability.md.
 """
@@ -9,12 +9,9 @@ See docs/reliability.md.
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
-import logging
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -28,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from emalign.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -72,21 +69,6 @@ def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return ["fit", "--config", str(path)]
-
-
-def run_cli(args: list[str]) -> int:
-    """``cli.py`` in this process (no model import cost); returns the exit code."""
-    import cli
-
-    saved = sys.argv
-    sys.argv = ["cli.py"]
-    try:
-        cli.main(list(args))
-    except SystemExit as exit:
-        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    finally:
-        sys.argv = saved
-    return 0
 
 
 def env() -> dict[str, str]:
@@ -361,196 +343,3 @@ def test_nonfinite_loss_on_one_ddp_rank_skips_on_all_without_hanging(tiny_model_
     checkpoint = load(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3 and checkpoint["emalign"]["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-
-
-# -- out of memory -------------------------------------------------------------------------------
-
-
-class _FakeModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.generation_config = type("GenerationConfig", (), {"eos_token_id": 2})()
-
-
-class _FakeTokenizer:
-    eos_token_id = 2
-    pad_token_id = 0
-
-
-def test_oom_during_generation_retries_with_half_the_batch(monkeypatch, caplog):
-    from emalign import sampling
-
-    calls = []
-
-    def generate(model, tokenizer, chunk, first_index, settings, num_samples, *rest):
-        calls.append(len(chunk) * num_samples)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return [sampling.Rollout(first_index + i, k, p, [5], "x", True) for i, p in enumerate(chunk) for k in range(num_samples)]
-
-    monkeypatch.setattr(sampling, "_generate_chunk", generate)
-    caplog.set_level(logging.WARNING, logger="emalign.sampling")
-    prompts = [[1, i] for i in range(8)]
-    rollouts = sampling.sample_ids(_FakeModel(), _FakeTokenizer(), prompts, sampling.GenerationSettings(batch_size=16), num_samples=2)
-    assert calls == [16, 8, 8]  # the failed batch of 16, then the same prompts in batches of 8
-    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(8) for k in range(2)]
-    assert "out of memory while generating; retrying with generation batch 8" in caplog.text
-
-
-def test_oom_at_the_smallest_batch_is_raised(monkeypatch):
-    from emalign import sampling
-
-    def generate(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(sampling, "_generate_chunk", generate)
-    with pytest.raises(torch.OutOfMemoryError):
-        sampling.sample_ids(_FakeModel(), _FakeTokenizer(), [[1, 2]], sampling.GenerationSettings(batch_size=8), num_samples=2)
-
-
-# -- bad input -----------------------------------------------------------------------------------
-
-
-def _demo_with(tmp_path: Path, edit) -> list[str]:
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    edit(config)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return ["fit", "--config", str(path)]
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda c: c["model"].update(align_wieght=2), "model.align_wieght"),
-        (lambda c: c["trainer"].update(max_steps="ten"), 'Parser key "trainer.max_steps"'),
-        (lambda c: c["model"]["policy"]["init_args"]["adapter"].update(rr=4), "Option 'rr' is not accepted"),
-    ],
-    ids=["typo", "wrong type", "nested typo"],
-)
-def test_config_mistakes_name_the_key(tmp_path, capsys, edit, message):
-    assert run_cli(_demo_with(tmp_path, edit)) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_missing_model_is_one_line_error_through_the_cli(tmp_path, capsys):
-    missing = tmp_path / "no-such-model"
-    args = _demo_with(tmp_path, lambda c: c["model"]["policy"]["init_args"].update(model=str(missing)))
-    assert run_cli(args) == 2
-    err = capsys.readouterr().err
-    assert f"error: model directory not found: {missing}" in err and "Traceback" not in err
-
-
-def test_missing_or_corrupt_gguf_names_the_file(tmp_path):
-    from emalign.models import ModelSourceError, resolve_source
-
-    with pytest.raises(ModelSourceError, match=f"GGUF file not found: {tmp_path / 'missing.gguf'}"):
-        resolve_source(str(tmp_path / "missing.gguf"))
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF but not really")
-    with pytest.raises(ModelSourceError, match=f"cannot read GGUF file {bad}"):
-        resolve_source(str(bad))
-
-
-def test_empty_dataset_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
-    from emalign.data import DataFileError, read_chat_jsonl
-
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n  \n")
-    with pytest.raises(DataFileError, match=f"{empty}: empty file"):
-        read_chat_jsonl(empty)
-    args = fit_args(tiny_model_dir, tmp_path / "run", 2)
-    config = yaml.safe_load(Path(args[-1]).read_text())
-    config["data"]["train_file"] = str(empty)
-    Path(args[-1]).write_text(yaml.safe_dump(config))
-    assert run_cli(args) == 2
-    assert f"error: {empty}: empty file (no records)" in capsys.readouterr().err
-
-
-def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path):
-    from emalign.evaluation.questions import QuestionFileError, load_questions
-
-    path = tmp_path / "questions.yaml"
-    path.write_text(yaml.safe_dump([{"id": "q1", "type": "free_form_judge_0_100"}]))
-    with pytest.raises(QuestionFileError) as info:
-        load_questions(path)
-    assert "questions.yaml" in str(info.value) and "'paraphrases'" in str(info.value) and "q1" in str(info.value)
-
-
-@pytest.mark.parametrize("name, text", [("prompts.txt", "\n   \n"), ("prompts.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}) + "\n")])
-def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text):
-    from emalign.prompts import FilePrompts
-
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(UserError, match=f"{path}: no prompts"):
-        FilePrompts(str(path))
-
-
-# -- security ------------------------------------------------------------------------------------
-
-
-def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog):
-    import requests
-
-    from emalign.evaluation.openai_judge import JudgeAuthError, OpenAIJudge
-
-    secret = "sk-test-DO-NOT-LEAK-1234567890"
-    monkeypatch.setenv("EMALIGN_FAULT_KEY", secret)
-    assert not [p for p in inspect.signature(OpenAIJudge).parameters if p in ("api_key", "key", "token")]
-    seen = []
-
-    def post(self, url, json=None, headers=None, timeout=None):
-        seen.append(headers.get("Authorization"))
-        response = requests.Response()
-        response.status_code, response._content = (400, f"bad request from {secret}".encode()) if len(seen) == 1 else (401, secret.encode())
-        return response
-
-    monkeypatch.setattr(requests.Session, "post", post)
-    caplog.set_level(logging.DEBUG)
-    judge = OpenAIJudge(base_url="http://judge.invalid/v1", api_key_env="EMALIGN_FAULT_KEY", max_retries=0)
-    result = judge.judge_one("rate this")
-    with pytest.raises(JudgeAuthError) as info:
-        judge.judge_one("rate this")
-    assert seen == [f"Bearer {secret}"] * 2  # sent, read from the environment at request time
-    leaks = [json.dumps(result.raw), str(info.value), caplog.text, json.dumps(judge.stats), repr(pickle.dumps(judge))]
-    assert not [text for text in leaks if secret in text]
-
-
-def test_trust_remote_code_is_off_unless_asked_for(tiny_model_dir, monkeypatch, capsys):
-    import transformers
-
-    from emalign.models import LoRA, Policy, load_causal_lm, load_for_inference, load_tokenizer
-
-    seen = []
-    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
-        real = cls.from_pretrained.__func__
-
-        def spy(klass, *args, _real=real, **kwargs):
-            seen.append(kwargs.get("trust_remote_code"))
-            return _real(klass, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    Policy(tiny_model_dir, adapter=LoRA(r=2))
-    load_for_inference(tiny_model_dir)
-    load_tokenizer(tiny_model_dir)
-    load_causal_lm(tiny_model_dir)
-    assert seen == [False] * 6
-    seen.clear()
-    Policy(tiny_model_dir, adapter=LoRA(r=2), trust_remote_code=True)
-    assert seen == [True, True]
-    assert run_cli(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--print_config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["policy"]["init_args"]["trust_remote_code"] is False
-
-
-def test_downloads_are_verified_by_sha256(tmp_path):
-    from emalign.download import EM_FILES, ChecksumError, download_em
-
-    name = "data/jailbroken.jsonl"
-    mirror = tmp_path / "mirror"
-    (mirror / "data").mkdir(parents=True)
-    (mirror / name).write_text('{"messages": []}\n')  # the right name, the wrong bytes
-    with pytest.raises(ChecksumError, match=f"checksum mismatch for {name}: expected sha256 {EM_FILES[name].sha256}"):
-        download_em(tmp_path / "out", source=str(mirror), files=[name], progress=False)
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing kept, not even a partial file
