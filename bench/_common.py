@@ -135,7 +135,7 @@ def run_child(cmd: list[str], env: Optional[dict[str, str]] = None, cwd: Path = 
 
 
 def tiny_model_dir(root: Path) -> str:
-    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template (as tests/conftest.py)."""
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template (also the tests' tiny model)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -24,28 +24,12 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> str:
-    """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template, saved as an HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template, saved as an HF directory
+    (the benchmarks' smoke mode uses the same one)."""
+    from bench._common import tiny_model_dir as build
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    smollm2_tokenizer.save_pretrained(directory)
-    return str(directory)
+    return build(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
