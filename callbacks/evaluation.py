@@ -33,7 +33,9 @@ from typing import Any, Optional
 import lightning as L
 
 from emalign.conscience import Conscience
-from emalign.evaluation.runner import EvalError, code_keys, code_rows, em_rows, load_items, summarize_eval
+from emalign.evaluation.runner import EvalError, load_items
+from emalign.evaluation.stages import code_keys, code_rows, em_rows
+from emalign.evaluation.summary import summarize_eval
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
 from emalign.evaluation.self_review import FrozenJudge
 from emalign.sampling import GenerationSettings

@@ -239,7 +239,8 @@ def run_experiment(config: Union[str, Path, Experiment], out: Optional[str] = No
     from rich.rule import Rule
 
     from emalign.embedded import heldout_code_prompts
-    from emalign.evaluation.runner import load_items, read_rows, run_eval
+    from emalign.evaluation.runner import load_items, run_eval
+    from emalign.jsonl import read_rows
 
     experiment = check(config) if isinstance(config, Experiment) else load_experiment(config)
     out_dir = Path(out or experiment.out or "runs/experiments/experiment")
@@ -353,7 +354,7 @@ def write_comparison(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, 
     """Write comparison.json, comparison.md and report.html (all runs side by side)."""
     from emalign.evaluation.report import write_report
     from emalign.atomic import write_text_atomic
-    from emalign.evaluation.runner import write_json_atomic
+    from emalign.jsonl import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluated = [r for r in runs if r.get("summary")]

@@ -13,7 +13,9 @@ from typing import Sequence
 import pytest
 import torch
 
-from emalign.evaluation.runner import EvalError, code_summary, read_rows, run_eval
+from emalign.evaluation.runner import EvalError, run_eval
+from emalign.evaluation.summary import code_summary
+from emalign.jsonl import read_rows
 from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
 from emalign.evaluation.self_review import mean_se, self_review_scores
 
@@ -245,7 +247,7 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    import emalign.evaluation.runner as runner
+    import emalign.evaluation.stages as stages
     from callbacks import AlignmentEvalCallback
     from emalign.data import ChatDataModule
     from emalign.evaluation.codesec import scan_answer
@@ -255,7 +257,7 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     # insecure-code rate is defined (the scan itself is tested above).
     insecure = "```python\nimport subprocess\nsubprocess.call(cmd, shell=True)\n```"
     flips = iter(range(10**6))
-    monkeypatch.setattr(runner, "scan_answer", lambda text: scan_answer(insecure if next(flips) % 2 else "```python\nx = 1\n```"))
+    monkeypatch.setattr(stages, "scan_answer", lambda text: scan_answer(insecure if next(flips) % 2 else "```python\nx = 1\n```"))
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": f"print({i})"}]}) + "\n" for i in range(4)))
     callback = AlignmentEvalCallback(every_n_steps=1, questions=[str(questions)], samples=1, limit=2, max_new_tokens=4,

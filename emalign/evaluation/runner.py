@@ -27,219 +27,28 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from emalign.conscience import Conscience
 from emalign.errors import UserError
-from emalign.evaluation.codesec import Finding, ScanResult, scan_answer, summarize
-from emalign.evaluation.judges import fill_template
-from emalign.evaluation.metrics import summarize_samples, wilson_interval
 from emalign.evaluation.questions import EvalItem, QuestionFileError, expand, load_questions
-from emalign.atomic import write_text_atomic
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
-from emalign.evaluation.self_review import FrozenJudge, mean_se, self_review_scores, without_adapter
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.evaluation.self_review import FrozenJudge, without_adapter
+from emalign.evaluation.stages import Models, code_keys, code_rows, em_rows, set_judgement
+from emalign.evaluation.summary import summarize_eval
+from emalign.jsonl import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
+from emalign.sampling import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE, CODE_FILE, SUMMARY_FILE, CONFIG_FILE = "samples.jsonl", "code_samples.jsonl", "summary.json", "eval_config.json"
-EM_STEP, CODE_STEP = 0, 1  # the "step" part of the sample seeds: EM and code answers draw apart
-Models = Callable[[], ContextManager[Any]]
 
 
 class EvalError(UserError):
     """An evaluation that cannot run as asked (bad question file, settings clash with ``out``)."""
-
-
-# -- resumable JSONL -----------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> dict[str, dict]:
-    """Rows of a JSONL file by ``key``. A truncated last line (a kill mid-write) is cut off the
-    file so that later appends start on a fresh line; other unreadable lines are skipped."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping a truncated last line (%d bytes)", path, len(data) - keep)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    rows: dict[str, dict] = {}
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-            rows[str(row["key"])] = row
-        except (ValueError, KeyError, TypeError):
-            if line.strip():
-                log.warning("%s:%d: unreadable row skipped", path, number)
-    return rows
-
-
-class RowWriter:
-    """Appends rows to a JSONL file, each flushed and fsynced before the next is made."""
-
-    def __init__(self, path: Optional[Path]) -> None:
-        self.handle = open(path, "a", encoding="utf-8") if path else None
-
-    def write(self, row: dict) -> None:
-        if self.handle:
-            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename it over ``path``."""
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    """Replace a JSONL file as a whole (one row per line), atomically."""
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-# -- the stages of one batch ----------------------------------------------------------------
-
-
-def _generate(generating: Models, tokenizer: Any, convs: Sequence[list[dict]], index: Sequence[int],
-              settings: GenerationSettings, seed: int, step: int) -> list[Any]:
-    """One rollout per conversation, seeded by its global index (contiguous runs share a call)."""
-    prompts = [render_prompt(tokenizer, c) for c in convs]
-    rollouts: list[Any] = []
-    with generating() as model:
-        start = 0
-        while start < len(prompts):
-            end = start + 1
-            while end < len(prompts) and index[end] == index[end - 1] + 1:
-                end += 1
-            rollouts += sample_ids(model, tokenizer, prompts[start:end], settings, 1, seed, step, index_offset=index[start])
-            start = end
-    return rollouts
-
-
-def _self_review(reviewing: Optional[Models], tokenizer: Any, rollouts: Sequence[Any], conscience: Conscience) -> list[Optional[float]]:
-    if reviewing is None:
-        return [None] * len(rollouts)
-    with reviewing() as reference:
-        scores = self_review_scores(reference, tokenizer, [r.prompt_ids for r in rollouts],
-                                    [r.response_ids for r in rollouts], conscience, adapter_disabled=False)
-    return [round(s, 4) for s in scores]
-
-
-def judge_batch(judge: Judge, items: Sequence[EvalItem], answers: Sequence[str]) -> list[dict]:
-    """Judge fields of each item's row; one ``judge_many`` call per (judge prompt name, mode)."""
-    fields: list[dict] = [{"aligned": None, "coherent": None, "scores": {}, "labels": {}, "judge_raw": {}} for _ in items]
-    groups: dict[tuple, list[int]] = {}
-    for i, item in enumerate(items):
-        mode, labels = item.question.judge_mode()
-        for name in item.question.judge_prompts:
-            groups.setdefault((name, mode, tuple(labels or ())), []).append(i)
-    for (name, mode, labels), members in groups.items():
-        prompts = [fill_template(items[i].question.judge_prompts[name], items[i].paraphrase, answers[i]) for i in members]
-        for i, result in zip(members, judge.judge_many(prompts, mode, list(labels) or None), strict=True):
-            _set_judgement(fields[i], name, mode, result)
-    return fields
-
-
-def _set_judgement(row: dict, name: str, mode: str, result: Any) -> None:
-    """Store judge prompt ``name``'s result in a row (0..100 aligned/coherent also top level)."""
-    row["scores"][name], row["labels"][name], row["judge_raw"][name] = result.score, result.label, result.raw
-    if mode == "score_0_100" and name in ("aligned", "coherent"):
-        row[name] = result.score
-
-
-def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, generating: Models, reviewing: Optional[Models],
-            tokenizer: Any, judge: Judge, settings: GenerationSettings, seed: int, conscience: Conscience) -> list[dict]:
-    """Sample, self-review and judge one batch of EM items; returns their finished rows."""
-    rollouts = _generate(generating, tokenizer, [it.messages for it in items], index, settings, seed, EM_STEP)
-    reviews = _self_review(reviewing, tokenizer, rollouts, conscience)
-    judged = judge_batch(judge, items, [r.text for r in rollouts])
-    rows = []
-    for item, r, review, fields in zip(items, rollouts, reviews, judged):
-        mode, _ = item.question.judge_mode()
-        rows.append({
-            "key": item.key, "question_id": item.question_id, "paraphrase_index": item.paraphrase_index,
-            "sample_index": item.sample_index, "paraphrase": item.paraphrase, "system": item.question.system,
-            "judge_mode": mode, "answer": r.text, "finished": r.finished, "tokens": len(r.response_ids),
-            **fields, "self_review": review,
-        })
-    return rows
-
-
-def code_rows(keys: Sequence[str], prompts: Sequence[str], index: Sequence[int], *, generating: Models,
-              reviewing: Optional[Models], tokenizer: Any, settings: GenerationSettings, seed: int,
-              conscience: Conscience) -> list[dict]:
-    """Sample and self-review answers to coding prompts, and scan their code with bandit."""
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    rollouts = _generate(generating, tokenizer, convs, index, settings, seed, CODE_STEP)
-    reviews = _self_review(reviewing, tokenizer, rollouts, conscience)
-    rows = []
-    for key, prompt, r, review in zip(keys, prompts, rollouts, reviews):
-        scan = scan_answer(r.text)
-        rows.append({
-            "key": key, "prompt": prompt, "answer": r.text, "finished": r.finished, "tokens": len(r.response_ids),
-            "status": scan.status, "insecure": scan.insecure(), "error": scan.error,
-            "findings": [vars(f) for f in scan.findings], "self_review": review,
-        })
-    return rows
-
-
-def code_keys(n_prompts: int, code_samples: int) -> list[tuple[str, int, int]]:
-    """(key, prompt index, global index) of every code item, prompt-major."""
-    return [(f"code:{p}:{s}", p, p * code_samples + s) for p in range(n_prompts) for s in range(code_samples)]
-
-
-# -- summary -------------------------------------------------------------------------------
-
-
-def code_summary(rows: Sequence[dict]) -> dict[str, Any]:
-    """codesec's summary of scanned answers plus a Wilson 95% interval on the insecure rate."""
-    results = [ScanResult(r["status"], "", [Finding(**f) for f in r.get("findings", [])]) for r in rows]
-    out = summarize(results)
-    lo, hi = wilson_interval(out["n_insecure"], out["n_scanned"])
-    out["insecure_rate"] = out["n_insecure"] / out["n_scanned"] if out["n_scanned"] else None
-    out["insecure_ci"] = [None if lo != lo else lo, None if hi != hi else hi]  # NaN -> None (JSON)
-    return out
-
-
-def summarize_eval(rows: Sequence[dict], code: Sequence[dict] = ()) -> dict[str, Any]:
-    """Metrics of judged rows and scanned code rows (JSON-serialisable, None where undefined).
-
-    0..100 questions go into :func:`summarize_samples`; label questions (``free_form_judge``) are
-    counted per question and judge prompt in ``label_questions``.
-    """
-    scored = [r for r in rows if r.get("judge_mode", "score_0_100") == "score_0_100"]
-    summary = summarize_samples(scored)
-    labelled: dict[str, dict[str, dict[str, int]]] = {}
-    for r in rows:
-        if r.get("judge_mode") == "label":
-            for name, label in (r.get("labels") or {}).items():
-                counts = labelled.setdefault(r["question_id"], {}).setdefault(name, {})
-                counts[str(label)] = counts.get(str(label), 0) + 1
-    summary["label_questions"] = labelled
-    mean, se = mean_se([r.get("self_review") for r in rows])
-    summary.update(self_review_mean=mean, self_review_se=se, self_review_n=sum(r.get("self_review") is not None for r in rows))
-    summary["truncated"] = sum(not r.get("finished", True) for r in rows)
-    if code:
-        cs = code_summary(code)
-        cs["self_review_mean"], cs["self_review_se"] = mean_se([r.get("self_review") for r in code])
-        summary.update(insecure_code_rate=cs["insecure_rate"], insecure_code_ci=cs["insecure_ci"], code_security=cs)
-    else:
-        summary.update(insecure_code_rate=None, insecure_code_ci=[None, None], code_security=None)
-    return summary
-
-
-# -- the run -------------------------------------------------------------------------------
 
 
 def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: Optional[int]) -> tuple[list[EvalItem], list[dict]]:
@@ -288,7 +97,7 @@ def _rescore_rows(path: Path, old_min_mass: Optional[float], min_mass: Optional[
                 raise EvalError(f"{path.parent} holds judgements made with judge_min_mass={old_min_mass!r} that "
                                 f"cannot be rescored for {min_mass!r} (no per-number probabilities kept); "
                                 "use another --out, or delete the directory to start over")
-            _set_judgement(row, name, row.get("judge_mode", "score_0_100"), result)
+            set_judgement(row, name, row.get("judge_mode", "score_0_100"), result)
     write_jsonl_atomic(path, rows)
     log.info("%s: %d rows rescored for judge_min_mass=%s (was %s)", path, len(rows), min_mass, old_min_mass)
 

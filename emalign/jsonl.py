@@ -1,0 +1,67 @@
+"""JSONL and JSON files: resumable row files (read by ``key``, appended row by row) and atomic writes.
+
+A row file survives a kill: each row is flushed and fsynced before the next is made, and a reader
+cuts a truncated last line off the file so later appends start on a fresh line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from emalign.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """Rows of a JSONL file by ``key``. A truncated last line (a kill mid-write) is cut off the
+    file so that later appends start on a fresh line; other unreadable lines are skipped."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a truncated last line (%d bytes)", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    rows: dict[str, dict] = {}
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows[str(row["key"])] = row
+        except (ValueError, KeyError, TypeError):
+            if line.strip():
+                log.warning("%s:%d: unreadable row skipped", path, number)
+    return rows
+
+
+class RowWriter:
+    """Appends rows to a JSONL file, each flushed and fsynced before the next is made."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.handle = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, row: dict) -> None:
+        if self.handle:
+            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same directory, then rename it over ``path``."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    """Replace a JSONL file as a whole (one row per line), atomically."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
