@@ -310,6 +310,27 @@ class Policy(nn.Module):
             self.model.train(was_training)
 
     @contextmanager
+    def checkpointed(self) -> Iterator[None]:
+        """Per-layer activation checkpointing for the training forwards inside: autograd keeps each decoder
+        layer's input only and recomputes the layer during backward (no change where it is on already)."""
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        # The layer flags that ``gradient_checkpointing_enable`` sets, without its side effects (an input
+        # hook on the embeddings, registered again on every call).
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer) and not m.gradient_checkpointing]
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = False
+
+    @contextmanager
     def generating(self) -> Iterator[nn.Module]:
         """Eval mode, KV cache on, gradient checkpointing off: generation must never pay for recomputation."""
         was_training = self.model.training

@@ -15,6 +15,7 @@ runs without task data. Not supported: pipeline parallelism, multiple-adapter tr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -95,6 +96,7 @@ class EmergentAlignment(L.LightningModule):
         scheduler: Optional[LRSchedulerCallable] = WarmupCosine,
         adapter_dir: str = "adapter",
         max_nonfinite_in_a_row: int = 5,
+        checkpoint_pairs: bool = True,
     ) -> None:
         """
         Args:
@@ -107,6 +109,9 @@ class EmergentAlignment(L.LightningModule):
             scheduler: stepped every optimizer step; ``total_steps`` defaults to the fit's length.
             adapter_dir: where the trained adapter goes at the end of fit, under ``trainer.default_root_dir``.
             max_nonfinite_in_a_row: a non-finite loss skips the update; this many in a row stop the fit.
+            checkpoint_pairs: recompute the pairs' decoder layers during backward instead of keeping their
+                activations (``Policy.checkpointed``): the pairs' graph, alive next to the task loss's until the
+                one backward, then adds little memory (bench/memory_profile.py), for one more forward of the pairs.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "preference_loss", "pair_queue"])
@@ -120,6 +125,7 @@ class EmergentAlignment(L.LightningModule):
         self.scheduler = scheduler
         self.adapter_dir = adapter_dir
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
+        self.checkpoint_pairs = checkpoint_pairs
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_loss = False  # a non-finite loss since the last optimizer step
@@ -187,7 +193,8 @@ class EmergentAlignment(L.LightningModule):
         responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         ids, mask = pad_right([a + b for a, b in zip(prompts, responses)], self.tokenizer.pad_token_id, self.device)
         target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], self.device)
-        logps = sequence_logps(self.policy.model, ids, mask, target)
+        with self.policy.checkpointed() if self.checkpoint_pairs else contextlib.nullcontext():
+            logps = sequence_logps(self.policy.model, ids, mask, target)
         pi_chosen, pi_rejected = logps.chunk(2)
         ref_chosen = torch.tensor([p.ref_chosen for p in pairs], device=self.device)
         ref_rejected = torch.tensor([p.ref_rejected for p in pairs], device=self.device)

@@ -154,3 +154,29 @@ def test_backward_keeps_no_vocabulary_sized_tensor(tiny_model_dir):
         logits = project(model, states.detach().requires_grad_())  # what an unchunked head keeps
         logits.log_softmax(-1).sum().backward()
     assert max(largest) >= 30 * 49152
+
+
+def test_checkpointed_pairs_give_the_same_loss_and_gradients_and_keep_less(tiny_model_dir):
+    """``Policy.checkpointed`` (the preference forward's memory cut) changes what autograd keeps, not the result."""
+    policy = _lora_policy(tiny_model_dir)
+    ids = torch.randint(0, 49152, (4, 24))
+    mask = torch.ones_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[:, 10:] = True
+    results = []
+    for checkpointed in (False, True):
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with policy.checkpointed() if checkpointed else torch.enable_grad():
+                logps = sequence_logps(policy.model, ids, mask, target)
+        results.append((logps.detach(), _grads(policy, logps.sum()), sum(saved.values())))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    assert torch.equal(plain, ckpt)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads))
+    assert ckpt_saved < plain_saved / 2
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in policy.model.modules())  # restored
