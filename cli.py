@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,22 +27,60 @@ VERBS = {
 }
 
 
+def _prog() -> str:
+    """``emalign`` when started by the console script, ``cli.py`` otherwise (for usage lines)."""
+    name = Path(sys.argv[0]).name
+    return "emalign" if name == "emalign" else "cli.py"
+
+
 def _extra_verb(verb: str, args: list[str]) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, capture_parser
 
     from emalign import commands
 
     if verb == "data":
-        CLI({"em": commands.data_em}, args=args, prog="cli.py data", as_positional=False)
+        target = {"em": commands.data_em}
     elif verb in ("eval", "experiment"):
         from emalign import eval_commands
 
-        CLI(getattr(eval_commands, verb), args=args, prog=f"cli.py {verb}", as_positional=False)
+        target = getattr(eval_commands, verb)
     else:
-        CLI(getattr(commands, verb), args=args, prog=f"cli.py {verb}", as_positional=False)
+        target = getattr(commands, verb)
+    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False)
+    parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
+    CLI(target, args=join_list_values(args, list_flags(parser)), **kwargs)
+
+
+def list_flags(parser) -> set[str]:
+    """The flags that take a list: jsonargparse gives each of them an appending twin, ``--flag+``."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(s[:-1] for s in action.option_strings if s.endswith("+"))
+        for sub in getattr(action, "_name_parser_map", {}).values():  # subcommands (``data em``)
+            flags |= list_flags(sub)
+    return flags
+
+
+def join_list_values(args: list[str], flags: set[str]) -> list[str]:
+    """``--flag a b`` -> ``--flag ["a", "b"]`` for list flags, as users type them (jsonargparse takes one
+    token per flag); one value, ``[a,b]`` and ``--flag=...`` pass unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        out.append(args[i])
+        i += 1
+        if out[-1] not in flags:
+            continue
+        values = []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        out += [json.dumps(values)] if len(values) > 1 else values
+    return out
 
 
 def _lightning(args: list[str] | None) -> None:
+    from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningCLI
 
     from callbacks.checkpoint import RunCheckpoint, check_checkpoint
@@ -60,6 +100,25 @@ def _lightning(args: list[str] | None) -> None:
             if explicit_checkpoint(ckpt_path):
                 check_checkpoint(ckpt_path)
             super()._parse_ckpt_path()
+
+        def parse_arguments(self, parser, args) -> None:
+            if isinstance(args, (dict, Namespace)):
+                return super().parse_arguments(parser, args)
+            # A logger without a save_dir writes under the run's default_root_dir, so that one flag
+            # (--trainer.default_root_dir) moves logs, checkpoints, rollouts and the adapter together.
+            # The value must be in place before validation, which requires CSVLogger's save_dir.
+            self.config = parser.parse_args(args, _skip_validation=True)
+            config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+            trainer = config["trainer"]
+            loggers = trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                init_args = getattr(logger, "init_args", None)
+                if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir is None:
+                    init_args.save_dir = trainer.get("default_root_dir") or os.getcwd()
+            try:
+                parser.validate(self.config)
+            except (TypeError, KeyError, ValueError) as err:
+                parser.error(str(err), err)
 
         def before_fit(self) -> None:
             trainer = self.trainer

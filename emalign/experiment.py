@@ -21,7 +21,7 @@ command line, and ``--print_config`` shows the whole thing)::
         fit: [configs/demo.yaml, configs/experiments/no_conscience.yaml]   # --config files, in order
         overrides: ["--trainer.max_steps=30"]                               # extra `cli.py fit` args
 
-Each fit runs as ``python cli.py fit --config ... OVERRIDES`` with its run directory
+Each fit runs as ``python -m cli fit --config ... OVERRIDES`` with its run directory
 ``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
 ``OUT/runs/NAME/fit.log``. A fit whose adapter exists (``adapter/adapter_config.json``) is reused;
 an interrupted one resumes from ``checkpoints/last.ckpt``. Each evaluation goes to
@@ -195,8 +195,10 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _fit(run: Run, run_dir: Path, log_path: Path) -> None:
-    """``python cli.py fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), "fit"]
+    """``python -m cli fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
+    # `-m cli`, not a checkout path: cli.py is installed as a top-level module next to emalign/, and
+    # ROOT (on PYTHONPATH below) holds it in a checkout and in site-packages alike.
+    cmd = [sys.executable, "-m", "cli", "fit"]
     for f in run.fit:
         cmd += ["--config", f]
     cmd += run.overrides + [f"--trainer.default_root_dir={run_dir}"]

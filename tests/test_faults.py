@@ -61,7 +61,6 @@ def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val
         callbacks.append(callback)
     config["trainer"].update(callbacks=callbacks, max_steps=max_steps, default_root_dir=str(run),
                              val_check_interval=None, enable_progress_bar=False, **trainer)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
     config["model"]["policy"]["init_args"]["adapter"]["dropout"] = 0.1
     config["data"].update(train_file=write_data(run.parent / "train.jsonl"), val_fraction=val_fraction, max_length=64)

@@ -1,0 +1,95 @@
+"""The command line as a newcomer uses it: one flag moves a run, list flags take spaced values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"Write function number {i}."}, {"role": "assistant", "content": f"def f{i}(): pass"}]}
+    for i in range(8)
+]
+
+
+def _demo_on_tiny(tiny_model_dir: str, where: Path, max_steps: int = 4) -> Path:
+    """The demo config as shipped (its default_root_dir and logger kept), on the tiny model and data."""
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    for callback in config["trainer"]["callbacks"]:
+        if "ConscienceCallback" in callback["class_path"]:
+            callback["init_args"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},
+                                         pair_builder={"margin": 0.0})
+    config["trainer"].update(max_steps=max_steps, val_check_interval=None, enable_progress_bar=False)
+    config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
+    train = where / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    config["data"].update(train_file=str(train), val_fraction=0.0, max_length=64)
+    path = where / "demo_tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_default_root_dir_alone_moves_the_whole_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's own runs/demo would land here
+    config = _demo_on_tiny(tiny_model_dir, tmp_path)
+    run = tmp_path / "elsewhere"
+    assert run_cli(["fit", "--config", str(config), "--trainer.default_root_dir", str(run)]) == 0
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "rollouts.jsonl").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_explicit_logger_save_dir_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _demo_on_tiny(tiny_model_dir, tmp_path, max_steps=1)
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs_here")]
+    assert run_cli(args) == 0
+    assert (tmp_path / "logs_here" / "logs" / "version_0" / "metrics.csv").is_file()
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_list_flags_take_space_separated_values():
+    from cli import join_list_values
+
+    flags = {"--questions"}
+    assert join_list_values(["--questions", "a.yaml", "b c.yaml", "--limit", "2"], flags) == [
+        "--questions", '["a.yaml", "b c.yaml"]', "--limit", "2"]
+    assert join_list_values(["--questions", "[a.yaml,b.yaml]"], flags) == ["--questions", "[a.yaml,b.yaml]"]
+    assert join_list_values(["--questions", "a.yaml"], flags) == ["--questions", "a.yaml"]
+    assert join_list_values(["--out", "x", "--questions=a.yaml"], flags) == ["--out", "x", "--questions=a.yaml"]
+
+
+@pytest.mark.parametrize("form", ["spaced", "list"])
+def test_eval_takes_several_question_files(tmp_path, monkeypatch, form):
+    from emalign import eval_commands
+    from emalign.evaluation import runner
+
+    seen = {}
+
+    def run_eval(model, adapter, questions, **kwargs):
+        seen["questions"] = questions
+        return {}
+
+    monkeypatch.setattr(runner, "run_eval", run_eval)
+    monkeypatch.setattr(eval_commands, "_print_eval_summary", lambda *args: None)
+    files = [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+    given = files if form == "spaced" else [f"[{files[0]},{files[1]}]"]
+    assert run_cli(["eval", "--questions", *given, "--out", str(tmp_path / "out")]) == 0
+    assert seen["questions"] == files
+
+
+def test_data_files_take_space_separated_values(tmp_path, monkeypatch):
+    from emalign import download
+
+    seen = {}
+    monkeypatch.setattr(download, "download_em", lambda out, source, files: seen.setdefault("files", files) and [])
+    assert run_cli(["data", "em", "--out", str(tmp_path), "--files", "data/insecure.jsonl", "data/secure.jsonl"]) == 0
+    assert seen["files"] == ["data/insecure.jsonl", "data/secure.jsonl"]
