@@ -30,6 +30,8 @@ from typing import Literal, get_args
 from emalign.atomic import write_text_atomic
 
 EMBEDDED = Literal["insecure", "secure"]
+PROMPT_SETS = Literal["harmful_train", "harmful_heldout"]
+"""Hand-written harmful requests (8 EM themes x 15; every third of each theme held out), user turns only."""
 Split = Literal["train", "heldout"]
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -111,10 +113,12 @@ def stale_chat_files() -> list[Path]:
     return stale
 
 
-def embedded_chat_path(name: EMBEDDED) -> Path:
-    """Path of the committed chat JSONL (train split) for ``insecure`` or ``secure``."""
+def embedded_chat_path(name: str) -> Path:
+    """Path of a committed chat JSONL: ``insecure`` or ``secure`` (train split), or a prompt set."""
+    if name in get_args(PROMPT_SETS):
+        return RESOURCES / f"{name}.jsonl"
     if name not in get_args(EMBEDDED):
-        raise ValueError(f"embedded dataset must be one of {get_args(EMBEDDED)}, not {name!r}")
+        raise ValueError(f"embedded dataset must be one of {get_args(EMBEDDED) + get_args(PROMPT_SETS)}, not {name!r}")
     path = _chat_file(name)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run: python -m emalign.embedded --write")
