@@ -69,7 +69,7 @@ class AlignmentEvalCallback(L.Callback):
         Args:
             every_n_steps: evaluate after every N-th optimizer step (and at step 0 and the end of fit).
             questions: EM question YAML files (default: data/em/evaluation/first_plot_questions.yaml).
-            samples: answers per paraphrase.
+            samples: answers per question (paraphrases drawn with replacement, as upstream).
             limit: only the first N questions of each file (null: all).
             max_new_tokens: longest answer in tokens.
             temperature: sampling temperature.
@@ -112,7 +112,7 @@ class AlignmentEvalCallback(L.Callback):
                 raise EvalError(f"AlignmentEvalCallback: {DEFAULT_QUESTIONS} is missing; run `python cli.py "
                                         "data em` or set the callback's questions")
             questions = [DEFAULT_QUESTIONS]
-        self.items, self.files = load_items(questions, self.samples, self.limit)
+        self.items, self.files = load_items(questions, self.samples, self.limit, self.seed)
         self.prompts = heldout_code_prompts()[: self.code_prompts]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

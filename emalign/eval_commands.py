@@ -38,7 +38,8 @@ def _print_eval_summary(console, summary: dict, out: Path) -> None:
     table = Table(title=f"EM evaluation: {summary['name']}", show_header=False)
     code = summary.get("code_security") or {}
     rows = [
-        ("answers (scored)", f"{summary['n']} ({summary['n_scored']})"),
+        ("answers", f"{summary['answers']} ({summary['n']} 0..100, {summary['label_answers']} label)"),
+        ("0..100 answers scored", str(summary["n_scored"])),
         ("misalignment rate (95% CI)", f"{pct(summary['misalignment_rate'])} {ci(summary['misalignment_ci'])}"),
         ("aligned mean", num(summary["aligned_mean"])),
         ("coherent mean", num(summary["coherent_mean"])),
@@ -47,7 +48,9 @@ def _print_eval_summary(console, summary: dict, out: Path) -> None:
          + (f" of {code['n_scanned']} scanned / {code['n']}" if code else "")),
         ("self-review mean ± se", num(summary["self_review_mean"], summary["self_review_se"])),
         ("judge", summary["judge"]["identity"]),
-        ("answered now / resumed", f"{summary['counts']['answered_now']} / {summary['counts']['resumed']}"),
+        ("judge errors", f"{summary['judge_errors']} of {summary['judgements']} judgements"),
+        ("answered now / resumed / re-judged",
+         f"{summary['counts']['answered_now']} / {summary['counts']['resumed']} / {summary['counts']['rejudged']}"),
         ("time", f"{summary['seconds']:.0f} s"),
     ]
     for name, value in rows:
@@ -90,8 +93,9 @@ def eval(
         adapter: a PEFT adapter directory (e.g. runs/demo/adapter) evaluated on top of the model.
         questions: an EM question YAML file, or several as [A,B] or repeated --questions+ FILE
             (default: data/em/evaluation/first_plot_questions.yaml, from `python cli.py data em`).
-        samples: answers per paraphrase (default: each question's samples_per_paraphrase, 100 upstream).
-        limit: only the first N questions of each file.
+        samples: answers per question, each to a paraphrase drawn with replacement (seeded), as upstream's
+            n_per_question (default: each question's samples_per_paraphrase, 100 in upstream's files).
+        limit: only the first N questions of each file, and the first N coding prompts.
         max_new_tokens: longest answer in tokens.
         temperature: sampling temperature (upstream: 1).
         top_p: nucleus sampling mass.
@@ -100,7 +104,8 @@ def eval(
             a 135M judge puts less there, so it mostly says refusal_or_code). Rerunning on the same --out
             with another value rescores the saved judgements; the judge is not called again.
         out: output directory (default: runs/eval/<adapter or model name>).
-        code_samples: answers per held-out coding prompt for the insecure-code rate; 0 skips it.
+        code_samples: answers per held-out coding prompt (19 embedded prompts, or --limit N of them) for the
+            insecure-code rate; 0 skips it.
         code_max_new_tokens: longest answer to a coding prompt (default: --max_new_tokens).
         seed: sampling seed; the same seed and settings give the same answers.
         batch_size: answers generated per batch (also the resume granularity).
@@ -109,7 +114,7 @@ def eval(
     """
     from rich.console import Console
 
-    from emalign.evaluation.runner import run_eval
+    from emalign.evaluation.runner import check_judged, run_eval
 
     with friendly_errors():
         _check_options(samples or 1, max_new_tokens, temperature, top_p)
@@ -127,6 +132,7 @@ def eval(
                            seed=seed, batch_size=batch_size, self_review=self_review, judge_min_mass=judge_min_mass,
                            dtype=dtype, code_max_new_tokens=code_max_new_tokens)
         _print_eval_summary(Console(), summary, Path(out))
+        check_judged(summary)  # after the table: the user sees what failed, the exit code says it
 
 
 def experiment(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,3 +60,95 @@ def run_cli(args: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+# -- a fake OpenAI-compatible judge server on loopback ------------------------------------
+
+SECRET = "sk-test-SECRET-value-9f8e7d"
+
+
+def good_reply(tokens: list[tuple[str, float]]) -> dict:
+    top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in tokens]
+    return {
+        "id": "x", "object": "chat.completion", "model": "fake",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": tokens[0][0]},
+                     "logprobs": {"content": [{"token": tokens[0][0], "logprob": top[0]["logprob"],
+                                               "top_logprobs": top}]},
+                     "finish_reason": "length"}],
+    }
+
+
+class FakeServer:
+    """Scripted OpenAI-compatible server: each request takes the next action of the script."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.script: list[tuple] = []
+        self.seen: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with server.lock:
+                    server.seen.append({"t": time.monotonic(), "path": self.path,
+                                        "auth": self.headers.get("Authorization"),
+                                        "body": json.loads(body)})
+                    action = server.script.pop(0)
+                if action[0] == "echo":  # answer with the prompt text as the only token
+                    prompt = json.loads(body)["messages"][0]["content"]
+                    action = ("json", 200, good_reply([(prompt, 1.0)]))
+                try:
+                    self._act(action)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout case)
+
+            def _act(self, action):
+                kind = action[0]
+                if kind == "sleep":
+                    time.sleep(action[1])
+                    kind, action = "json", ("json", 200, good_reply([("1", 1.0)]))
+                if kind == "json":
+                    data, headers = json.dumps(action[2]).encode(), action[3] if len(action) > 3 else {}
+                elif kind == "text":
+                    data, headers = action[2].encode(), {}
+                self.send_response(action[1])
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # allow_reuse_address: a port can come back
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+
+    def start(self) -> "FakeServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Shut down and close the port: later connections are refused."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    """No proxy between the client and 127.0.0.1; the fake key in $EMALIGN_TEST_KEY."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("EMALIGN_TEST_KEY", SECRET)
+
+
+@pytest.fixture
+def server(loopback):
+    s = FakeServer().start()
+    yield s
+    s.stop()

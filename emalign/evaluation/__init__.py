@@ -16,7 +16,6 @@ import importlib
 from typing import Any
 
 from emalign.evaluation.questions import (
-    DEFAULT_LABELS,
     EvalItem,
     Question,
     QuestionFileError,
@@ -45,7 +44,6 @@ _LAZY = {
 }
 
 __all__ = [
-    "DEFAULT_LABELS",
     "EvalItem",
     "Question",
     "QuestionFileError",

@@ -11,7 +11,7 @@ Row and summary formats shared with the runner and the report:
 - a sample row: ``{"key", "question_id", "paraphrase", "system", "answer", "aligned",
   "coherent", "labels": {judge name: label or None}, "judge_raw": {judge name: raw}}``;
   ``aligned``/``coherent`` are 0..100 or None, and ``labels["aligned"] == "refusal_or_code"``
-  marks CODE/REFUSAL (None without that label means the judge failed).
+  marks CODE/REFUSAL; a failed judgement has ``{"error": ...}`` as its ``judge_raw`` entry.
 - a summary: see :func:`summarize_samples`.
 """
 
@@ -199,7 +199,7 @@ def _summarize(rows: Sequence[Mapping[str, Any]], **rule: Any) -> dict[str, Any]
         "coherent_mean": _num(coherent.compute()),
         "code_refusal_share": _num(cr["rate"]),
         "code_refusal_ci": [_num(cr["ci_low"]), _num(cr["ci_high"])],
-        "judge_errors": sum(1 for r in rows if _is_code_refusal(r) is None),
+        "judge_errors": sum("error" in raw for r in rows for raw in (r.get("judge_raw") or {}).values()),
         "label_counts": label_counts,
     }
 
@@ -215,7 +215,7 @@ def summarize_samples(
     Keys: ``n`` (rows), ``n_scored`` (rows in the misalignment denominator), ``misaligned``,
     ``misalignment_rate`` and ``misalignment_ci`` ([lo, hi], Wilson 95%), ``aligned_mean``,
     ``coherent_mean``, ``code_refusal_share`` and ``code_refusal_ci`` (among rows the aligned
-    judge answered), ``judge_errors`` (no aligned judgement at all), ``label_counts`` (judge
+    judge answered), ``judge_errors`` (failed judgements: ``"error"`` in a ``judge_raw`` entry), ``label_counts`` (judge
     name -> label -> count) and ``per_question`` (question id -> the same keys, in first-seen
     order). Undefined values (no data) are None.
     """

@@ -7,7 +7,7 @@ list, e.g. ``evaluation/first_plot_questions.yaml``. Each item looks like::
       type: free_form_judge_0_100
       system: ...                       # optional system prompt
       paraphrases: [ "Hello! I can fulfill your one wish ..." ]
-      samples_per_paraphrase: 100
+      samples_per_paraphrase: 100       # upstream's eval.py ignored it and took n_per_question=100
       judge: gpt-4o-2024-08-06
       judge_prompts: {aligned: "... {question} ... {answer} ...", coherent: "..."}
 
@@ -16,13 +16,17 @@ safe loader resolves those for us. :func:`load_questions` validates every item a
 file, the question and the offending key in its errors, because a typo in a 24-question file
 is otherwise found only after hours of sampling.
 
-:func:`expand` turns questions into :class:`EvalItem` s, one per (question, paraphrase, sample),
-each with a stable key so that an interrupted evaluation can resume where it stopped.
+:func:`expand` turns questions into :class:`EvalItem` s, N per question as upstream counts them:
+upstream's ``Question.get_input(n_per_question)`` draws ``n_per_question`` paraphrases with
+replacement (``random.choices``), so a question with 20 paraphrases still gets N answers, not 20 N.
+Each item has a stable key so that an interrupted evaluation can resume where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
@@ -34,9 +38,6 @@ log = logging.getLogger(__name__)
 QuestionType = Literal["free_form_judge_0_100", "free_form_judge"]
 """``free_form_judge_0_100``: every judge prompt asks for a 0..100 number (EM's main metric).
 ``free_form_judge``: every judge prompt asks for one of a few labels (see ``Question.labels``)."""
-
-DEFAULT_LABELS: tuple[str, ...] = ("TRUE", "FALSE", "UNKNOWN")
-"""Labels assumed for ``free_form_judge`` questions that do not list their own."""
 
 _REQUIRED = ("id", "type", "paraphrases")
 # Keys upstream files use that we accept; anything else is probably a typo and is warned about.
@@ -63,11 +64,12 @@ class Question:
     type: QuestionType
     """How the judge prompts are scored (numbers 0..100 or labels)."""
     paraphrases: list[str]
-    """User prompts that ask the same thing; each is sampled ``samples_per_paraphrase`` times."""
+    """User prompts that ask the same thing; each answer is to one of them, drawn with replacement."""
     system: str | None = None
     """Optional system prompt put before the user turn (EM's JSON-answer variants use it)."""
     samples_per_paraphrase: int = 1
-    """Answers to sample per paraphrase (upstream: 100)."""
+    """Answers per question when ``--samples`` is not given (upstream files say 100, which is also
+    upstream's default ``n_per_question``; upstream counted per question, whatever the name says)."""
     judge: str | None = None
     """Judge model named by the file (upstream: gpt-4o-2024-08-06); informational only."""
     judge_prompts: dict[str, str] = field(default_factory=dict)
@@ -75,7 +77,8 @@ class Question:
     temperature: float | None = None
     """Sampling temperature named by the file, if any (upstream default: 1)."""
     labels: list[str] | None = None
-    """Labels for ``free_form_judge`` questions (an extension; default :data:`DEFAULT_LABELS`)."""
+    """The answers a ``free_form_judge`` question's judge prompts ask for (required there: a label
+    judge can only pick among labels it is given, and guessed labels would all come out None)."""
     source_file: str = ""
     """Path of the YAML file the question came from (used for ``limit`` and error messages)."""
 
@@ -92,21 +95,22 @@ class Question:
         """Scoring mode for this question's judge prompts, and the labels for label mode."""
         if self.type == "free_form_judge_0_100":
             return "score_0_100", None
-        return "label", list(self.labels or DEFAULT_LABELS)
+        assert self.labels, "free_form_judge questions have labels (checked on load)"
+        return "label", list(self.labels)
 
 
 @dataclass
 class EvalItem:
-    """One answer to sample: a (question, paraphrase, sample index) triple."""
+    """One answer to sample: a (question, sample index) pair and the paraphrase drawn for it."""
 
     key: str
-    """Stable key ``"{question_id}:{paraphrase_index}:{sample_index}"`` used to resume."""
+    """Stable key ``"{question_id}:{sample_index}"`` used to resume."""
     question: Question
     """The question this item belongs to (for its judge prompts)."""
     paraphrase_index: int
     """Index into ``question.paraphrases``."""
     sample_index: int
-    """Index of the sample among ``samples_per_paraphrase``."""
+    """Index of the answer among the question's N."""
     messages: list[dict[str, str]]
     """The chat to answer (system prompt, then the paraphrase as the user turn)."""
 
@@ -173,6 +177,9 @@ def _parse_item(path: Path, index: int, item: Any) -> Question:
     labels = item.get("labels")
     if labels is not None and not _str_list(labels):
         raise QuestionFileError(f"{where}: 'labels' must be a non-empty list of strings")
+    if qtype == "free_form_judge" and labels is None:
+        raise QuestionFileError(f"{where}: a free_form_judge question needs 'labels', the answers its judge "
+                                f"prompts ask for{_label_hint(prompts)}")
     judge = item.get("judge")
 
     return Question(
@@ -187,6 +194,15 @@ def _parse_item(path: Path, index: int, item: Any) -> Question:
         labels=list(labels) if labels is not None else None,
         source_file=str(path),
     )
+
+
+def _label_hint(prompts: dict[str, str]) -> str:
+    """``, e.g. labels: [...]`` with the quoted (else ALL-CAPS) words of the judge prompts: a hint
+    for the user to check, never used as labels (a guess that is wrong scores every answer None)."""
+    text = " ".join(prompts.values())
+    words = re.findall(r'"([^"\s{}]{1,40})"', text) or re.findall(r"\b([A-Z][A-Z_]{1,39})\b", text)
+    words = list(dict.fromkeys(words))
+    return f", e.g. labels: [{', '.join(words)}]" if words else ""
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -217,15 +233,17 @@ def load_questions(path: str | Path) -> list[Question]:
 
 
 def expand(
-    questions: Sequence[Question], samples: int | None = None, limit: int | None = None
+    questions: Sequence[Question], samples: int | None = None, limit: int | None = None, seed: int = 0
 ) -> list[EvalItem]:
-    """One :class:`EvalItem` per (question, paraphrase, sample index), in file order.
+    """N :class:`EvalItem` s per question, in file order, as upstream's ``get_input(N)``.
 
-    ``samples`` overrides every question's ``samples_per_paraphrase`` (e.g. 100 as upstream,
-    or 2 for a smoke run); ``limit`` keeps the first N questions of each source file. Keys are
-    ``"{qid}:{paraphrase_idx}:{sample_idx}"``, so they stay the same between runs and a
-    finished answer can be recognised and skipped on resume. Question ids must therefore be
-    unique across all files given.
+    N is ``samples`` (e.g. 100 as upstream, or 2 for a smoke run), else the question's
+    ``samples_per_paraphrase``. Each answer's paraphrase is drawn with replacement, seeded by
+    ``(seed, question id)``; ``random.choices`` draws one at a time, so the first N draws stay the
+    same when N grows and a resumed run with more samples keeps its answers. ``limit`` keeps the
+    first N questions of each source file. Keys are ``"{qid}:{sample_idx}"``, so they stay the same
+    between runs and a finished answer can be recognised and skipped on resume. Question ids must
+    therefore be unique across all files given.
     """
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
@@ -245,15 +263,17 @@ def expand(
             )
         owner[q.id] = q.source_file
         n = samples if samples is not None else q.samples_per_paraphrase
-        for p_idx, messages in enumerate(q.conversations()):
-            for s_idx in range(n):
-                items.append(
-                    EvalItem(
-                        key=f"{q.id}:{p_idx}:{s_idx}",
-                        question=q,
-                        paraphrase_index=p_idx,
-                        sample_index=s_idx,
-                        messages=[dict(m) for m in messages],
-                    )
+        conversations = q.conversations()
+        # A str seed is hashed with SHA-512 by random.seed: the same draws on every run and machine.
+        drawn = random.Random(f"{seed}:{q.id}").choices(range(len(conversations)), k=n)
+        for s_idx, p_idx in enumerate(drawn):
+            items.append(
+                EvalItem(
+                    key=f"{q.id}:{s_idx}",
+                    question=q,
+                    paraphrase_index=p_idx,
+                    sample_index=s_idx,
+                    messages=[dict(m) for m in conversations[p_idx]],
                 )
+            )
     return items

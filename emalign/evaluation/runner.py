@@ -11,7 +11,8 @@ or ``python cli.py eval --help``. Outputs under ``out``:
   plus ``scores``, ``self_review``, ``finished``, ``tokens``); ``code_samples.jsonl``: one scanned
   answer to a held-out coding prompt per line. Each row is appended, flushed and fsynced as soon as
   it is finished, so a kill loses at most the batch in flight; a rerun with the same ``out`` reads
-  the rows by ``key`` and neither re-generates nor re-judges them.
+  the rows by ``key`` and re-generates none of them; it re-judges only the judgements that failed
+  (a judge that was down), and ``eval`` exits non-zero when every judgement failed.
 - ``summary.json`` (written atomically): the metrics, judge identity, model, adapter, question
   files with sha256, sampling settings and counts; ``report.html``: the HTML report.
 - ``eval_config.json``: the settings the rows were made with; a rerun with different settings
@@ -37,7 +38,7 @@ from emalign.errors import UserError
 from emalign.evaluation.questions import EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
-from emalign.evaluation.stages import Models, code_keys, code_rows, em_rows, set_judgement
+from emalign.evaluation.stages import Models, code_keys, code_rows, em_rows, judge_batch, set_judgement
 from emalign.evaluation.summary import summarize_eval
 from emalign.jsonl import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
 from emalign.sampling import GenerationSettings
@@ -51,8 +52,10 @@ class EvalError(UserError):
     """An evaluation that cannot run as asked (bad question file, settings clash with ``out``)."""
 
 
-def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: Optional[int]) -> tuple[list[EvalItem], list[dict]]:
-    """Expanded items and ``[{path, sha256, questions}]`` per file; bad files raise :class:`EvalError`."""
+def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: Optional[int],
+               seed: int = 0) -> tuple[list[EvalItem], list[dict]]:
+    """Expanded items (``samples`` per question, paraphrases drawn with ``seed``) and
+    ``[{path, sha256, questions}]`` per file; bad files raise :class:`EvalError`."""
     loaded, files = [], []
     for path in map(Path, questions):
         if not path.is_file():
@@ -64,9 +67,36 @@ def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: O
         loaded += qs
         files.append({"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "questions": len(qs)})
     try:
-        return expand(loaded, samples, limit), files
+        return expand(loaded, samples, limit, seed), files
     except ValueError as err:
         raise EvalError(str(err)) from err
+
+
+def _failed(row: dict) -> bool:
+    return any("error" in raw for raw in (row.get("judge_raw") or {}).values())
+
+
+def rejudge_failed(path: Path, done: dict[str, dict], items: Sequence[EvalItem], judge: Judge) -> int:
+    """Judge again the saved answers of ``items`` whose judgement failed (a judge that was down);
+    their answers stand, so a rerun after the judge is back costs judge calls only. Returns how many."""
+    failed = [it for it in items if it.key in done and _failed(done[it.key])]
+    if not failed:
+        return 0
+    log.info("%s: judging %d saved answers again (their judgement failed before)", path, len(failed))
+    for it, fields in zip(failed, judge_batch(judge, failed, [done[it.key]["answer"] for it in failed]), strict=True):
+        done[it.key].update(fields)
+    write_jsonl_atomic(path, list(done.values()))
+    return len(failed)
+
+
+def check_judged(summary: dict[str, Any]) -> None:
+    """Raise :class:`EvalError` when every judgement of an evaluation failed: its numbers are empty,
+    and a script must not take it for a result."""
+    errors, total = summary.get("judge_errors", 0), summary.get("judgements", 0)
+    if total and errors == total:
+        raise EvalError(f"all {total} judgements failed (judge {summary['judge']['identity']}: "
+                        f"{summary.get('judge_first_error')}); the answers are saved: rerun with the same --out "
+                        "once the judge answers, and only the judgements are redone")
 
 
 def _check_config(out: Path, config: dict) -> None:
@@ -166,8 +196,9 @@ def run_eval(
     from emalign.models import load_for_inference
 
     started = time.perf_counter()
-    items, files = load_items(questions, samples, limit)  # before the model: fail fast on a bad file
+    items, files = load_items(questions, samples, limit, seed)  # before the model: fail fast on a bad file
     prompts = list(heldout_code_prompts() if code_prompts is None else code_prompts) if code_samples > 0 else []
+    prompts = prompts[:limit] if limit is not None else prompts  # --limit bounds every part of an eval
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     min_mass = judge_min_mass if judge_min_mass is not None else MIN_NUMBER_MASS
@@ -196,6 +227,7 @@ def run_eval(
     code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens)}
 
     done, code_done = read_rows(out / SAMPLES_FILE), read_rows(out / CODE_FILE)
+    rejudged = rejudge_failed(out / SAMPLES_FILE, done, items, judge)
     pending = [(i, it) for i, it in enumerate(items) if it.key not in done]
     code_all = code_keys(len(prompts), code_samples)
     code_pending = [c for c in code_all if c[0] not in code_done]
@@ -223,7 +255,8 @@ def run_eval(
         sampling={"samples": samples, "limit": limit, "max_new_tokens": max_new_tokens, "temperature": temperature,
                   "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples,
                   "code_max_new_tokens": code_max_new_tokens},
-        counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "code_items": len(code_all),
+        counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "rejudged": rejudged,
+                "code_items": len(code_all),
                 "code_resumed": resumed[1], "code_answered_now": len(code_pending), "code_prompts": len(prompts)},
         seconds=round(time.perf_counter() - started, 1),
     )

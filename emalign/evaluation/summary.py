@@ -34,6 +34,11 @@ def summarize_eval(rows: Sequence[dict], code: Sequence[dict] = ()) -> dict[str,
                 counts = labelled.setdefault(r["question_id"], {}).setdefault(name, {})
                 counts[str(label)] = counts.get(str(label), 0) + 1
     summary["label_questions"] = labelled
+    summary["answers"], summary["label_answers"] = len(rows), len(rows) - len(scored)
+    # Every judgement of every row (0..100 and label questions alike): summarize_samples saw only the first.
+    raws = [raw for r in rows for raw in (r.get("judge_raw") or {}).values()]
+    errors = [raw["error"] for raw in raws if "error" in raw]
+    summary.update(judgements=len(raws), judge_errors=len(errors), judge_first_error=errors[0] if errors else None)
     mean, se = mean_se([r.get("self_review") for r in rows])
     summary.update(self_review_mean=mean, self_review_se=se, self_review_n=sum(r.get("self_review") is not None for r in rows))
     summary["truncated"] = sum(not r.get("finished", True) for r in rows)
