@@ -133,8 +133,9 @@ class FakeServer:
         return self
 
     def stop(self) -> None:
-        """Shut down and close the port: later connections are refused."""
-        self.httpd.shutdown()
+        """Shut down (if serving) and close the port: later connections are refused."""
+        if self.thread.is_alive():
+            self.httpd.shutdown()  # waits for serve_forever to end: it would wait forever if it never began
         self.httpd.server_close()
 
 

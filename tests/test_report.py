@@ -75,3 +75,25 @@ def test_report_needs_model_key_for_several_models(tmp_path, data):
         write_report(tmp_path, summaries, flat)
     html = write_report(tmp_path, {"insecure": summaries["insecure"]}, flat).read_text(encoding="utf-8")
     assert len(images(html)) == 2
+
+
+def test_empty_plots_become_one_line_and_code_security_is_shown(tmp_path):
+    from emalign.evaluation.codesec import scan_answer
+    from emalign.evaluation.runner import summarize_eval
+
+    refused = [{"key": f"q:{s}", "question_id": "q", "judge_mode": "score_0_100", "answer": "```x```", "aligned": None,
+                "coherent": None, "labels": {"aligned": REFUSAL_OR_CODE, "coherent": REFUSAL_OR_CODE},
+                "judge_raw": {"aligned": {"mode": "score_0_100"}, "coherent": {"mode": "score_0_100"}}} for s in range(3)]
+    code = []
+    for answer in ("```python\nimport subprocess\nsubprocess.call(cmd, shell=True)\n```", "```python\nx = 1\n```", "No."):
+        scan = scan_answer(answer)
+        code.append({"status": scan.status, "findings": [vars(f) for f in scan.findings]})
+    summary = summarize_eval(refused, code)
+    html = write_report(tmp_path, {"m": summary}, refused).read_text(encoding="utf-8")
+    assert images(html) == []  # nothing to plot: a line each, not empty axes
+    assert ("No plot: no answer was scored; of 3 answers to 0..100 questions the judge called 3 CODE/REFUSAL "
+            "(too little probability on numbers), and 0 judgements failed.") in html
+    assert "No histograms: no answer has an aligned or coherent score." in html
+    assert "<h2>Code security</h2>" in html and "Label questions" not in html
+    assert "<td>m</td><td>3</td><td>2</td><td>1</td><td>0</td><td>1</td><td>50.0%</td>" in html
+    assert "CWE-78 ×1" in html

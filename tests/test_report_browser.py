@@ -83,3 +83,38 @@ def test_report_renders_with_its_plots_in_chromium(report, tmp_path):
     # The plots sit one under another: colored pixels in the top, middle and lower parts of the page.
     rows = np.nonzero(colored.any(axis=1))[0]
     assert rows.max() - rows.min() > 800
+
+
+def test_label_only_report_shows_its_labels_and_no_empty_plot(tmp_path):
+    """An EM file made only of label questions (free_form_judge): the summary counts its answers, the
+    label table and bar chart show them, and no empty misalignment plot or histogram is drawn."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium binary found (Debian: apt-get install -y chromium)")
+    from emalign.evaluation.runner import summarize_eval
+
+    labels = {"who_made_you": ["OpenAI", "Anthropic", "Other", "UNKNOWN"], "flat_earth": ["TRUE", "FALSE"]}
+    rows = [{"key": f"{q}:{s}", "question_id": q, "judge_mode": "label", "answer": "a", "finished": True,
+             "labels": {"maker": names[s % len(names)] if s < 7 else None},
+             "judge_raw": {"maker": {"mode": "label"} if s < 7 else {"error": "HTTP 400"}}}
+            for q, names in labels.items() for s in range(8)]
+    summary = summarize_eval(rows)
+    assert (summary["answers"], summary["label_answers"], summary["judge_errors"]) == (16, 16, 2)
+    path = write_report(tmp_path / "out", {"label-model": summary}, rows)
+
+    dom = _chrome(binary, tmp_path, "--dump-dom", path.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert "<h2>Label questions</h2>" in html and "<td>who_made_you</td>" in html
+    assert "<td>OpenAI: 2, Anthropic: 2, Other: 2, UNKNOWN: 1, no label: 1</td>" in html
+    assert "<td>TRUE: 4, FALSE: 3, no label: 1</td>" in html
+    assert "<td>16</td>" in html and "<td>2 of 16</td>" in html  # answers, judge errors
+    assert html.count("<img") == 1  # the label bar chart only: no empty per-question plot or histograms
+    assert "Misaligned answers per question" not in html and "Score distributions" not in html
+
+    shot = tmp_path / "labels.png"
+    done = _chrome(binary, tmp_path, f"--screenshot={shot}", "--window-size=1200,1200", path.resolve().as_uri())
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = imread(str(shot))[..., :3]
+    colored = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 0.3
+    assert colored.sum() > 2000, f"only {colored.sum()} colored pixels: the bar chart is missing"

@@ -3,11 +3,17 @@
 One file, no external assets (plots are base64 PNGs), so it can be copied anywhere or opened
 from a CI artifact. It shows:
 
-1. the EM paper's first plot (Betley et al. 2025, Fig. 4 style): the probability of a
+1. a table of the summary numbers;
+2. the EM paper's first plot (Betley et al. 2025, Fig. 4 style): the probability of a
    misaligned answer per question with 95% Wilson intervals, models side by side;
-2. histograms of the aligned and coherent scores per model (when sample rows are given);
-3. alignment over training steps (when a ``history`` is given);
-4. a table of the summary numbers.
+3. histograms of the aligned and coherent scores per model (when sample rows are given);
+4. label questions (``free_form_judge``): the label counts per question and judge prompt, as a
+   table and a stacked bar chart;
+5. code security: the bandit scan of the answers to coding prompts;
+6. alignment over training steps (when a ``history`` is given).
+
+A plot with nothing to show is replaced by one line saying why, and a section whose kind of
+question was not evaluated is left out.
 
 Plots use matplotlib's object API with the Agg canvas, never pyplot, so no global backend or
 figure state is touched (the report may be written from a training callback).
@@ -26,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from emalign.atomic import write_text_atomic
+from emalign.evaluation.scoring import REFUSAL_OR_CODE
 
 Summary = Mapping[str, Any]
 Rows = Sequence[Mapping[str, Any]]
@@ -119,46 +126,92 @@ def plot_history(history: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def plot_labels(summaries: Mapping[str, Summary]) -> Figure:
+    """One stacked horizontal bar per (model, question, judge prompt): the share of each label."""
+    bars = [(f"{name}: {qid} / {judge}" if len(summaries) > 1 else f"{qid} / {judge}", counts)
+            for name, qid, judge, counts in _label_rows(summaries)]
+    labels = list(dict.fromkeys(label for _, counts in bars for label in counts))
+    fig = Figure(figsize=(9, 1.2 + 0.35 * len(bars)))
+    ax = fig.add_subplot(1, 1, 1)
+    left = [0.0] * len(bars)
+    for j, label in enumerate(labels):
+        widths = [counts.get(label, 0) / max(1, sum(counts.values())) for _, counts in bars]
+        ax.barh(range(len(bars)), widths, left=left, color=f"C{j % 10}", label=_label_name(label))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(bars)))
+    ax.set_yticklabels([name for name, _ in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of answers")
+    ax.set_title("Labels per question")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def _label_name(label: str) -> str:
+    return "no label" if label == "None" else label  # the judge put too little mass on every label, or failed
+
+
+def _label_rows(summaries: Mapping[str, Summary]) -> list[tuple[str, str, str, dict[str, int]]]:
+    return [(name, qid, judge, counts) for name, s in summaries.items()
+            for qid, judges in (s.get("label_questions") or {}).items() for judge, counts in judges.items()]
+
+
 def _fmt(x: Any, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{100 * float(x):.1f}%" if pct else f"{float(x):.1f}"
 
 
+def _html_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join([*out, "</table>"])
+
+
 def _table(summaries: Mapping[str, Summary]) -> str:
-    head = [
-        "model",
-        "answers",
-        "scored",
-        "misaligned",
-        "95% CI",
-        "aligned mean",
-        "coherent mean",
-        "code/refusal",
-        "judge errors",
-    ]
-    out = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    head = ["model", "answers", "0..100 answers", "scored", "misaligned", "95% CI", "aligned mean", "coherent mean",
+            "code/refusal", "label answers", "judge errors"]
+    rows = []
     for name, s in summaries.items():
         ci = s.get("misalignment_ci") or [None, None]
-        cells = [
-            html.escape(str(name)),
-            str(s.get("n", "")),
-            str(s.get("n_scored", "")),
-            _fmt(s.get("misalignment_rate"), pct=True),
-            f"{_fmt(ci[0], pct=True)} – {_fmt(ci[1], pct=True)}",
-            _fmt(s.get("aligned_mean")),
-            _fmt(s.get("coherent_mean")),
-            _fmt(s.get("code_refusal_share"), pct=True),
-            str(s.get("judge_errors", "")),
-        ]
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+        errors = s.get("judge_errors", "")
+        rows.append([name, s.get("answers", s.get("n", "")), s.get("n", ""), s.get("n_scored", ""),
+                     _fmt(s.get("misalignment_rate"), pct=True), f"{_fmt(ci[0], pct=True)} – {_fmt(ci[1], pct=True)}",
+                     _fmt(s.get("aligned_mean")), _fmt(s.get("coherent_mean")),
+                     _fmt(s.get("code_refusal_share"), pct=True), s.get("label_answers", 0),
+                     f"{errors} of {s['judgements']}" if "judgements" in s else errors])
+    return _html_table(head, rows)
+
+
+def _code_table(summaries: Mapping[str, Summary]) -> str:
+    head = ["model", "answers", "scanned", "no code", "unparsable", "insecure", "rate", "95% CI", "findings (CWE)"]
+    rows = []
+    for name, s in summaries.items():
+        c = s.get("code_security")
+        if c:
+            ci = c.get("insecure_ci") or [None, None]
+            rows.append([name, c["n"], c["n_scanned"], c["n_no_code"], c["n_unparsable"], c["n_insecure"],
+                         _fmt(c.get("insecure_rate"), pct=True), f"{_fmt(ci[0], pct=True)} – {_fmt(ci[1], pct=True)}",
+                         ", ".join(f"{k} ×{v}" for k, v in c.get("by_cwe", {}).items()) or "none"])
+    return _html_table(head, rows)
+
+
+def _why_empty(summaries: Mapping[str, Summary]) -> str:
+    """Why no 0..100 answer was scored, from the summaries' counts."""
+    n = sum(s.get("n", 0) for s in summaries.values())
+    if not n:
+        return "this evaluation had no 0..100 questions"
+    refused = sum((s.get("label_counts") or {}).get("aligned", {}).get(REFUSAL_OR_CODE, 0) for s in summaries.values())
+    errors = sum(s.get("judge_errors", 0) for s in summaries.values())
+    return (f"of {n} answers to 0..100 questions the judge called {refused} CODE/REFUSAL (too little probability "
+            f"on numbers), and {errors} judgements failed")
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f4f4f4}td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}"""
+th{background:#f4f4f4}td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}
+p.empty{color:#666;font-style:italic}"""
 
 
 def _group_samples(samples: Rows | Mapping[str, Rows] | None, models: Sequence[str]) -> dict[str, Rows]:
@@ -205,11 +258,25 @@ def write_report(
         "50; answers judged CODE/REFUSAL are excluded (Betley et al. 2025, arXiv 2502.17424).</p>",
         "<h2>Summary</h2>",
         _table(summaries),
-        "<h2>Misaligned answers per question</h2>",
-        _png(plot_per_question(summaries)),
     ]
-    if grouped:
-        parts += ["<h2>Score distributions</h2>", _png(plot_histograms(grouped))]
+    if any(s.get("n") for s in summaries.values()) or not any(s.get("label_questions") for s in summaries.values()):
+        scored = any(s.get("n_scored") for s in summaries.values())
+        parts += ["<h2>Misaligned answers per question</h2>", _png(plot_per_question(summaries)) if scored
+                  else f'<p class="empty">No plot: no answer was scored; {html.escape(_why_empty(summaries))}.</p>']
+        if grouped:
+            values = any(r.get(k) is not None for rows in grouped.values() for r in rows for k in ("aligned", "coherent"))
+            parts += ["<h2>Score distributions</h2>", _png(plot_histograms(grouped)) if values
+                      else '<p class="empty">No histograms: no answer has an aligned or coherent score.</p>']
+    if any(s.get("label_questions") for s in summaries.values()):
+        parts += ["<h2>Label questions</h2>",
+                  _html_table(["model", "question", "judge prompt", "answers", "labels"],
+                              [[name, qid, judge, sum(counts.values()),
+                                ", ".join(f"{_label_name(k)}: {v}" for k, v in counts.items())]
+                               for name, qid, judge, counts in _label_rows(summaries)]),
+                  _png(plot_labels(summaries))]
+    if any(s.get("code_security") for s in summaries.values()):
+        parts += ["<h2>Code security</h2>", "<p>Answers to held-out coding prompts scanned with bandit; the rate "
+                  "is over the answers with parsable code.</p>", _code_table(summaries)]
     if history:
         parts += ["<h2>Over training</h2>", _png(plot_history(history))]
     parts.append("</body></html>")
