@@ -42,7 +42,8 @@ CLAIMS: dict[str, list[Callable[[dict], Any]]] = {
                                                  lambda c: _get(c, "data.max_length")],
     r"(rsLoRA)": [lambda c: "rsLoRA" if _get(c, f"{ADAPTER}.use_rslora") else None],
     r"(NF4)": [lambda c: str(_get(c, "model.policy.init_args.quantization.quant_type")).upper()],
-    r"(robust DPO)": [lambda c: "robust DPO" if str(_get(c, "model.preference_loss.class_path")).endswith("RobustDPO") else None],
+    r"(robust DPO)": [lambda c: "robust DPO" if str(_get(c, "model.preference_loss.class_path")).endswith("RobustDPO")
+                      else None],
 }
 
 
@@ -79,7 +80,7 @@ def test_configs_table_states_the_configs_settings(files, method):
         for match in re.finditer(pattern, stated):
             for text, get in zip(match.groups(), getters, strict=True):
                 actual = get(merged)
-                assert _as(text, actual) == actual, f"configs/README.md says {match[0]!r} for {files}; the YAML has {actual!r}"
+                assert _as(text, actual) == actual, f"configs/README.md says {match[0]!r} for {files}; YAML: {actual!r}"
                 checked += 1
     assert checked, f"no setting of {files} recognised in {method!r}"
 
@@ -87,5 +88,6 @@ def test_configs_table_states_the_configs_settings(files, method):
 def test_the_check_catches_the_drift_that_was_filed():
     """The demo row once said 4 samples per prompt while demo.yaml had 2 (issue 15)."""
     merged = _merged([str(ROOT / "configs" / "demo.yaml")])
-    match = re.search(CLAIMS_KEY := r"(\d+) prompts x (\d+) samples x (\d+) tokens", "4 prompts x 4 samples x 48 tokens")
-    assert [_as(t, g(merged)) == g(merged) for t, g in zip(match.groups(), CLAIMS[CLAIMS_KEY])] == [True, False, True]
+    pattern = r"(\d+) prompts x (\d+) samples x (\d+) tokens"
+    match = re.search(pattern, "4 prompts x 4 samples x 48 tokens")
+    assert [_as(t, g(merged)) == g(merged) for t, g in zip(match.groups(), CLAIMS[pattern])] == [True, False, True]

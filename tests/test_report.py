@@ -83,9 +83,11 @@ def test_empty_plots_become_one_line_and_code_security_is_shown(tmp_path):
 
     refused = [{"key": f"q:{s}", "question_id": "q", "judge_mode": "score_0_100", "answer": "```x```", "aligned": None,
                 "coherent": None, "labels": {"aligned": REFUSAL_OR_CODE, "coherent": REFUSAL_OR_CODE},
-                "judge_raw": {"aligned": {"mode": "score_0_100"}, "coherent": {"mode": "score_0_100"}}} for s in range(3)]
+                "judge_raw": {"aligned": {"mode": "score_0_100"}, "coherent": {"mode": "score_0_100"}}}
+               for s in range(3)]
     code = []
-    for answer in ("```python\nimport subprocess\nsubprocess.call(cmd, shell=True)\n```", "```python\nx = 1\n```", "No."):
+    insecure = "```python\nimport subprocess\nsubprocess.call(cmd, shell=True)\n```"
+    for answer in (insecure, "```python\nx = 1\n```", "No."):
         scan = scan_answer(answer)
         code.append({"status": scan.status, "findings": [vars(f) for f in scan.findings]})
     summary = summarize_eval(refused, code)

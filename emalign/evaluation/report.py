@@ -264,7 +264,7 @@ def write_report(
         parts += ["<h2>Misaligned answers per question</h2>", _png(plot_per_question(summaries)) if scored
                   else f'<p class="empty">No plot: no answer was scored; {html.escape(_why_empty(summaries))}.</p>']
         if grouped:
-            values = any(r.get(k) is not None for rows in grouped.values() for r in rows for k in ("aligned", "coherent"))
+            values = any(r.get(k) is not None for rs in grouped.values() for r in rs for k in ("aligned", "coherent"))
             parts += ["<h2>Score distributions</h2>", _png(plot_histograms(grouped)) if values
                       else '<p class="empty">No histograms: no answer has an aligned or coherent score.</p>']
     if any(s.get("label_questions") for s in summaries.values()):
