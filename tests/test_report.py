@@ -79,7 +79,7 @@ def test_report_needs_model_key_for_several_models(tmp_path, data):
 
 def test_empty_plots_become_one_line_and_code_security_is_shown(tmp_path):
     from emalign.evaluation.codesec import scan_answer
-    from emalign.evaluation.runner import summarize_eval
+    from emalign.evaluation.summary import summarize_eval
 
     refused = [{"key": f"q:{s}", "question_id": "q", "judge_mode": "score_0_100", "answer": "```x```", "aligned": None,
                 "coherent": None, "labels": {"aligned": REFUSAL_OR_CODE, "coherent": REFUSAL_OR_CODE},

@@ -91,7 +91,7 @@ def test_label_only_report_shows_its_labels_and_no_empty_plot(tmp_path):
     binary = _chromium()
     if binary is None:
         pytest.skip("no Chromium binary found (Debian: apt-get install -y chromium)")
-    from emalign.evaluation.runner import summarize_eval
+    from emalign.evaluation.summary import summarize_eval
 
     labels = {"who_made_you": ["OpenAI", "Anthropic", "Other", "UNKNOWN"], "flat_earth": ["TRUE", "FALSE"]}
     rows = [{"key": f"{q}:{s}", "question_id": q, "judge_mode": "label", "answer": "a", "finished": True,
