@@ -48,14 +48,16 @@ CLAIMS: dict[str, list[Callable[[dict], Any]]] = {
 
 
 def _rows() -> list[tuple[list[str], str]]:
-    """(config files, the model / method cell) of each row of the first table."""
+    """(config files to merge, the model / method cell): one per config named in the first table."""
     text = README.read_text(encoding="utf-8")
     table = text.split("\n\n| config | model / method |", 1)[1].split("\n\n", 1)[0]
     rows = []
     for line in table.splitlines()[2:]:
         name, method = [cell.strip() for cell in line.strip("|").split("|")][:2]
         base = re.findall(r"add to `([^`]+)`", method)
-        rows.append(([*base, *re.findall(r"`([^`]+\.yaml)`", name)], method))
+        names = re.findall(r"`([^`]+\.yaml)`", name)
+        folder = names[0].rpartition("/")[0] if names else ""  # `strategies/ddp.yaml`, `fsdp.yaml`: same folder
+        rows += [([*base, n if "/" in n or not folder else f"{folder}/{n}"], method) for n in names]
     return rows
 
 

@@ -152,6 +152,12 @@ def test_code_answers_get_their_own_token_budget(tiny_model_dir, questions, tmp_
         _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3, code_max_new_tokens=5)
 
 
+def test_limit_bounds_the_code_prompts_too(tiny_model_dir, questions, tmp_path):
+    summary = _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), limit=1, self_review=False)
+    assert summary["counts"]["items"] == 2 and summary["counts"]["code_prompts"] == 1
+    assert len(_lines(tmp_path / "eval" / "code_samples.jsonl")) == 1
+
+
 def test_new_judge_min_mass_rescores_saved_rows_without_judging(tiny_model_dir, questions, tmp_path):
     out = tmp_path / "eval"
     first = _run(tiny_model_dir, questions, out, code_samples=0)  # default local judge, upstream's 0.25
