@@ -148,7 +148,9 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     assert [h["step"] for h in history] == [0, 1, 2]
     html = (out / "report.html").read_text()
     assert "<td>base</td>" in html and "<td>tuned</td>" in html
-    assert html.count("<img") == 3 and "Over training" in html  # first plot, histograms, tuned's history
+    # Nothing scored (a random tiny judge): one line each instead of an empty first plot and histograms.
+    assert html.count("<img") == 1 and "Over training" in html  # tuned's history
+    assert "No plot: no answer was scored" in html and "No histograms" in html
 
     # Rerun: the fit is reused and nothing is generated or judged again.
     again = run_experiment("exp.yaml")
