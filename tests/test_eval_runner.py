@@ -108,7 +108,10 @@ def test_run_eval_writes_samples_summary_and_report(tiny_model_dir, questions, t
     assert saved["self_review_mean"] == pytest.approx(mean) and saved["self_review_se"] == pytest.approx(se) and se > 0
     assert saved["code_security"]["n"] == 2 and "insecure_code_rate" in saved
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 2 and f"<td>{Path(tiny_model_dir).name}</td>" in html  # plot + histograms
+    assert f"<td>{Path(tiny_model_dir).name}</td>" in html
+    # Nothing scored: one line each instead of an empty first plot and histograms; the label chart is drawn.
+    assert html.count("<img") == 1 and "<h2>Label questions</h2>" in html
+    assert "No plot: no answer was scored" in html and "No histograms" in html
 
 
 def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, tmp_path):
