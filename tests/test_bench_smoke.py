@@ -57,17 +57,6 @@ def test_training_overhead_tiny(tmp_path):
     assert data["variants"][1]["conscience_runs"] == 1
 
 
-def test_memory_profile_tiny(tmp_path):
-    data = run_bench("memory_profile.py", tmp_path / "memory.json", "--steps", "2")
-    assert_finite(data, ["peak_rss_ratio"])
-    none, conscience = data["runs"]["none"], data["runs"]["conscience"]
-    assert {"generation", "review"} <= set(conscience["phases"]) and not {"generation", "review"} & set(none["phases"])
-    for run in (none, conscience):
-        assert {"sft_forward", "backward", "optimizer_step", "validation"} <= set(run["phases"])
-        assert run["phases"]["sft_forward"]["saved_for_backward_mb"] > 0
-        assert 0 < max(p["peak_rss_mb"] for p in run["phases"].values()) <= run["peak_rss_mb"] * 1.01
-
-
 def test_optimisations_tiny(tmp_path):
     data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
     rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler", "sampler_call_8x49152", "sampler_vs_plain", "lora_unmerged_generation",
