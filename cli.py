@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def join_list_values(args: list[str], flags: set[str]) -> list[str]:
 
 def _lightning(args: list[str] | None) -> None:
     from jsonargparse import Namespace
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from callbacks.checkpoint import RunCheckpoint, check_checkpoint
     from callbacks.signals import StopOnSignal
@@ -90,6 +91,16 @@ def _lightning(args: list[str] | None) -> None:
 
     def explicit_checkpoint(ckpt_path) -> bool:
         return bool(ckpt_path) and ckpt_path not in ("last", "best", "hpc") and "://" not in str(ckpt_path)
+
+    class Parser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
+                super().error(message, ex)
+            # One line instead of 60 lines of usage: the key, the value and what is wrong with it.
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            print(f"error: {one_line_error(message, parser)} (see `{prog} --help`)", file=sys.stderr)
+            raise SystemExit(2)
 
     class EmalignCLI(LightningCLI):
         def _parse_ckpt_path(self) -> None:
@@ -140,6 +151,7 @@ def _lightning(args: list[str] | None) -> None:
         ChatDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_class=Parser,
         args=args,
     )
     if cli.subcommand == "fit":
@@ -173,6 +185,38 @@ def main(argv: list[str] | None = None) -> None:
             if cause is None or cause is err:
                 raise
             raise cause from None  # e.g. a missing model, wrapped by jsonargparse while instantiating
+
+
+def one_line_error(message: str, parser) -> str:
+    """jsonargparse's many-line error for a ``class_path`` value as one line; other messages as they are.
+
+    An unknown class names the classes that exist for that key (the subclasses of its type).
+    """
+    key = re.match(r'Parser key "([^"]+)":', message)
+    problems = re.findall(r"Problem with given class_path '([^']+)':\n((?:\s{6,}.*\n?)+)", message)
+    if not key or len(problems) != 1:
+        return message.strip()
+    path, reason = problems[0][0], " ".join(problems[0][1].split())
+    if not re.search(r"has no attribute|No module named|Import path|not a subclass", reason):
+        return f"{key[1]}: {reason}"
+    action = parser._option_string_actions.get(f"--{key[1]}")
+    known = sorted(known_subclasses(getattr(action, "_typehint", None)))
+    return f"{key[1]}: unknown class_path {path!r} ({reason}); classes that exist: {', '.join(known) or 'none found'}"
+
+
+def known_subclasses(typehint) -> set[str]:
+    """Import paths of the subclasses (imported so far) of the classes in ``typehint``, which lists them."""
+    import inspect
+    import typing
+
+    bases = [t for t in (typing.get_args(typehint) or (typehint,)) if inspect.isclass(t) and t is not type(None)]
+    found, todo = set(), [sub for base in bases for sub in base.__subclasses__()]
+    while todo:
+        cls = todo.pop()
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_"):
+            found.add(f"{cls.__module__}.{cls.__qualname__}")
+        todo += cls.__subclasses__()
+    return found
 
 
 def _user_error_in(err: BaseException):

@@ -48,19 +48,31 @@ def read_chat_jsonl(path: str | Path, require_assistant: bool = True) -> list[li
     """Parse and validate a chat JSONL file; every problem names ``file:line``."""
     path = resolve_data_path(str(path))
     conversations = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            conversations.append(_validate_record(record, where, require_assistant))
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        conversations.append(_validate_record(record, where, require_assistant))
     if not conversations:
         raise DataFileError(f"{path}: empty file (no records)")
     return conversations
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a byte that is not UTF-8 names its file, line and column."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFileError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
 
 
 def _validate_record(record: Any, where: str, require_assistant: bool) -> list[dict[str, str]]:

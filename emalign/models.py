@@ -115,11 +115,30 @@ def _rebuild_gguf_as_hf(directory: Path, filename: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def from_hub(loader, source: str, **kwargs):
+    """``loader(resolve_source(source), **kwargs)``; a Hub id that is not there becomes one line saying why."""
+    resolved = resolve_source(source)
+    try:
+        return loader(resolved, **kwargs)
+    except OSError as err:
+        if Path(resolved).is_dir():
+            raise
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelSourceError(
+                f"model {source!r} is not in the Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE=1): "
+                "download it once online, or pass a local model directory"
+            ) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(f"model {source!r} was not found on the Hugging Face Hub: {first}") from None
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
     """The source's tokenizer with a pad token and a chat template (or a clear error)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=trust_remote_code)
+    tokenizer = from_hub(AutoTokenizer.from_pretrained, source, trust_remote_code=trust_remote_code)
     if chat_template:
         tokenizer.chat_template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
     if not tokenizer.chat_template:
@@ -166,7 +185,7 @@ def load_causal_lm(
     if quantization is not None:
         kwargs["quantization_config"] = quantization.to_bnb()
         kwargs["device_map"] = {"": _quantization_device()}
-    lm = AutoModelForCausalLM.from_pretrained(resolve_source(source), **kwargs)
+    lm = from_hub(AutoModelForCausalLM.from_pretrained, source, **kwargs)
     check_head(lm, source)
     return lm
 

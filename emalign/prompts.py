@@ -71,7 +71,7 @@ class FilePrompts(PromptSource):
 
 
 def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] = None) -> list[Conversation]:
-    from emalign.data import read_chat_jsonl, resolve_data_path
+    from emalign.data import read_chat_jsonl, resolve_data_path, text_lines
 
     resolved = resolve_data_path(path)
     if resolved.suffix == ".jsonl":
@@ -81,7 +81,7 @@ def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] =
             if cut and conversation[cut - 1]["role"] == "user":
                 prompts.append(conversation[:cut])
     else:
-        prompts = [[{"role": "user", "content": line.strip()}] for line in Path(resolved).read_text().splitlines() if line.strip()]
+        prompts = [[{"role": "user", "content": line.strip()}] for _, line in text_lines(resolved) if line.strip()]
     if system:
         prompts = [p if p[0]["role"] == "system" else [{"role": "system", "content": system}] + p for p in prompts]
     prompts = prompts[:limit] if limit else prompts

@@ -128,6 +128,41 @@ def test_empty_dataset_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert f"error: {empty}: empty file (no records)" in capsys.readouterr().err
 
 
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_a_train_file_with_a_byte_that_is_not_utf8_names_file_and_line(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad.write_bytes(good.encode() + b"\n" + good.replace("hello", "h\xe9llo").encode("latin-1") + b"\n")
+
+    def edit(config):
+        config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
+        config["data"]["train_file"] = str(bad)
+
+    assert run_cli(_demo_with(tmp_path, edit)) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{bad}:2: not UTF-8 (byte 0xe9 at column" in line
+
+
+def test_an_unknown_hub_id_offline_is_one_line(tmp_path, capsys):
+    args = _demo_with(tmp_path, lambda c: c["model"]["policy"]["init_args"].update(model="no-such-org/no-such-model"))
+    assert run_cli(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "'no-such-org/no-such-model' is not in the Hugging Face cache and the Hub is offline" in line
+
+
+def test_an_unknown_loss_class_path_names_the_key_and_the_classes_that_exist(tmp_path, capsys):
+    args = _demo_with(tmp_path, lambda c: c["model"]["preference_loss"].update(class_path="emalign.losses.Nope"))
+    assert run_cli(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "model.preference_loss: unknown class_path 'emalign.losses.Nope'" in line
+    assert "emalign.losses.SigmoidDPO" in line and "emalign.losses.IPO" in line
+
+
 def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path):
     from emalign.evaluation.questions import QuestionFileError, load_questions
 
