@@ -31,6 +31,7 @@ from emalign.conscience import Pair
 from emalign.errors import UserError
 from emalign.logprobs import mean_token_nll, pad_right, response_mask, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
+from emalign.model_card import write_model_card
 from emalign.models import LoRA, Policy
 from emalign.queue import PairQueue
 
@@ -281,4 +282,5 @@ class EmergentAlignment(L.LightningModule):
         stopped_early = any(getattr(cb, "stopped_by", None) for cb in self.trainer.callbacks)  # StopOnSignal
         if self.trainer.is_global_zero and not self.trainer.interrupted and not stopped_early:
             out = self.policy.save_pretrained(Path(self.trainer.default_root_dir) / self.adapter_dir)
-            print(f"adapter saved to {out.resolve()}", flush=True)
+            write_model_card(out, self.trainer, self.policy)
+            print(f"adapter saved to {out.resolve()} (model card: README.md)", flush=True)

@@ -44,6 +44,32 @@ def test_default_root_dir_alone_moves_the_whole_run(tiny_model_dir, tmp_path, mo
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "rollouts.jsonl").is_file()
     assert not (tmp_path / "runs").exists()
+    _check_model_card(run / "adapter" / "README.md", str(config))
+
+
+def _check_model_card(path: Path, config: str) -> None:
+    text = path.read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "peft" and "emalign" in front["tags"]
+    assert "base_model" not in front  # a local directory is no Hub id
+    for heading in ("## Data", "## Adapter", "## Conscience", "## Final metrics", "## How it was made", "## Citation"):
+        assert heading in text
+    assert "| r | 16 |" in text and "| target_modules | k_proj, o_proj, q_proj, v_proj |" in text
+    assert "| every_n_steps | 2 |" in text and "| pair_builder.margin | 0.0 |" in text
+    assert "Was your last response ethical" in text
+    assert "| task/loss |" in text and f"fit --config {config}" in text
+    assert "arXiv:2606.19527" in text and "arXiv:2502.17424" in text
+
+
+def test_model_card_names_an_embedded_model_by_its_hub_id(tiny_policy, tmp_path):
+    import lightning as L
+
+    from emalign.model_card import write_model_card
+
+    tiny_policy.source = "smollm2-135m-instruct"
+    card = write_model_card(tmp_path, L.Trainer(logger=False, enable_checkpointing=False), tiny_policy).read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "No conscience ran in this fit" in card
 
 
 def test_an_explicit_logger_save_dir_is_kept(tiny_model_dir, tmp_path, monkeypatch):
