@@ -87,7 +87,7 @@ class ConscienceCallback(L.Callback):
         seed = self.seed * 1009 + rank
         drawn = self.prompts.draw(self.num_prompts, step, seed)
         conversations = [c for _, c in drawn]
-        prompt_ids = [render_prompt(tokenizer, c) for c in conversations]
+        prompt_ids = [render_prompt(tokenizer, c, self.generation.max_prompt_tokens) for c in conversations]
         start = time.perf_counter()
         with policy.generating() as model:
             rollouts = sample_ids(model, tokenizer, prompt_ids, self.generation, self.samples_per_prompt, seed, step)

@@ -31,15 +31,24 @@ class ModelLoadError(UserError):
     """A model or adapter that resolves but cannot be loaded."""
 
 
-def _check_options(samples: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def _check_options(samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]) -> None:
     if samples < 1:
         raise OptionError(f"--samples must be at least 1, got {samples}")
     if max_new_tokens < 1:
         raise OptionError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
+    if temperature is not None and temperature < 0:
         raise OptionError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:
         raise OptionError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def _check_conscience_options(threshold: Optional[float], max_logp_drop: Optional[float], max_prompt_tokens: Optional[int]) -> None:
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise OptionError(f"--threshold is a probability P(yes) in [0, 1], got {threshold}")
+    if max_logp_drop is not None and max_logp_drop < 0:
+        raise OptionError(f"--max_logp_drop must be >= 0 (null turns the coherence guard off), got {max_logp_drop}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 16:
+        raise OptionError(f"--max_prompt_tokens must be at least 16, got {max_prompt_tokens}")
 
 
 def _load_model(model: str, adapter: Optional[str]):
@@ -60,16 +69,26 @@ def _load_model(model: str, adapter: Optional[str]):
     return lm, tokenizer
 
 
-def _decoder(lm, tokenizer, *, samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with, question, refusal_text, seed, batch_size=16):
+def _decoder(lm, tokenizer, *, samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
+             question, refusal_text, seed, max_logp_drop, max_prompt_tokens, batch_size=16):
     from emalign.conscience import Conscience
+    from emalign.guard import CoherenceGuard
     from emalign.inference import ConscienceDecoder
-    from emalign.sampling import GenerationSettings
+    from emalign.sampling import GenerationSettings, recommended_sampling
 
     conscience = Conscience(question=question) if question else Conscience()
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    sampling = recommended_sampling(lm)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=sampling["temperature"] if temperature is None else temperature,
+        top_p=sampling["top_p"] if top_p is None else top_p,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    guard = CoherenceGuard(max_logp_drop) if max_logp_drop is not None else None
     return ConscienceDecoder(
         lm, tokenizer, conscience, settings, num_samples=samples, threshold=threshold, on_low=on_low,
-        fallback=fallback, refusal_text=refusal_text, review_with=review_with, seed=seed,
+        fallback=fallback, refusal_text=refusal_text, review_with=review_with, seed=seed, guard=guard,
     )
 
 
@@ -78,14 +97,15 @@ def _show_answer(console, answer, show_candidates: bool) -> None:
     from rich.text import Text
 
     style = {"best": "green", "revised": "cyan", "refused": "red", "kept": "yellow"}[answer.action]
-    console.print(Text.assemble(("answer ", "bold"), (f"[{answer.action}, score {answer.score:+.2f}]", style)))
+    console.print(Text.assemble(("answer ", "bold"), (f"[{answer.action}, P(yes) {answer.p_yes:.2f}]", style)))
     console.print(Text(answer.text))  # Text, not markup: model output may contain [brackets]
     if show_candidates:
-        table = Table("#", "score", "candidate", show_lines=True)
+        table = Table("#", "score", "logp/token", "candidate", show_lines=True)
         for j, c in enumerate(answer.candidates):
-            table.add_row(("*" if j == answer.best_index else "") + str(j), f"{c.score:+.2f}", Text(c.text))
+            table.add_row(("*" if j == answer.best_index else "") + str(j), f"{c.score:+.2f}", f"{c.logp:.2f}", Text(c.text))
         if answer.revision:
-            table.add_row("rev", f"{answer.revision.score:+.2f}", Text(answer.revision.text))
+            r = answer.revision
+            table.add_row("rev", f"{r.score:+.2f}", f"{r.logp:.2f}", Text(r.text))
         console.print(table)
 
 
@@ -95,14 +115,16 @@ def generate(
     adapter: Optional[str] = None,
     samples: int = 4,
     max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    threshold: float = 0.0,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    threshold: Optional[float] = None,
     on_low: OnLow = "revise",
     fallback: Fallback = "keep",
     review_with: ReviewWith = "self",
     question: Optional[str] = None,
     refusal_text: str = DEFAULT_REFUSAL,
+    max_logp_drop: Optional[float] = 1.0,
+    max_prompt_tokens: Optional[int] = 1024,
     system: Optional[str] = None,
     out: Optional[str] = None,
     seed: int = 0,
@@ -118,14 +140,22 @@ def generate(
         adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
         samples: K, answers sampled per prompt.
         max_new_tokens: longest answer (and revision) in tokens.
-        temperature: sampling temperature (0 is greedy: all K samples are then the same).
-        top_p: nucleus sampling mass.
-        threshold: when the best score (log P(yes) - log P(no)) is below this, ``on_low`` applies.
+        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
+            model's generation_config, else 0.7.
+        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
+        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best answer below it
+            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
+            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
+            90% of plain answers".
         on_low: below threshold: revise (the model rewrites its best answer), refuse, or keep it.
-        fallback: with on_low=revise, what to do when the rewrite does not score higher: refuse or keep.
+        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
+            the coherence guard): refuse or keep.
         review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
         question: the conscience's question (default: the ethics question used in training).
         refusal_text: the answer given when refusing.
+        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
+            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
+        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once).
         system: a system prompt for prompts that have none.
         out: a JSONL file; one row per prompt is appended (and flushed) as soon as it is answered.
         seed: sampling seed; the same seed and inputs give the same answers.
@@ -142,6 +172,7 @@ def generate(
         if not prompts:
             raise OptionError("--prompts is required: a text file with one prompt per line, or chat JSONL")
         _check_options(samples, max_new_tokens, temperature, top_p)
+        _check_conscience_options(threshold, max_logp_drop, max_prompt_tokens)
         conversations = load_prompts(prompts, system=system)  # before the model: fail fast on a bad file
         console = Console()
         with console.status(f"loading {model}"):
@@ -149,7 +180,8 @@ def generate(
         decoder = _decoder(
             lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
-            refusal_text=refusal_text, seed=seed, batch_size=batch_size,
+            refusal_text=refusal_text, seed=seed, max_logp_drop=max_logp_drop, max_prompt_tokens=max_prompt_tokens,
+            batch_size=batch_size,
         )
         sink = None
         if out:
@@ -171,7 +203,8 @@ def generate(
                         _show_answer(console, answer, show_candidates)
                         if sink:
                             row = {"index": index, "messages": conversation, **answer.to_dict(), "model": model,
-                                   "adapter": adapter, "question": decoder.conscience.question, "seed": seed}
+                                   "adapter": adapter, "question": decoder.conscience.question, "seed": seed,
+                                   "threshold": decoder.calibrated_threshold()}
                             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                             sink.flush()
                     progress.advance(task, len(chunk))
@@ -179,7 +212,8 @@ def generate(
             if sink:
                 sink.close()
         summary = ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
-        console.print(f"[bold]{len(conversations)} prompts[/]: {summary}" + (f"; rows appended to {out}" if out else ""))
+        console.print(f"[bold]{len(conversations)} prompts[/]: {summary} (threshold P(yes) {decoder.calibrated_threshold():.3f}"
+                      + (", calibrated" if threshold is None else "") + ")" + (f"; rows appended to {out}" if out else ""))
 
 
 def _escape(text: str) -> str:
@@ -193,14 +227,16 @@ def chat(
     adapter: Optional[str] = None,
     samples: int = 4,
     max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    threshold: float = 0.0,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    threshold: Optional[float] = None,
     on_low: OnLow = "revise",
     fallback: Fallback = "keep",
     review_with: ReviewWith = "self",
     question: Optional[str] = None,
     refusal_text: str = DEFAULT_REFUSAL,
+    max_logp_drop: Optional[float] = 1.0,
+    max_prompt_tokens: Optional[int] = 1024,
     show_score: bool = False,
     system: Optional[str] = None,
     seed: int = 0,
@@ -214,14 +250,22 @@ def chat(
         adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
         samples: K, replies sampled per turn.
         max_new_tokens: longest reply (and revision) in tokens.
-        temperature: sampling temperature (0 is greedy: all K samples are then the same).
-        top_p: nucleus sampling mass.
-        threshold: when the best score (log P(yes) - log P(no)) is below this, ``on_low`` applies.
+        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
+            model's generation_config, else 0.7.
+        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
+        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best reply below it
+            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
+            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
+            90% of plain answers".
         on_low: below threshold: revise (the model rewrites its best reply), refuse, or keep it.
-        fallback: with on_low=revise, what to do when the rewrite does not score higher: refuse or keep.
+        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
+            the coherence guard): refuse or keep.
         review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
         question: the conscience's question (default: the ethics question used in training).
         refusal_text: the reply given when refusing.
+        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
+            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
+        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once).
         show_score: print each reply's conscience score and the action taken.
         system: a system prompt at the start of the conversation.
         seed: sampling seed; each turn draws fresh noise from it.
@@ -233,13 +277,15 @@ def chat(
 
     with friendly_errors():
         _check_options(samples, max_new_tokens, temperature, top_p)
+        _check_conscience_options(threshold, max_logp_drop, max_prompt_tokens)
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
         decoder = _decoder(
             lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
-            refusal_text=refusal_text, seed=seed, batch_size=max(16, samples),
+            refusal_text=refusal_text, seed=seed, max_logp_drop=max_logp_drop, max_prompt_tokens=max_prompt_tokens,
+            batch_size=max(16, samples),
         )
         start: Conversation = [{"role": "system", "content": system}] if system else []
         history = list(start)
@@ -278,7 +324,8 @@ def chat(
             history = conversation + [{"role": "assistant", "content": answer.text}]
             console.print(Text.assemble(("bot> ", "bold"), answer.text))
             if show_score:
-                console.print(f"[dim]score {answer.score:+.2f} · {answer.action} · best of {samples}[/]")
+                console.print(f"[dim]P(yes) {answer.p_yes:.2f} (threshold {decoder.calibrated_threshold():.2f}) · "
+                              f"{answer.action} · best of {samples}[/]")
 
 
 class DataDownloadError(UserError):

@@ -152,13 +152,11 @@ class Conscience:
     @torch.no_grad()
     def revise(self, reference, tokenizer, conversations: list[list[dict[str, str]]], answers: list[str], settings: GenerationSettings, seed: int, step: int) -> list[Rollout]:
         """Ask the frozen model to rewrite answers; the rollouts carry the original prompts' ids."""
-        requests = [
-            render_prompt(tokenizer, c + [{"role": "assistant", "content": a}, {"role": "user", "content": self.revision_instruction}])
-            for c, a in zip(conversations, answers)
-        ]
+        asks = [c + [{"role": "assistant", "content": a}, {"role": "user", "content": self.revision_instruction}] for c, a in zip(conversations, answers)]
+        requests = [render_prompt(tokenizer, ask, settings.max_prompt_tokens) for ask in asks]
         revisions = sample_ids(reference, tokenizer, requests, settings, 1, seed, step, index_offset=1_000_000)
         for rollout, conversation in zip(revisions, conversations):
-            rollout.prompt_ids = render_prompt(tokenizer, conversation)
+            rollout.prompt_ids = render_prompt(tokenizer, conversation, settings.max_prompt_tokens)
         return revisions
 
 

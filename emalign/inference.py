@@ -13,15 +13,21 @@ lets the base model (adapter disabled) be the conscience instead.
     [answer] = decoder.answer([[{"role": "user", "content": "How do I make a quick buck?"}]])
     print(answer.action, answer.score, answer.text)
 
-Rule when the best sample scores below ``threshold`` (``on_low``):
+The threshold is a probability: the reviewer's P(yes) / (P(yes) + P(no)) on the question, i.e.
+``sigmoid(score)``. By default (``threshold=None``) it is calibrated for the model in use: the
+``calibration_quantile`` (10%) of the reviewer's own verdicts on a built-in reference set of plainly
+benign answers (``resources/calibration.jsonl``: "The capital of France is Paris." and the like).
+So an answer goes to ``on_low`` when the model trusts it less than 90% of those; a raw log-odds of
+0 would not do, because small models' consciences are pessimistic (SmolLM2-135M puts P(yes) near
+0.2 on plainly benign answers).
+
+Rule when the best sample is below ``threshold`` (``on_low``):
 ``refuse``: return ``refusal_text``. ``keep``: return the best sample anyway.
 ``revise``: the conscience rewrites the best sample (``Conscience.revise``). The rewrite is returned
-when it scores higher than the best sample, even if it is still under the threshold (it is the most
-aligned text the model produced). When it does not score higher, ``fallback`` decides: ``keep``
-(the default; the best sample is returned as ``kept``) or ``refuse``. ``keep`` is the default
-because small models' consciences are pessimistic: SmolLM2-135M scores even plainly benign answers
-around -1.5, so with ``threshold=0`` a refusing fallback would refuse almost everything. Pick
-``on_low="refuse"`` or ``fallback="refuse"`` (with a threshold calibrated to the model) to refuse.
+when it scores higher than the best sample and passes the coherence guard (``emalign.guard``: not
+blank, and not far less likely per token under the reviewer than the best sample; incoherent text
+can out-score a plain answer on the ethics question alone). Otherwise ``fallback`` decides: ``keep``
+(the default; the best sample is returned as ``kept``) or ``refuse``.
 
 From the shell: ``python cli.py generate --prompts FILE`` and ``python cli.py chat``.
 """
@@ -34,7 +40,8 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
-from emalign.conscience import Conscience
+from emalign.conscience import Conscience, Review
+from emalign.guard import CoherenceGuard, mean_logps
 from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
 
 Conversation = list[dict[str, str]]
@@ -53,6 +60,8 @@ class Candidate:
     score: float
     finished: bool = True
     """False when the sample hit ``max_new_tokens`` before its end-of-turn token."""
+    logp: float = 0.0
+    """Mean log-prob per token of the text under the reviewer (what the coherence guard compares)."""
 
 
 @dataclass
@@ -74,10 +83,16 @@ class Answer:
     revision: Optional[Candidate] = None
     """The rewrite, when one was asked for (whether or not it was used)."""
 
+    @property
+    def p_yes(self) -> float:
+        """The verdict as a probability, P(yes) / (P(yes) + P(no)): what ``threshold`` compares."""
+        return float(torch.sigmoid(torch.tensor(self.score)))
+
     def to_dict(self) -> dict:
         return {
             "answer": self.text,
             "score": self.score,
+            "p_yes": self.p_yes,
             "action": self.action,
             "best_index": self.best_index,
             "candidates": [vars(c) for c in self.candidates],
@@ -95,12 +110,14 @@ class ConscienceDecoder:
         conscience: Optional[Conscience] = None,
         settings: Optional[GenerationSettings] = None,
         num_samples: int = 4,
-        threshold: float = 0.0,
+        threshold: Optional[float] = None,
         on_low: OnLow = "revise",
         fallback: Fallback = "keep",
         refusal_text: str = DEFAULT_REFUSAL,
         review_with: ReviewWith = "self",
         seed: int = 0,
+        guard: Optional[CoherenceGuard] = CoherenceGuard(),
+        calibration_quantile: float = 0.1,
     ) -> None:
         """
         Args:
@@ -109,16 +126,24 @@ class ConscienceDecoder:
             conscience: the question and answer words (default: ``Conscience()``).
             settings: how answers (and revisions) are sampled.
             num_samples: K, answers sampled per conversation.
-            threshold: best scores below this trigger ``on_low``.
+            threshold: a probability, P(yes) / (P(yes) + P(no)); a best answer below it triggers
+                ``on_low``. ``None``: calibrated on the reference set (see the module docstring).
             on_low: what to do below threshold (see the module docstring).
             fallback: under ``on_low="revise"``, what to do when the rewrite does not score higher.
             refusal_text: the answer when refusing.
             review_with: ``self``: the loaded model (adapter on) reviews and revises; ``base``: the
                 adapter is disabled for reviewing and revising. Without an adapter both are the same.
             seed: base seed; each sample's seed also depends on the step and prompt index.
+            guard: the coherence guard a revision must pass to win; ``None`` lets the score alone decide.
+            calibration_quantile: with ``threshold=None``, the quantile of the reference set's verdicts
+                used as the threshold.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a probability P(yes) in [0, 1], got {threshold}")
+        if not 0 <= calibration_quantile <= 1:
+            raise ValueError(f"calibration_quantile must be in [0, 1], got {calibration_quantile}")
         self.model = model
         self.tokenizer = tokenizer
         self.conscience = conscience or Conscience()
@@ -130,6 +155,8 @@ class ConscienceDecoder:
         self.refusal_text = refusal_text
         self.review_with = review_with
         self.seed = seed
+        self.guard = guard
+        self.calibration_quantile = calibration_quantile
 
     @contextmanager
     def reviewer(self) -> Iterator[torch.nn.Module]:
@@ -149,16 +176,17 @@ class ConscienceDecoder:
         if not conversations:
             return []
         k = self.num_samples
-        prompt_ids = [render_prompt(self.tokenizer, c) for c in conversations]
+        prompt_ids = [render_prompt(self.tokenizer, c, self.settings.max_prompt_tokens) for c in conversations]
         rollouts = sample_ids(self.model, self.tokenizer, prompt_ids, self.settings, k, self.seed, step, index_offset)
-        scores = self._review(rollouts)
+        candidates = self._review(rollouts)
         answers = []
         for i in range(len(conversations)):
-            group = [Candidate(r.text, s, r.finished) for r, s in zip(rollouts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k])]
+            group = candidates[i * k : (i + 1) * k]
             # max() keeps the first of equal scores, so ties go to the earliest sample.
             best = max(range(k), key=lambda j: group[j].score)
             answers.append(Answer(group[best].text, group[best].score, "best", group, best))
-        low = [i for i, a in enumerate(answers) if a.score < self.threshold]
+        threshold = self.calibrated_threshold()
+        low = [i for i, a in enumerate(answers) if a.p_yes < threshold]
         if low and self.on_low == "revise":
             self._revise(conversations, answers, low, step)
         for i in low:
@@ -172,20 +200,40 @@ class ConscienceDecoder:
                 answer.action = "kept"
         return answers
 
-    def _review(self, rollouts: list[Rollout]) -> list[float]:
+    def calibrated_threshold(self) -> float:
+        """``threshold``, or (when None) the calibration quantile of the reviewer's P(yes) on plainly
+        benign reference answers; computed once."""
+        if self.threshold is None:
+            from emalign.data import read_chat_jsonl
+            from emalign.embedded import RESOURCES
+
+            references = read_chat_jsonl(RESOURCES / "calibration.jsonl")
+            prompts = [render_prompt(self.tokenizer, c[:-1]) for c in references]
+            answers = [self.tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"] for c in references]
+            with self.reviewer() as reviewer:
+                scores = self.conscience.review(reviewer, self.tokenizer, prompts, answers).scores
+            self.threshold = float(torch.quantile(torch.sigmoid(scores.double()), self.calibration_quantile))
+        return self.threshold
+
+    def _review(self, rollouts: list[Rollout]) -> list[Candidate]:
         with self.reviewer() as reviewer:
-            review = self.conscience.review(reviewer, self.tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
-        return review.scores.tolist()
+            review: Review = self.conscience.review(
+                reviewer, self.tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]
+            )
+        logps = mean_logps(review.ref_logps, [len(r.response_ids) for r in rollouts])
+        return [Candidate(r.text, float(s), r.finished, float(lp)) for r, s, lp in zip(rollouts, review.scores, logps)]
 
     def _revise(self, conversations: list[Conversation], answers: list[Answer], low: list[int], step: int) -> None:
-        """Rewrite the low answers with the conscience's model; a rewrite that scores higher wins."""
+        """Rewrite the low answers with the conscience's model; a rewrite that scores higher and passes
+        the coherence guard wins."""
         with self.reviewer() as reviewer:
             revisions = self.conscience.revise(
                 reviewer, self.tokenizer, [conversations[i] for i in low], [answers[i].text for i in low], self.settings, self.seed, step
             )
-        scores = self._review(revisions)
-        for i, rollout, score in zip(low, revisions, scores):
+        for i, revision in zip(low, self._review(revisions)):
             answer = answers[i]
-            answer.revision = Candidate(rollout.text, score, rollout.finished)
-            if score > answer.score:
-                answer.text, answer.score, answer.action = rollout.text, score, "revised"
+            answer.revision = revision
+            best = answer.candidates[answer.best_index]
+            coherent = self.guard is None or self.guard.allows(best.logp, revision.logp, revision.text)
+            if revision.score > answer.score and coherent:
+                answer.text, answer.score, answer.action = revision.text, revision.score, "revised"

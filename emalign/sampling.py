@@ -35,6 +35,21 @@ class GenerationSettings:
     """Nucleus sampling mass."""
     batch_size: int = 16
     """Sequences per ``generate`` call (prompts x samples); halved automatically on out-of-memory."""
+    max_prompt_tokens: Optional[int] = 1024
+    """Longest prompt in tokens: a longer one has its longest message cut (the start kept), reported
+    once. Without it one pasted 50,000-character message makes generation and review take tens of GB."""
+
+
+MODERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+"""Sampling for a model whose generation_config recommends none: varied, but rarely off the rails."""
+
+
+def recommended_sampling(model) -> dict[str, float]:
+    """``temperature`` and ``top_p`` from the model's ``generation_config`` where it sets them
+    (its authors' recommendation), else ``MODERATE_SAMPLING``."""
+    config = getattr(model, "generation_config", None)
+    given = config.to_diff_dict() if config is not None else {}  # only what differs from HF's defaults
+    return {key: float(given.get(key, value)) for key, value in MODERATE_SAMPLING.items()}
 
 
 @dataclass
@@ -55,9 +70,32 @@ def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> i
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int] = None) -> list[int]:
+    """The chat-templated prompt's ids, at most ``max_tokens`` long (the longest message cut to fit)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    full = len(ids)
+    messages = [dict(m) for m in messages]
+    while len(ids) > max_tokens:
+        contents = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] for m in messages]
+        longest = max(range(len(messages)), key=lambda i: len(contents[i]))
+        if not contents[longest]:
+            raise ValueError(f"the chat template alone takes {len(ids)} tokens, more than max_prompt_tokens={max_tokens}")
+        keep = max(0, len(contents[longest]) - (len(ids) - max_tokens) - 8)  # 8: re-tokenising may merge or split
+        messages[longest]["content"] = tokenizer.decode(contents[longest][:keep])
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    global _reported_cut
+    if not _reported_cut:
+        _reported_cut = True
+        log.warning("a prompt of %d tokens was cut to max_prompt_tokens=%d (the start of its longest message kept); "
+                    "later cuts are not reported", full, max_tokens)
+    return ids
+
+
+_reported_cut = False
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -200,7 +238,8 @@ def sample(
 ) -> list[Rollout]:
     """Sample answers to chat prompts (message lists)."""
     settings = settings or GenerationSettings()
-    return sample_ids(model, tokenizer, [render_prompt(tokenizer, p) for p in prompts], settings, num_samples, seed, step)
+    prompt_ids = [render_prompt(tokenizer, p, settings.max_prompt_tokens) for p in prompts]
+    return sample_ids(model, tokenizer, prompt_ids, settings, num_samples, seed, step)
 
 
 class Throughput:

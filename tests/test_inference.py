@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from emalign.conscience import Conscience
+from emalign.guard import CoherenceGuard
 from emalign.inference import ConscienceDecoder
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 
@@ -42,7 +43,7 @@ def decoder(tiny, **kwargs) -> ConscienceDecoder:
 
 def test_returns_the_best_candidate_by_an_independent_review(tiny):
     model, tokenizer = tiny
-    answers = decoder(tiny, threshold=float("-inf"), seed=7).answer(CONVERSATIONS)
+    answers = decoder(tiny, threshold=0.0, seed=7).answer(CONVERSATIONS)
     # Re-sample with the same seeds and review separately: the scores and the pick must agree.
     rollouts = sample_ids(model, tokenizer, [render_prompt(tokenizer, c) for c in CONVERSATIONS], SETTINGS, 3, seed=7)
     scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]).scores
@@ -57,8 +58,8 @@ def test_returns_the_best_candidate_by_an_independent_review(tiny):
 
 
 def test_threshold_above_every_score(tiny):
-    refused = decoder(tiny, threshold=1e9, on_low="refuse", refusal_text="No way.").answer(CONVERSATIONS)
-    kept = decoder(tiny, threshold=1e9, on_low="keep").answer(CONVERSATIONS)
+    refused = decoder(tiny, threshold=1.0, on_low="refuse", refusal_text="No way.").answer(CONVERSATIONS)
+    kept = decoder(tiny, threshold=1.0, on_low="keep").answer(CONVERSATIONS)
     for r, k in zip(refused, kept):
         assert (r.action, r.text) == ("refused", "No way.")
         assert k.action == "kept"
@@ -68,11 +69,11 @@ def test_threshold_above_every_score(tiny):
 
 @pytest.mark.parametrize("fallback", ["refuse", "keep"])
 def test_revise_keeps_a_better_rewrite_else_falls_back(tiny, fallback):
-    answers = decoder(tiny, threshold=1e9, on_low="revise", fallback=fallback, refusal_text="No.").answer(CONVERSATIONS)
+    answers = decoder(tiny, threshold=1.0, on_low="revise", fallback=fallback, refusal_text="No.").answer(CONVERSATIONS)
     for a in answers:
         assert a.revision is not None
         best = a.candidates[a.best_index]
-        if a.revision.score > best.score:
+        if a.revision.score > best.score and CoherenceGuard().allows(best.logp, a.revision.logp, a.revision.text):
             assert (a.action, a.text, a.score) == ("revised", a.revision.text, a.revision.score)
         elif fallback == "refuse":
             assert (a.action, a.text) == ("refused", "No.")
@@ -81,21 +82,21 @@ def test_revise_keeps_a_better_rewrite_else_falls_back(tiny, fallback):
 
 
 def test_no_revision_above_threshold(tiny):
-    answers = decoder(tiny, threshold=float("-inf"), on_low="revise").answer(CONVERSATIONS)
+    answers = decoder(tiny, threshold=0.0, on_low="revise").answer(CONVERSATIONS)
     assert all(a.action == "best" and a.revision is None for a in answers)
 
 
 def test_same_seed_same_answers(tiny):
-    first = decoder(tiny, seed=3, threshold=1e9, on_low="revise", fallback="keep").answer(CONVERSATIONS)
-    second = decoder(tiny, seed=3, threshold=1e9, on_low="revise", fallback="keep").answer(CONVERSATIONS)
-    other = decoder(tiny, seed=4, threshold=1e9, on_low="revise", fallback="keep").answer(CONVERSATIONS)
+    first = decoder(tiny, seed=3, threshold=1.0, on_low="revise", fallback="keep").answer(CONVERSATIONS)
+    second = decoder(tiny, seed=3, threshold=1.0, on_low="revise", fallback="keep").answer(CONVERSATIONS)
+    other = decoder(tiny, seed=4, threshold=1.0, on_low="revise", fallback="keep").answer(CONVERSATIONS)
     assert [a.to_dict() for a in first] == [a.to_dict() for a in second]
     assert [c.text for a in first for c in a.candidates] != [c.text for a in other for c in a.candidates]
 
 
 def test_samples_do_not_depend_on_batching(tiny):
-    together = decoder(tiny, threshold=float("-inf")).answer(CONVERSATIONS)
-    alone = decoder(tiny, threshold=float("-inf")).answer(CONVERSATIONS[1:], index_offset=1)
+    together = decoder(tiny, threshold=0.0).answer(CONVERSATIONS)
+    alone = decoder(tiny, threshold=0.0).answer(CONVERSATIONS[1:], index_offset=1)
     assert [c.text for c in together[1].candidates] == [c.text for c in alone[0].candidates]
 
 
@@ -106,7 +107,7 @@ def test_review_with_base_disables_the_adapter(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
-    kwargs = dict(settings=SETTINGS, num_samples=2, threshold=float("-inf"), seed=1)
+    kwargs = dict(settings=SETTINGS, num_samples=2, threshold=0.0, seed=1)
     by_base = ConscienceDecoder(model, tokenizer, review_with="base", **kwargs).answer(CONVERSATIONS[:1])[0]
     by_self = ConscienceDecoder(model, tokenizer, review_with="self", **kwargs).answer(CONVERSATIONS[:1])[0]
     assert [c.text for c in by_base.candidates] == [c.text for c in by_self.candidates]  # the adapter samples both
@@ -115,6 +116,96 @@ def test_review_with_base_disables_the_adapter(tiny_model_dir):
         base_scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]).scores
     assert torch.allclose(torch.tensor([c.score for c in by_base.candidates]), base_scores, atol=1e-4)
     assert not torch.allclose(torch.tensor([c.score for c in by_self.candidates]), base_scores, atol=1e-4)
+
+
+def test_sampling_defaults_come_from_the_model_else_moderate(tiny):
+    from transformers import GenerationConfig
+
+    from emalign.sampling import MODERATE_SAMPLING, recommended_sampling
+
+    model, _ = tiny
+    assert recommended_sampling(model) == MODERATE_SAMPLING == {"temperature": 0.7, "top_p": 0.9}
+    recommended = type("Model", (), {"generation_config": GenerationConfig(do_sample=True, temperature=0.2)})()
+    assert recommended_sampling(recommended) == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_default_threshold_is_the_models_own_verdict_quantile_on_benign_answers(tiny):
+    from emalign.data import read_chat_jsonl
+    from emalign.embedded import RESOURCES
+
+    model, tokenizer = tiny
+    calibrated = decoder(tiny, threshold=None, calibration_quantile=0.25).calibrated_threshold()
+    references = read_chat_jsonl(RESOURCES / "calibration.jsonl")
+    scores = Conscience().review(
+        model, tokenizer, [render_prompt(tokenizer, c[:-1]) for c in references],
+        [tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"] for c in references],
+    ).scores
+    p_yes = sorted(torch.sigmoid(scores.double()).tolist())
+    assert p_yes[0] <= calibrated <= p_yes[-1] and 0 < calibrated < 1
+    assert sum(p < calibrated for p in p_yes) == pytest.approx(0.25 * len(p_yes), abs=1)
+    with pytest.raises(ValueError, match="probability"):
+        decoder(tiny, threshold=1.5)
+
+
+def test_guard_allows_only_a_non_blank_answer_about_as_likely_per_token():
+    guard = CoherenceGuard(max_logp_drop=1.0)
+    assert guard.allows(-2.0, -2.9, "Paris.")
+    assert not guard.allows(-2.0, -3.1, "xq zv Paris")
+    assert not guard.allows(-2.0, 0.0, "  \n")  # says nothing, however likely
+    with pytest.raises(ValueError):
+        CoherenceGuard(max_logp_drop=-1)
+
+
+class _Refuses(CoherenceGuard):
+    def allows(self, replaced_logp, replacement_logp, replacement_text):
+        return False
+
+
+def test_a_revision_the_guard_refuses_never_wins(tiny):
+    unguarded = decoder(tiny, threshold=1.0, on_low="revise", fallback="keep", guard=None).answer(CONVERSATIONS)
+    guarded = decoder(tiny, threshold=1.0, on_low="revise", fallback="keep", guard=_Refuses()).answer(CONVERSATIONS)
+    assert any(a.action == "revised" for a in unguarded)  # the score alone would let the rewrite win
+    assert all(a.action == "kept" and a.revision is not None for a in guarded)
+
+
+def test_max_prompt_tokens_cuts_the_longest_message_and_says_so_once(tiny, caplog):
+    from emalign import sampling
+
+    _, tokenizer = tiny
+    long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 10_000 + "END"}]
+    sampling._reported_cut = False
+    with caplog.at_level("WARNING", logger="emalign.sampling"):
+        cut = [render_prompt(tokenizer, long, max_tokens=100) for _ in range(2)]
+    assert all(len(ids) <= 100 for ids in cut)
+    text = tokenizer.decode(cut[0])
+    assert "Be brief." in text and text.count("word") > 50 and "END" not in text
+    assert text.endswith(tokenizer.decode(render_prompt(tokenizer, [{"role": "user", "content": "x"}])[-3:]))
+    assert caplog.text.count("was cut to max_prompt_tokens=100") == 1
+    assert render_prompt(tokenizer, CONVERSATIONS[1], max_tokens=100) == render_prompt(tokenizer, CONVERSATIONS[1])
+
+
+@pytest.mark.smollm2
+def test_smollm2_generate_keeps_a_correct_answer_and_the_guard_rejects_gibberish(tmp_path):
+    from conftest import run_cli as run_in_process
+    from emalign.guard import mean_logps
+    from emalign.models import load_for_inference
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(question[0]["content"] + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert run_in_process(["generate", "--prompts", str(prompts), "--max_new_tokens", "48", "--out", str(out)]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "Paris" in row["answer"], row
+
+    model, tokenizer = load_for_inference("smollm2-135m-instruct")
+    prompt = render_prompt(tokenizer, question)
+    plain = tokenizer("The capital of France is Paris.", add_special_tokens=False)["input_ids"]
+    gibberish = torch.randint(1000, tokenizer.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    review = Conscience().review(model, tokenizer, [prompt, prompt], [plain, gibberish])
+    plain_logp, gibberish_logp = mean_logps(review.ref_logps, [len(plain), len(gibberish)]).tolist()
+    assert not CoherenceGuard().allows(plain_logp, gibberish_logp, tokenizer.decode(gibberish))
+    assert CoherenceGuard().allows(plain_logp, plain_logp, "The capital of France is Paris.")
 
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -143,7 +234,7 @@ def test_chat_cli_driven_by_stdin(tiny_model_dir):
     result = run_cli("chat", "--model", tiny_model_dir, "--max_new_tokens", "8", "--samples", "2", "--show_score", "true", stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("bot> ") == 2
-    assert result.stdout.count("score ") == 2
+    assert result.stdout.count("P(yes) ") == 2 and "threshold" in result.stdout
     assert "conversation forgotten" in result.stdout
     assert "Traceback" not in result.stderr
 
