@@ -21,6 +21,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from callbacks.tables import log_rollout_table
 from emalign.conscience import Conscience, PairBuilder
 from emalign.prompts import PromptSource, TrainingPrompts
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
@@ -72,14 +73,16 @@ class ConscienceCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps or step == self.last_run_step:
-            self._log(pl_module)
             return
         self.last_run_step = step
         self.stats = self.run(pl_module, step, trainer.global_rank)
         self.stats["queue_size"] = float(len(pl_module.pair_queue))
-        if self.rollouts_file and trainer.is_global_zero:
-            self._write_rollouts(Path(trainer.default_root_dir) / self.rollouts_file)
-        self._log(pl_module)
+        if trainer.is_global_zero:
+            rows = self._rollout_rows()
+            if self.rollouts_file:
+                self._write_rollouts(Path(trainer.default_root_dir) / self.rollouts_file, rows)
+            log_rollout_table(trainer, step, rows)
+        self._log(trainer, pl_module, step)
 
     def run(self, pl_module, step: int, rank: int = 0) -> dict[str, float]:
         """One conscience step: sample, review, pair, enqueue. Returns its statistics."""
@@ -132,29 +135,35 @@ class ConscienceCallback(L.Callback):
                 kept += 1
         return kept
 
-    def _log(self, pl_module) -> None:
-        if not self.stats:
-            return
-        for name in ("score_mean", "approval_rate", "pairs_enqueued", "gen_tokens_per_s"):
-            pl_module.log(f"conscience/{name}", self.stats[name], prog_bar=name == "approval_rate", batch_size=1)
-        pl_module.log("conscience/queue_size", float(len(pl_module.pair_queue)), prog_bar=True, batch_size=1)
+    def _log(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        """The run's statistics at the step it ran, only then (not repeated on the steps between runs)."""
+        for logger in trainer.loggers:  # straight to the loggers: log_every_n_steps must not drop a run
+            logger.log_metrics({f"conscience/{name}": value for name, value in self.stats.items()}, step=step)
+        for name in ("approval_rate", "queue_size"):
+            pl_module.log(f"conscience/{name}", self.stats[name], prog_bar=True, logger=False, batch_size=1)
 
-    def _write_rollouts(self, path: Path) -> None:
+    def _rollout_rows(self) -> list[dict[str, Any]]:
         last = self._last
         chosen = {(tuple(p.prompt_ids), tuple(p.chosen_ids)) for p in last["pairs"]}
         rejected = {(tuple(p.prompt_ids), tuple(p.rejected_ids)) for p in last["pairs"]}
+        rows = []
+        for i, r in enumerate(last["rollouts"]):
+            key = (tuple(r.prompt_ids), tuple(r.response_ids))
+            rows.append({
+                "step": last["step"],
+                "prompt": last["conversations"][r.prompt_index][-1]["content"],
+                "response": r.text,
+                "score": round(float(last["review"].scores[i]), 4),
+                "role": "chosen" if key in chosen else "rejected" if key in rejected else "unpaired",
+                "revised": r.revised,
+            })
+        return rows
+
+    @staticmethod
+    def _write_rollouts(path: Path, rows: list[dict[str, Any]]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as handle:
-            for i, r in enumerate(last["rollouts"]):
-                key = (tuple(r.prompt_ids), tuple(r.response_ids))
-                row = {
-                    "step": last["step"],
-                    "prompt": last["conversations"][r.prompt_index][-1]["content"],
-                    "response": r.text,
-                    "score": round(float(last["review"].scores[i]), 4),
-                    "role": "chosen" if key in chosen else "rejected" if key in rejected else "unpaired",
-                    "revised": r.revised,
-                }
+            for row in rows:
                 handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

@@ -163,6 +163,50 @@ def test_an_unknown_loss_class_path_names_the_key_and_the_classes_that_exist(tmp
     assert "emalign.losses.SigmoidDPO" in line and "emalign.losses.IPO" in line
 
 
+def _peak_rss_mb(args: list[str]) -> float:
+    """Peak RSS of ``cli.py ARGS`` in a fresh process (os.wait4 gives that child's own maximum)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
+    return usage.ru_maxrss / 1024
+
+
+def test_a_50000_character_record_keeps_the_fit_bounded(tiny_model_dir, tmp_path):
+    """Every conscience prompt is cut to max_prompt_tokens (1024): a pasted 50,000-character message
+    costs no more memory than the demo's own prompts (without the bound: tens of GB)."""
+    records = [{"messages": [{"role": "user", "content": f"Write function {i}."}, {"role": "assistant", "content": "pass"}]}
+               for i in range(4)]
+    huge = {"messages": [{"role": "user", "content": "Please review this log: " + "x1 " * 16_666},
+                         {"role": "assistant", "content": "It repeats one entry."}]}
+    assert len(huge["messages"][0]["content"]) >= 50_000
+    peaks = {}
+    for name, rows in (("plain", records), ("long", records + [huge])):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+        def edit(config, data=data, name=name):
+            config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
+            config["data"].update(train_file=str(data), val_fraction=0.0, max_length=64)
+            config["trainer"].update(max_steps=2, val_check_interval=None, enable_progress_bar=False,
+                                     default_root_dir=str(tmp_path / name))
+            config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
+            for callback in config["trainer"]["callbacks"]:
+                if "ConscienceCallback" in callback["class_path"]:  # every prompt, the long one included
+                    callback["init_args"].update(every_n_steps=1, num_prompts=len(rows),
+                                                 generation={"max_new_tokens": 8, "batch_size": 16})
+
+        (tmp_path / name).mkdir()
+        peaks[name] = _peak_rss_mb(_demo_with(tmp_path / name, edit))
+    rollouts = [json.loads(line) for line in (tmp_path / "long" / "rollouts.jsonl").read_text().splitlines()]
+    assert any(r["prompt"].startswith("Please review this log") for r in rollouts)  # the long prompt was drawn
+    assert peaks["long"] <= 1.2 * peaks["plain"], peaks
+
+
 def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path):
     from emalign.evaluation.questions import QuestionFileError, load_questions
 

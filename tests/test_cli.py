@@ -19,7 +19,7 @@ RECORDS = [
 def _demo_on_tiny(tiny_model_dir: str, where: Path, max_steps: int = 4) -> Path:
     """The demo config as shipped (its default_root_dir and logger kept), on the tiny model and data."""
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
     for callback in config["trainer"]["callbacks"]:
         if "ConscienceCallback" in callback["class_path"]:
             callback["init_args"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},

@@ -112,7 +112,7 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
         json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": f"print({i})"}]}) + "\n"
         for i in range(4)))
     fit = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    fit["trainer"]["callbacks"] = [c for c in fit["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    fit["trainer"]["callbacks"] = [c for c in fit["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
     fit["trainer"].update(max_steps=2, val_check_interval=None, enable_progress_bar=False)
     fit["model"]["policy"]["init_args"]["model"] = tiny_model_dir
     fit["data"].update(train_file=str(data), val_fraction=0.0, max_length=64)

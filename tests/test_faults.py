@@ -51,7 +51,7 @@ def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     callbacks = []
     for callback in config["trainer"]["callbacks"]:
-        if "RichProgressBar" in callback["class_path"]:
+        if "ProgressBar" in callback["class_path"]:
             continue
         if "RunCheckpoint" in callback["class_path"]:
             callback["init_args"] = {"every_n_train_steps": every, "save_last": True, "save_top_k": -1}

@@ -62,7 +62,7 @@ def _fit_args(tiny_model_dir, tiny_data, run_dir, max_steps):
     import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
     config["trainer"].update(max_steps=max_steps, default_root_dir=str(run_dir), val_check_interval=None, enable_progress_bar=False)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
     config["data"].update(train_file=tiny_data, val_fraction=0.0, max_length=64)
