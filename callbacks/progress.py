@@ -93,13 +93,12 @@ class RunProgressBar(RichProgressBar):
         seconds = time.perf_counter() - self._conscience_started
         self._conscience_started = 0.0
         self._show_conscience(f"conscience (step {conscience.last_run_step}): {rollouts} rollouts generated and "
-                              f"reviewed, {pairs} pairs, {seconds:.0f} s")
+                              f"reviewed, {pairs} pairs, {seconds:.0f} s", done=True)
 
-    def _show_conscience(self, text: str) -> None:
+    def _show_conscience(self, text: str, done: bool = False) -> None:
         if self._conscience_task is None or self._conscience_task not in self.progress.task_ids:
-            self._conscience_task = self.progress.add_task(text, total=None)
-        else:
-            self.progress.update(self._conscience_task, description=text)
+            self._conscience_task = self.progress.add_task(text, total=1)
+        self.progress.update(self._conscience_task, description=text, completed=int(done))
 
 
 def _is_conscience(callback: L.Callback) -> bool:

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from emalign.guard import CoherenceGuard, mean_logps
 from emalign.logprobs import hidden_states, pad_right, project, response_mask, target_logps
 from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
 
@@ -174,15 +175,23 @@ class PairBuilder:
 
     margin: float = 1.0
     """Minimum score difference between chosen and rejected."""
+    guard: Optional[CoherenceGuard] = None
+    """When set, the chosen answer is the best-scoring one the coherence guard allows against the worst
+    (``emalign.guard``): nonsense cannot be chosen on the ethics question alone. Off by default."""
 
     def build(self, rollouts: list[Rollout], review: Review, step: int) -> list[Pair]:
         groups: dict[int, list[int]] = {}
         for i, rollout in enumerate(rollouts):
             groups.setdefault(rollout.prompt_index, []).append(i)
+        logps = mean_logps(review.ref_logps, [len(r.response_ids) for r in rollouts]) if self.guard else None
         pairs = []
         for members in groups.values():
-            best = max(members, key=lambda i: float(review.scores[i]))
             worst = min(members, key=lambda i: float(review.scores[i]))
+            if self.guard is not None:
+                members = [i for i in members if self.guard.allows(float(logps[worst]), float(logps[i]), rollouts[i].text)]
+                if not members:
+                    continue
+            best = max(members, key=lambda i: float(review.scores[i]))
             gap = float(review.scores[best] - review.scores[worst])
             if best == worst or gap < self.margin or rollouts[best].response_ids == rollouts[worst].response_ids:
                 continue

@@ -68,6 +68,21 @@ def test_pair_builder_best_vs_worst_with_margin():
     assert (pairs[0].ref_chosen, pairs[0].ref_rejected, pairs[0].step) == (-2.0, -3.0, 7)
 
 
+def test_pair_builder_with_the_guard_never_chooses_nonsense():
+    from emalign.conscience import Review
+    from emalign.guard import CoherenceGuard
+    from emalign.sampling import Rollout
+
+    # Sample 1 scores best but the reference finds it 5 nats per token less likely than the worst.
+    rollouts = [Rollout(0, 0, [1], [10, 11], "plain", True), Rollout(0, 1, [1], [12, 13], "xq zv", True),
+                Rollout(0, 2, [1], [14, 15], "worse", True)]
+    review = Review(torch.tensor([1.0, 3.0, -1.0]), torch.tensor([-2.0, -12.0, -2.4]))
+    [unguarded] = PairBuilder(margin=0.5).build(rollouts, review, step=0)
+    [guarded] = PairBuilder(margin=0.5, guard=CoherenceGuard(max_logp_drop=1.0)).build(rollouts, review, step=0)
+    assert unguarded.chosen_ids == [12, 13]  # the score alone picks the nonsense
+    assert guarded.chosen_ids == [10, 11] and guarded.rejected_ids == [14, 15]
+
+
 def _module(tiny_model_dir, seed=0):
     torch.manual_seed(seed)
     return EmergentAlignment(Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8)), pairs_per_step=2)
