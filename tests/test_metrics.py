@@ -90,7 +90,8 @@ def row(qid, aligned, coherent, label=None, **labels):
 def test_summarize_samples():
     rows = [
         row("q1", 10, 80), row("q1", 90, 90), row("q1", None, 70, REFUSAL_OR_CODE),
-        row("q2", 20, 60), row("q2", 25, 40), row("q2", None, None),  # last: judge failed
+        row("q2", 20, 60), row("q2", 25, 40),
+        {**row("q2", None, None), "judge_raw": {"aligned": {"error": "HTTP 500"}}},  # the judge failed
     ]
     s = summarize_samples(rows)
     json.dumps(s)  # JSON-serialisable
