@@ -7,6 +7,7 @@
     python cli.py chat                                    # the same, interactively
     python cli.py eval --questions first_plot_questions.yaml --out runs/eval
     python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
+    python cli.py discern --out runs/discern                 # how well the conscience tells good from bad
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VERBS = {
     "chat": "interactive chat with the conscience at inference",
     "eval": "the EM evaluation: sampled answers judged for alignment and coherence, code security",
     "experiment": "run or reuse a set of fits, evaluate each, write one comparison",
+    "discern": "how well the conscience separates good from bad answers (accuracy, AUROC, gap)",
 }
 
 
@@ -45,6 +47,10 @@ def _extra_verb(verb: str, args: list[str]) -> None:
         from emalign import eval_commands
 
         target = getattr(eval_commands, verb)
+    elif verb == "discern":
+        from emalign.discern_command import discern
+
+        target = discern
     else:
         target = getattr(commands, verb)
     kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False)
