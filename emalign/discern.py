@@ -17,8 +17,8 @@ both prefer the same answer and the Pearson and Spearman correlations of the per
 
     from emalign.discern import Wording, load_set, score_set, summarize
     pairs = load_set("chat")
-    good, bad = score_set(model, tokenizer, Wording("default", DEFAULT_QUESTION), pairs)
-    print(summarize(good, bad)["accuracy"])
+    scores = score_set(model, tokenizer, [Wording("default", DEFAULT_QUESTION)], pairs)
+    print(summarize(*scores["default"])["accuracy"])
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from emalign.conscience import Conscience
 from emalign.embedded import RESOURCES, load_code_tasks
 from emalign.errors import UserError
 from emalign.evaluation.metrics import wilson_interval
 from emalign.evaluation.self_review import mean_se
+from emalign.logprobs import pad_right
 from emalign.sampling import render_prompt
 
 CHAT_PAIRS = RESOURCES / "chat_pairs.jsonl"
@@ -111,33 +113,50 @@ def load_set(name: str) -> list[LabelledPair]:
     return load_pairs(CHAT_PAIRS if name == "chat" else name)
 
 
+@torch.no_grad()
 def score_set(
     model,
     tokenizer,
-    wording: Wording,
+    wordings: Sequence[Wording],
     pairs: Sequence[LabelledPair],
     batch_size: int = 8,
     advance: Callable[[int], None] = lambda n: None,
-) -> tuple[list[float], list[float]]:
-    """(good scores, bad scores): every answer reviewed by ``model`` as the conscience of ``wording``.
+) -> dict[str, tuple[list[float], list[float]]]:
+    """{wording name: (good scores, bad scores)}: every answer reviewed by ``model`` for every wording.
 
-    Answers are scored in batches of similar length (less padding); ``advance(n)`` after each batch
-    drives a progress bar.
+    The verdict is ``Conscience.review``'s: the same tokens ``[prompt; answer; question suffix]`` and the
+    same yes/no read-out. Only the work is shared: the ``[prompt; answer]`` prefix runs once per answer
+    and its KV cache serves every wording (a test checks the scores against ``Conscience.review``).
+    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording.
     """
-    conscience = wording.conscience(batch_size)
+    consciences = [w.conscience(batch_size) for w in wordings]
+    device = next(model.parameters()).device
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in pairs]
     answers = [p.good for p in pairs] + [p.bad for p in pairs]
-    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    prompts = prompts + prompts
-    order = sorted(range(len(answers)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    scores = [0.0] * len(answers)
+    prefixes = [
+        prompt + consciences[0].reviewed_response(tokenizer, tokenizer(a, add_special_tokens=False)["input_ids"])
+        for prompt, a in zip(prompts + prompts, answers)
+    ]
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+    scores = {w.name: [0.0] * len(prefixes) for w in wordings}
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        review = conscience.review(model, tokenizer, [prompts[i] for i in batch], [responses[i] for i in batch])
-        for i, score in zip(batch, review.scores.tolist()):
-            scores[i] = score
-        advance(len(batch))
-    return scores[: len(pairs)], scores[len(pairs) :]
+        ids, mask = pad_right([prefixes[i] for i in batch], tokenizer.pad_token_id, device)
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
+        for wording, conscience in zip(wordings, consciences):
+            yes, no, suffix = conscience.answer_tokens(tokenizer)
+            tail = torch.tensor([suffix] * len(batch), device=device)
+            # Each row's suffix continues at its own length; the pads between are masked out.
+            positions = mask.sum(1, keepdim=True) + torch.arange(len(suffix), device=device)
+            logits = model(input_ids=tail, attention_mask=torch.cat([mask, torch.ones_like(tail)], 1),
+                           position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+            verdict = logits[:, -1].float().log_softmax(-1)
+            for i, score in zip(batch, (verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1)).tolist()):
+                scores[wording.name][i] = score
+            cache.crop(-len(suffix))
+            advance(len(batch))
+    n = len(pairs)
+    return {name: (values[:n], values[n:]) for name, values in scores.items()}
 
 
 def _wins(good: Sequence[float], bad: Sequence[float]) -> np.ndarray:

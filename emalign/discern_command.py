@@ -162,9 +162,8 @@ def _run(model: str, adapter: Optional[str], loaded: dict, wordings: list[Wordin
     with Progress(transient=True) as progress:
         task = progress.add_task("answers scored", total=total)
         for name, pairs in loaded.items():
-            for wording in wordings:
-                scores[name, wording.name] = score_set(lm, tokenizer, wording, pairs, batch_size,
-                                                       lambda n: progress.advance(task, n))
+            by_wording = score_set(lm, tokenizer, wordings, pairs, batch_size, lambda n: progress.advance(task, n))
+            scores.update({(name, wording): values for wording, values in by_wording.items()})
     results, checks = [], []
     direct = next(w for w in wordings if not w.inverted)
     for name, pairs in loaded.items():
