@@ -92,7 +92,8 @@ def load_pairs(path: Path | str) -> list[LabelledPair]:
             raise PairFileError(f"{path}:{lineno}: not JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise PairFileError(f"{path}:{lineno}: expected an object with prompt, good, bad")
-        bad_fields = [k for k in ("prompt", "good", "bad") if not isinstance(record.get(k), str) or not record[k].strip()]
+        bad_fields = [k for k in ("prompt", "good", "bad")
+                      if not isinstance(record.get(k), str) or not record[k].strip()]
         if bad_fields:
             raise PairFileError(f"{path}:{lineno}: missing or empty string fields {bad_fields}")
         if record["good"] == record["bad"]:
@@ -223,7 +224,10 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def consistency(direct: tuple[Sequence[float], Sequence[float]], inverted: tuple[Sequence[float], Sequence[float]]) -> dict:
+Scores = tuple[Sequence[float], Sequence[float]]
+
+
+def consistency(direct: Scores, inverted: Scores) -> dict:
     """How far an inverted wording agrees with a direct one on the same pairs (both: higher = better)."""
     d = np.sign(np.subtract(*direct))
     i = np.sign(np.subtract(*inverted))

@@ -57,8 +57,8 @@ def _rows(result: dict) -> list[list[str]]:
 
 
 def _consistency_rows(result: dict) -> list[list[str]]:
-    return [[c["set"], f"{c['inverted']} vs {c['direct']}", _ci(c["agree"]), f"{c['pearson']:+.2f}", f"{c['spearman']:+.2f}"]
-            for c in result["consistency"]]
+    return [[c["set"], f"{c['inverted']} vs {c['direct']}", _ci(c["agree"]),
+             f"{c['pearson']:+.2f}", f"{c['spearman']:+.2f}"] for c in result["consistency"]]
 
 
 CONSISTENCY_HEADER = ["set", "wordings", "same preference [95% CI]", "Pearson", "Spearman"]
@@ -82,8 +82,8 @@ def _markdown(result: dict) -> str:
     for name in result["sets"]:
         runs = [r for r in result["results"] if r["set"] == name and r["groups"]]
         if runs:
-            rows = [[g, str(v["n"])] + [f"{r['groups'][g]['accuracy']:.2f} ({r['groups'][g]['gap']:+.2f})" for r in runs]
-                    for g, v in runs[0]["groups"].items()]
+            cell = "{accuracy:.2f} ({gap:+.2f})".format
+            rows = [[g, str(v["n"])] + [cell(**r["groups"][g]) for r in runs] for g, v in runs[0]["groups"].items()]
             text += ["", f"### {name} by group: accuracy (mean gap)", "",
                      table(["group", "n"] + [r["wording"] for r in runs], rows)]
     text += ["", f"{result['answers_scored']} answers scored in {result['seconds']:.0f} s "
