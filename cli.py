@@ -137,6 +137,15 @@ def _lightning(args: list[str] | None) -> None:
             except (TypeError, KeyError, ValueError) as err:
                 parser.error(str(err), err)
 
+        def before_instantiate_classes(self) -> None:
+            # FSDP's unsupported combinations fail here, in one line, before any weights load.
+            from emalign.sharding import check_config
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            policy = config.get("model.policy") or {}
+            quantization = (policy.get("init_args") or {}).get("quantization") if hasattr(policy, "get") else None
+            check_config(config.get("trainer.strategy"), quantization, config.get("trainer.callbacks"))
+
         def before_fit(self) -> None:
             trainer = self.trainer
             for callback in trainer.checkpoint_callbacks:

@@ -25,6 +25,7 @@ from callbacks.tables import log_rollout_table
 from emalign.conscience import Conscience, PairBuilder
 from emalign.prompts import PromptSource, TrainingPrompts
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.sharding import is_sharded, max_over_ranks
 
 
 class ConscienceCallback(L.Callback):
@@ -120,6 +121,10 @@ class ConscienceCallback(L.Callback):
             if r.prompt_index not in best or review.scores[i] > review.scores[best[r.prompt_index]]:
                 best[r.prompt_index] = i
         low = [i for i in best.values() if review.scores[i] < threshold]
+        wanted = set(low)
+        if is_sharded(reference):  # revising is collective under FSDP: all ranks revise as many as the busiest
+            extra = max_over_ranks(len(low), next(reference.parameters()).device) - len(low)
+            low += [i for i in best.values() if i not in wanted][:extra]
         if not low:
             return 0
         conv = [conversations[rollouts[i].prompt_index] for i in low]
@@ -127,7 +132,7 @@ class ConscienceCallback(L.Callback):
         checked = self.conscience.review(reference, tokenizer, [r.prompt_ids for r in revisions], [r.response_ids for r in revisions])
         kept = 0
         for n, (i, revision) in enumerate(zip(low, revisions)):
-            if checked.scores[n] > review.scores[i]:
+            if i in wanted and checked.scores[n] > review.scores[i]:
                 revision.prompt_index, revision.sample_index = rollouts[i].prompt_index, rollouts[i].sample_index
                 revision.revised = True
                 rollouts[i] = revision

@@ -16,7 +16,9 @@ to ``eval_samples.jsonl``), which the report plots as alignment over training.
 
 The same seeds are used at every evaluation, so differences between steps come from the model,
 not from the sampling noise. Other ranks do not wait for rank 0 here; under DDP they wait at the
-next gradient sync. FSDP is not supported (rank 0 cannot generate alone with sharded weights).
+next gradient sync. Under FSDP (``emalign.sharding.FSDP2``) every forward needs every rank, so
+every rank runs the same evaluation (same seeds, same answers) and rank 0 alone records it; an
+external judge is refused there at start (each rank would call it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from emalign.evaluation.summary import summarize_eval
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
 from emalign.evaluation.self_review import FrozenJudge
 from emalign.sampling import GenerationSettings
+from emalign.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,9 @@ class AlignmentEvalCallback(L.Callback):
         # Load and check the questions before training starts: a typo should not wait N steps.
         from emalign.embedded import heldout_code_prompts
 
+        if self.judge is not None and isinstance(getattr(trainer, "strategy", None), FSDP2):
+            raise UnsupportedUnderFSDP(EVAL_JUDGE_REASON)
+
         questions = self.questions
         if questions is None:
             if not Path(DEFAULT_QUESTIONS).is_file():
@@ -131,9 +137,12 @@ class AlignmentEvalCallback(L.Callback):
         if step == self.last_eval_step or not (force or step % self.every_n_steps == 0):
             return
         self.last_eval_step = step
-        if not trainer.is_global_zero:
+        sharded = is_sharded(pl_module.policy.model)
+        if not trainer.is_global_zero and not sharded:
             return
         metrics, rows = self.evaluate(pl_module)
+        if not trainer.is_global_zero:
+            return
         metrics["step"] = step
         self.history.append(metrics)
         logged = {f"eval/{k}": float(metrics[k]) for k in LOGGED if metrics.get(k) is not None}

@@ -261,6 +261,7 @@ class Policy(nn.Module):
             raise ValueError("quantization (QLoRA) needs an adapter: 4-bit base weights cannot be trained directly")
         self.source = model
         self.reference_kind = reference
+        self.quantized = quantization is not None
         self.tokenizer = load_tokenizer(model, trust_remote_code, chat_template)
         base = load_causal_lm(model, dtype, quantization, trust_remote_code)
         base.generation_config.pad_token_id = self.tokenizer.pad_token_id
@@ -382,14 +383,28 @@ class Policy(nn.Module):
         state = self.state_dict()
         return {k: v for k, v in state.items() if k in keep or f".{self.REFERENCE_ADAPTER}." in k}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Save the adapter in PEFT format (or the full model when fully fine-tuned) plus the tokenizer."""
+    def save_pretrained(self, directory: str | Path, write: bool = True) -> Path:
+        """Save the adapter in PEFT format (or the full model when fully fine-tuned) plus the tokenizer.
+
+        Under FSDP every rank must call it (the weights are gathered from all shards); only the
+        ranks with ``write`` write.
+        """
+        from emalign.sharding import is_sharded
+
         directory = Path(directory)
+        state = None
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not write:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
+        kwargs = {"state_dict": state} if state is not None else {}
         if self.is_adapter:
-            self.model.save_pretrained(directory, selected_adapters=["default"])
+            self.model.save_pretrained(directory, selected_adapters=["default"], **kwargs)
         else:
-            self.model.save_pretrained(directory)
+            self.model.save_pretrained(directory, **kwargs)
         self.tokenizer.save_pretrained(directory)
         return directory
 

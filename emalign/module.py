@@ -34,6 +34,7 @@ from emalign.losses import PreferenceLoss, SigmoidDPO
 from emalign.model_card import write_model_card
 from emalign.models import LoRA, Policy
 from emalign.queue import PairQueue
+from emalign.sharding import any_rank, shard_policy
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,11 @@ class EmergentAlignment(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.policy(input_ids, attention_mask)
 
+    def configure_model(self) -> None:
+        # Only Lightning's ModelParallelStrategy (emalign.sharding.FSDP2) sets a device mesh.
+        if self.device_mesh is not None:
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         terms = []
         if batch:
@@ -149,9 +155,13 @@ class EmergentAlignment(L.LightningModule):
             self.log("task/loss", task, prog_bar=True, batch_size=batch["input_ids"].shape[0])
             terms.append(task)
         pairs = self.pair_queue.sample(self.pairs_per_step, self.global_step, draw=batch_idx)
+        # Under FSDP every forward is collective: a rank without pairs joins the others' pair forward.
+        peers_have_pairs = self.device_mesh is not None and any_rank(bool(pairs), self.device)
         if pairs:
             align = self.alignment_loss(pairs)
             terms.append(self.align_weight * align)
+        elif peers_have_pairs:
+            terms.append(self._zero_forward())
         if not terms:  # pure-conscience run before the first pairs: nothing to learn from yet
             if self._trainer is None or self._trainer.world_size == 1:
                 return None  # Lightning skips the step
@@ -205,6 +215,13 @@ class EmergentAlignment(L.LightningModule):
         self.log("align/reward_margin", (chosen_rewards - rejected_rewards).mean(), batch_size=n)
         self.log("align/reward_accuracy", (chosen_rewards > rejected_rewards).float().mean(), batch_size=n)
         return losses.mean()
+
+    def _zero_forward(self) -> torch.Tensor:
+        """One policy forward like ``alignment_loss``'s (decoder and head, same checkpointing) that contributes nothing."""
+        ids = torch.full((1, 2), self.tokenizer.pad_token_id, device=self.device)
+        target = torch.tensor([[False, True]], device=self.device)
+        with self.policy.checkpointed() if self.checkpoint_pairs else contextlib.nullcontext():
+            return 0.0 * sequence_logps(self.policy.model, ids, torch.ones_like(ids), target).sum()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip the update when the loss or any gradient is non-finite (on any rank).
@@ -280,7 +297,10 @@ class EmergentAlignment(L.LightningModule):
 
     def on_fit_end(self) -> None:
         stopped_early = any(getattr(cb, "stopped_by", None) for cb in self.trainer.callbacks)  # StopOnSignal
-        if self.trainer.is_global_zero and not self.trainer.interrupted and not stopped_early:
-            out = self.policy.save_pretrained(Path(self.trainer.default_root_dir) / self.adapter_dir)
-            write_model_card(out, self.trainer, self.policy)
-            print(f"adapter saved to {out.resolve()} (model card: README.md)", flush=True)
+        if not self.trainer.interrupted and not stopped_early:
+            # Every rank takes part: under FSDP the weights are gathered from all shards.
+            out = Path(self.trainer.default_root_dir) / self.adapter_dir
+            self.policy.save_pretrained(out, write=self.trainer.is_global_zero)
+            if self.trainer.is_global_zero:
+                write_model_card(out, self.trainer, self.policy)
+                print(f"adapter saved to {out.resolve()} (model card: README.md)", flush=True)

@@ -213,6 +213,10 @@ def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples,
         top_p=None,
         top_k=None,
     )
+    from emalign.sharding import is_sharded  # here: sharding imports Lightning, which inference does not need
+
+    if is_sharded(model):  # under FSDP each step is collective: keep stepping until every rank is done
+        kwargs["synced_gpus"] = True
     if settings.temperature > 0:
         seeds = [sample_seed(seed, step, first_index + i, k) for i in range(len(chunk)) for k in range(num_samples)]
         kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p, device)])
