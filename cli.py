@@ -1,6 +1,6 @@
 """emalign's one command-line entry.
 
-    python cli.py fit --config configs/demo.yaml          # train (LightningCLI: fit/validate/test/predict)
+    python cli.py fit --config configs/demo.yaml          # train (LightningCLI: fit/validate)
     python cli.py fit --config configs/demo.yaml --print_config
     python cli.py data em --out data/em                   # download and verify the upstream EM data
     python cli.py generate --prompts prompts.txt          # best-of-K answers reviewed by the conscience
@@ -109,6 +109,11 @@ def _lightning(args: list[str] | None) -> None:
             raise SystemExit(2)
 
     class EmalignCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # test and predict would need a test_step/predict_step, which the system does not define.
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
         def _parse_ckpt_path(self) -> None:
             # LightningCLI reads the hyperparameters of an explicit --ckpt_path before anything else;
             # a truncated file must give our error, not torch's.
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         print("Verbs beyond LightningCLI's:")
         for verb, text in VERBS.items():
             print(f"  {verb:<11} {text}")
-        print("\nLightningCLI (fit, validate, test, predict):")
+        print("\nLightningCLI (fit, validate):")
     from emalign.errors import friendly_errors
 
     with friendly_errors():

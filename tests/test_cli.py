@@ -120,3 +120,10 @@ def test_data_files_take_space_separated_values(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "download_em", lambda out, source, files: seen.setdefault("files", files) and [])
     assert run_cli(["data", "em", "--out", str(tmp_path), "--files", "data/insecure.jsonl", "data/secure.jsonl"]) == 0
     assert seen["files"] == ["data/insecure.jsonl", "data/secure.jsonl"]
+
+
+@pytest.mark.parametrize("verb", ["test", "predict"])
+def test_subcommands_without_a_step_are_not_offered(verb, capsys):
+    """The system defines no test_step or predict_step, so the CLI must not offer them."""
+    assert run_cli([verb, "--help"]) == 2
+    assert f"invalid choice: '{verb}' (choose from 'fit', 'validate')" in capsys.readouterr().err
