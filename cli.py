@@ -164,6 +164,11 @@ def _lightning(args: list[str] | None) -> None:
                 found = [f for f in found if f]
                 if found:
                     check_checkpoint(max(found, key=os.path.getmtime))
+                elif any(isinstance(c, RunCheckpoint) for c in trainer.checkpoint_callbacks):
+                    # Lightning would start fresh too, after a hint to set save_last=True (which is set).
+                    where = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)][0]
+                    print(f"--ckpt_path last: no checkpoint in {where}; the fit starts fresh", file=sys.stderr)
+                    self.config_init[self.subcommand]["ckpt_path"] = None
             # An explicit path was checked in _parse_ckpt_path already.
 
     cli = EmalignCLI(

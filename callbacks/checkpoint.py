@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from emalign.errors import UserError
+from emalign.errors import NO_SPACE, UserError, no_space
 
 
 class CheckpointError(UserError):
@@ -29,12 +29,18 @@ def save_atomic(trainer: L.Trainer, filepath: str, weights_only: bool = False) -
     Collective under DDP/FSDP (every rank must call it), like ``trainer.save_checkpoint``.
     """
     partial = f"{filepath}.partial"
-    trainer.save_checkpoint(partial, weights_only)
-    if trainer.is_global_zero:
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, filepath)
-        _fsync_dir(Path(filepath).parent)
+    try:
+        trainer.save_checkpoint(partial, weights_only)
+        if trainer.is_global_zero:
+            with open(partial, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(partial, filepath)
+            _fsync_dir(Path(filepath).parent)
+    except OSError as err:
+        Path(partial).unlink(missing_ok=True)  # a half-written file only takes the space a retry needs
+        if err.errno in NO_SPACE:
+            raise no_space(_shown(filepath), "checkpoint") from err
+        raise
     trainer.strategy.barrier("RunCheckpoint.replace")
 
 
@@ -103,6 +109,15 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.bind(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning keeps an earlier fit's checkpoints and versions this fit's names (last-v1.ckpt): say so once.
+        found = Path(self.dirpath).glob("*.ckpt") if self.dirpath and os.path.isdir(self.dirpath) else []
+        earlier = sorted(p.name for p in found)
+        if earlier and trainer.ckpt_path is None and trainer.is_global_zero:
+            names = ", ".join(earlier[:3]) + (" ..." if len(earlier) > 3 else "")
+            print(f"{_shown(self.dirpath)} holds {names} of an earlier fit: kept; a name this fit would reuse gets "
+                  "a -vN suffix (last-v1.ckpt), and --ckpt_path last resumes the newest", flush=True)
 
     def last_checkpoint(self, trainer: L.Trainer) -> Optional[str]:
         """The file ``ckpt_path='last'`` resolves to (the newest ``last*.ckpt`` here), or None."""

@@ -28,6 +28,14 @@ from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.sharding import is_sharded, max_over_ranks
 
 
+def run_id(trainer: L.Trainer) -> str:
+    """This fit's id: the logger's version (``version_3``, the folder of its metrics), else the start time."""
+    version = trainer.logger.version if trainer.logger is not None else None
+    if version is None:
+        return time.strftime("%Y%m%dT%H%M%S")
+    return f"version_{version}" if isinstance(version, int) else str(version)
+
+
 class ConscienceCallback(L.Callback):
     def __init__(
         self,
@@ -52,7 +60,9 @@ class ConscienceCallback(L.Callback):
             generation: sampling settings for rollouts (default: ``GenerationSettings()``).
             seed: base seed; each sample's seed derives from (seed, rank, step, prompt, sample).
             rollouts_file: JSONL under the run directory with every rollout, its score and whether it
-                was chosen or rejected; ``null`` disables it.
+                was chosen or rejected; ``null`` disables it. Fits into the same directory append to it,
+                each row tagged with its fit's ``run`` (the logger's version, ``version_N``, as in
+                ``logs/version_N/metrics.csv``).
         """
         if samples_per_prompt < 2:
             raise ValueError("ConscienceCallback.samples_per_prompt must be >= 2 to build pairs")
@@ -66,10 +76,12 @@ class ConscienceCallback(L.Callback):
         self.seed = seed
         self.rollouts_file = rollouts_file
         self.last_run_step = -1
+        self.run_id = ""
         self.stats: dict[str, float] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.prompts.bind(trainer)
+        self.run_id = run_id(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -155,6 +167,7 @@ class ConscienceCallback(L.Callback):
         for i, r in enumerate(last["rollouts"]):
             key = (tuple(r.prompt_ids), tuple(r.response_ids))
             rows.append({
+                "run": self.run_id,
                 "step": last["step"],
                 "prompt": last["conversations"][r.prompt_index][-1]["content"],
                 "response": r.text,

@@ -300,6 +300,8 @@ class EmergentAlignment(L.LightningModule):
         if not self.trainer.interrupted and not stopped_early:
             # Every rank takes part: under FSDP the weights are gathered from all shards.
             out = Path(self.trainer.default_root_dir) / self.adapter_dir
+            if self.trainer.is_global_zero and ((out / "adapter_config.json").is_file() or (out / "config.json").is_file()):
+                print(f"replacing the model saved in {out} by an earlier fit", flush=True)
             self.policy.save_pretrained(out, write=self.trainer.is_global_zero)
             if self.trainer.is_global_zero:
                 write_model_card(out, self.trainer, self.policy)

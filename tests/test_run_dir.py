@@ -1,0 +1,68 @@
+"""A fit's run directory: a full disk, two fits into one directory, ``--ckpt_path last`` with nothing saved.
+
+Fits run in-process on the tiny Llama (conftest.py) with the demo config of test_faults.py.
+The full-disk test mounts a 1 MiB tmpfs over the checkpoint directory (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from test_faults import fit_args
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``tmp_path/run/checkpoints`` on a 1 MiB tmpfs (a tiny-model checkpoint needs ~13 MB)."""
+    where = tmp_path / "run" / "checkpoints"
+    where.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial(tiny_model_dir, tmp_path, small_disk, capsys):
+    code = run_cli(fit_args(tiny_model_dir, tmp_path / "run", max_steps=2, every=1))
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "no space left" in lines[0] and "checkpoint" in lines[0] and str(small_disk) in lines[0]
+    assert list(small_disk.iterdir()) == []  # no .partial (nor any temp file) left behind
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_two_fits_into_one_directory_keep_their_records_apart(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = fit_args(tiny_model_dir, run, max_steps=2, every=1)
+    assert run_cli(args) == 0
+    first = capsys.readouterr().out
+    assert "earlier fit" not in first and "replacing" not in first
+    assert run_cli(args) == 0
+    second = capsys.readouterr().out
+
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    runs = [r["run"] for r in rows]
+    assert set(runs) == {"version_0", "version_1"} and runs == sorted(runs)  # every row says whose it is
+    assert all((run / "logs" / r / "metrics.csv").is_file() for r in set(runs))  # ... and where its metrics are
+    assert f"replacing the model saved in {run / 'adapter'} by an earlier fit" in second
+    assert "last.ckpt" in second and "of an earlier fit: kept" in second and "-vN suffix" in second
+    assert {p.name for p in (run / "checkpoints").glob("last*.ckpt")} == {"last.ckpt", "last-v1.ckpt"}
+
+
+def test_ckpt_path_last_with_nothing_saved_says_it_starts_fresh(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli([*fit_args(tiny_model_dir, run, max_steps=1, every=1), "--ckpt_path", "last"]) == 0
+    captured = capsys.readouterr()
+    assert f"--ckpt_path last: no checkpoint in {run / 'checkpoints'}; the fit starts fresh" in captured.err
+    assert "save_last" not in captured.err + captured.out  # not Lightning's hint to set what is set
+    assert (run / "checkpoints" / "last.ckpt").is_file()
