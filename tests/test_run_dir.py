@@ -66,3 +66,18 @@ def test_ckpt_path_last_with_nothing_saved_says_it_starts_fresh(tiny_model_dir, 
     assert f"--ckpt_path last: no checkpoint in {run / 'checkpoints'}; the fit starts fresh" in captured.err
     assert "save_last" not in captured.err + captured.out  # not Lightning's hint to set what is set
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_any_write_that_finds_the_disk_full_is_one_line(tmp_path, capsys):
+    import errno
+
+    from emalign.errors import friendly_errors
+
+    with pytest.raises(SystemExit) as exit_info:
+        with friendly_errors():
+            with open(tmp_path / "rollouts.jsonl", "w"):
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "rollouts.jsonl"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: no space left on the device writing {tmp_path / 'rollouts.jsonl'} (")
+    assert f"MiB free in {tmp_path})" in err
