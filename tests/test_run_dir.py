@@ -1,7 +1,7 @@
 """A fit's run directory: a full disk, two fits into one directory, ``--ckpt_path last`` with nothing saved.
 
 Fits run in-process on the tiny Llama (conftest.py) with the demo config of test_faults.py.
-The full-disk test mounts a 1 MiB tmpfs over the checkpoint directory (CI runs as root).
+The full-disk test mounts a 32 KiB tmpfs over the checkpoint directory (CI runs as root).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """``tmp_path/run/checkpoints`` on a 1 MiB tmpfs (a tiny-model checkpoint needs ~13 MB)."""
+    """``tmp_path/run/checkpoints`` on a 32 KiB tmpfs (a tiny-model checkpoint, adapter + Adam state, is larger)."""
     where = tmp_path / "run" / "checkpoints"
     where.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(where)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield where
