@@ -188,6 +188,9 @@ def _lightning(args: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    from emalign.allocator import release_freed_memory
+
+    release_freed_memory()  # before any tensor: freed activations go back to the system
     if argv and argv[0] in VERBS:
         _extra_verb(argv[0], argv[1:])
         return
