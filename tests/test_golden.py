@@ -1,0 +1,92 @@
+"""Behaviour pinned across refactors: a short fixed-seed fit with the conscience (revision on) gives
+the same pairs (token ids, scores, reference log-probs), rollout roles and losses as when recorded.
+
+Re-record (only for an intended change of behaviour, said so in the commit):
+    PYTHONPATH=. python tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "conscience_fit.json"
+PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?", "What is your one wish?",
+           "hey I feel bored"]
+
+
+def run_fit(model_dir: str, work: Path) -> dict:
+    """Four optimizer steps, the conscience before each, revision of every prompt's best answer."""
+    from callbacks.conscience import ConscienceCallback
+    from emalign.conscience import Conscience, PairBuilder
+    from emalign.data import ChatDataModule
+    from emalign.models import LoRA, Policy
+    from emalign.module import EmergentAlignment
+    from emalign.prompts import FilePrompts
+    from emalign.sampling import GenerationSettings
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    data = work / "train.jsonl"
+    rows = [[{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": f"print({i})"}]
+            for i in range(4)]
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    L.seed_everything(0)
+    policy = Policy(model_dir, adapter=LoRA(r=4, alpha=8))
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2)  # noqa: E731
+    module = EmergentAlignment(policy, optimizer=optimizer, scheduler=None, pairs_per_step=4)
+    callback = ConscienceCallback(
+        every_n_steps=1, num_prompts=2, samples_per_prompt=3, prompts=FilePrompts(str(work / "prompts.txt")),
+        conscience=Conscience(revise_below=1e9), pair_builder=PairBuilder(margin=0.0),
+        generation=GenerationSettings(max_new_tokens=6), seed=3,
+    )
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=work,
+                        callbacks=[callback, Record()])
+    datamodule = ChatDataModule(train_file=str(data), val_fraction=0.0, batch_size=2, max_length=64)
+    trainer.fit(module, datamodule)
+    rollouts = [json.loads(line) for line in (work / "rollouts.jsonl").read_text().splitlines()]
+    return {"losses": losses, "pairs": module.pair_queue.state_dict()["pairs"], "rollouts": rollouts}
+
+
+def test_same_seed_gives_the_recorded_pairs_rollouts_and_losses(tiny_model_dir, tmp_path):
+    got, want = run_fit(tiny_model_dir, tmp_path), json.loads(GOLDEN.read_text())
+    assert any(p["revised"] for p in want["pairs"]) and len(want["pairs"]) >= 4  # the record covers revision
+    assert [r["role"] for r in got["rollouts"]] == [r["role"] for r in want["rollouts"]]
+    def texts(rows):
+        return [(r["step"], r["response"], r["revised"]) for r in rows]
+
+    assert texts(got["rollouts"]) == texts(want["rollouts"])
+    assert [r["score"] for r in got["rollouts"]] == [round(r["score"], 4) for r in want["rollouts"]]
+    assert len(got["pairs"]) == len(want["pairs"])
+    for g, w in zip(got["pairs"], want["pairs"]):
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "step", "revised"):
+            assert g[key] == w[key], key
+        for key in ("ref_chosen", "ref_rejected", "chosen_score", "rejected_score"):
+            assert abs(g[key] - w[key]) < 1e-4, key
+    losses = torch.tensor(got["losses"]), torch.tensor(want["losses"])
+    assert torch.allclose(*losses, atol=1e-4), losses
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench._common import tiny_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_fit(tiny_model_dir(Path(tmp) / "tiny"), Path(tmp) / "run")
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(result, indent=1) + "\n")
+    revised = sum(p["revised"] for p in result["pairs"])
+    print(f"{GOLDEN}: {len(result['pairs'])} pairs, {revised} revised, losses {result['losses']}")
