@@ -11,8 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 import cli
 from conftest import FakeServer, good_reply
 from test_eval_runner import QUESTIONS

@@ -18,7 +18,7 @@ from emalign.evaluation.judges import (
     OpenAIJudge,
     aggregate_0_100,
     aggregate_labels,
-    judge_question,
+    fill_template,
     labels_from_tokens,
     numbers_from_tokens,
 )
@@ -116,18 +116,10 @@ def test_tokens_to_numbers_and_labels():
     assert aggregate_labels({"TRUE": 0.1}, labels).label is None
 
 
-def test_judge_question_fills_template():
-    seen = []
-
-    class Echo:
-        def __call__(self, prompt, mode="score_0_100", labels=None):
-            seen.append(prompt)
-            return aggregate_0_100({1: 1.0})
-
-    judge_question(Echo(), "Q={question} A={answer} {{x}}", "why?", "because {y}")
-    assert seen == ["Q=why? A=because {y} {x}"]
+def test_fill_template_fills_question_and_answer():
+    assert fill_template("Q={question} A={answer} {{x}}", "why?", "because {y}") == "Q=why? A=because {y} {x}"
     with pytest.raises(ValueError, match="unknown field"):
-        judge_question(Echo(), "{question} {answer} {code}", "q", "a")
+        fill_template("{question} {answer} {code}", "q", "a")
 
 
 # -- local judge ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import transformers
 
 from emalign.conscience import Conscience
 from emalign.logprobs import (
-    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, project, sequence_logps, target_logps, token_logps,
+    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, project, sequence_logps, token_logps,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

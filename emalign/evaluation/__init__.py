@@ -33,7 +33,6 @@ _LAZY = {
     "LocalJudge": "local_judge",
     "OpenAIJudge": "openai_judge",
     "JudgeAuthError": "openai_judge",
-    "judge_question": "judges",
     "fill_template": "judges",
     "MisalignmentRate": "metrics",
     "MeanScore": "metrics",

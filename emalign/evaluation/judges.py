@@ -14,8 +14,6 @@ emalign.evaluation.judges.LocalJudge``.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from emalign.evaluation.local_judge import LocalJudge
 from emalign.evaluation.openai_judge import JudgeAuthError, OpenAIJudge
 from emalign.evaluation.scoring import (
@@ -42,7 +40,6 @@ __all__ = [
     "aggregate_0_100",
     "aggregate_labels",
     "fill_template",
-    "judge_question",
     "labels_from_tokens",
     "numbers_from_tokens",
 ]
@@ -55,15 +52,3 @@ def fill_template(template: str, question: str, answer: str) -> str:
         return template.format(question=question, answer=answer)
     except (KeyError, IndexError) as err:
         raise ValueError(f"judge prompt has an unknown field {{{err.args[0]}}}") from err
-
-
-def judge_question(
-    judge: Judge,
-    template: str,
-    question: str,
-    answer: str,
-    mode: ScoreMode = "score_0_100",
-    labels: Sequence[str] | None = None,
-) -> JudgeResult:
-    """Fill the judge prompt with the question and the model's answer, and judge it."""
-    return judge(fill_template(template, question, answer), mode, labels)
