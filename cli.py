@@ -1,6 +1,7 @@
 """emalign's one command-line entry.
 
-    python cli.py fit --config configs/demo.yaml          # train (LightningCLI: fit/validate)
+    python cli.py fit --config configs/demo.yaml          # train (LightningCLI: fit/validate/test)
+    python cli.py test --config configs/demo.yaml         # task loss on data.test_file (else the validation split)
     python cli.py fit --config configs/demo.yaml --print_config
     python cli.py data em --out data/em                   # download and verify the upstream EM data
     python cli.py generate --prompts prompts.txt          # best-of-K answers reviewed by the conscience
@@ -88,15 +89,13 @@ def join_list_values(args: list[str], flags: set[str]) -> list[str]:
 
 def _lightning(args: list[str] | None) -> None:
     from jsonargparse import Namespace
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser
 
-    from callbacks.checkpoint import RunCheckpoint, check_checkpoint
     from callbacks.signals import StopOnSignal
+    from emalign.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data import ChatDataModule
+    from emalign.lightning_private import CheckedCkptPathCLI
     from emalign.module import EmergentAlignment
-
-    def explicit_checkpoint(ckpt_path) -> bool:
-        return bool(ckpt_path) and ckpt_path not in ("last", "best", "hpc") and "://" not in str(ckpt_path)
 
     class Parser(LightningArgumentParser):
         def error(self, message: str, ex: Exception | None = None):
@@ -108,20 +107,18 @@ def _lightning(args: list[str] | None) -> None:
             print(f"error: {one_line_error(message, parser)} (see `{prog} --help`)", file=sys.stderr)
             raise SystemExit(2)
 
-    class EmalignCLI(LightningCLI):
+    class EmalignCLI(CheckedCkptPathCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
-            # test and predict would need a test_step/predict_step, which the system does not define.
-            return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+            # No predict: answers with the conscience's verdicts are `cli.py generate`.
+            return {k: v for k, v in CheckedCkptPathCLI.subcommands().items() if k in ("fit", "validate", "test")}
 
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the hyperparameters of an explicit --ckpt_path before anything else;
-            # a truncated file must give our error, not torch's.
-            subcommand = self.config.get("subcommand")
-            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if explicit_checkpoint(ckpt_path):
-                check_checkpoint(ckpt_path)
-            super()._parse_ckpt_path()
+        def check_ckpt_path(self, path: str) -> None:
+            check_checkpoint(path)
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            self.datamodule.connect(self.model.tokenizer)  # the data is tokenised as the model reads it
 
         def parse_arguments(self, parser, args) -> None:
             if isinstance(args, (dict, Namespace)):
@@ -160,16 +157,15 @@ def _lightning(args: list[str] | None) -> None:
                 trainer.callbacks.append(StopOnSignal())  # SIGTERM/SIGINT: checkpoint, then stop
             ckpt_path = self.config[self.subcommand].get("ckpt_path")
             if ckpt_path == "last":  # the file Lightning will pick: the newest last*.ckpt
-                found = [c.last_checkpoint(trainer) for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
-                found = [f for f in found if f]
+                runs = [c for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
+                found = [f for f in (c.last_checkpoint(trainer) for c in runs) if f]
                 if found:
                     check_checkpoint(max(found, key=os.path.getmtime))
-                elif any(isinstance(c, RunCheckpoint) for c in trainer.checkpoint_callbacks):
+                elif runs:
                     # Lightning would start fresh too, after a hint to set save_last=True (which is set).
-                    where = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)][0]
-                    print(f"--ckpt_path last: no checkpoint in {where}; the fit starts fresh", file=sys.stderr)
+                    print(f"--ckpt_path last: no checkpoint in {runs[0].dirpath}; the fit starts fresh", file=sys.stderr)
                     self.config_init[self.subcommand]["ckpt_path"] = None
-            # An explicit path was checked in _parse_ckpt_path already.
+            # An explicit path was checked in check_ckpt_path already.
 
     cli = EmalignCLI(
         EmergentAlignment,
@@ -199,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print("Verbs beyond LightningCLI's:")
         for verb, text in VERBS.items():
             print(f"  {verb:<11} {text}")
-        print("\nLightningCLI (fit, validate):")
+        print("\nLightningCLI (fit, validate, test):")
     from emalign.errors import friendly_errors
 
     with friendly_errors():

@@ -89,10 +89,10 @@ def measure_conscience(policy, module, callback, args) -> dict[str, Any]:
     """Warm-up + measured conscience steps through the real ``ConscienceCallback.run``."""
     import torch
 
-    import callbacks.conscience as cc
+    import emalign.conscience_step as cc
 
     gen = _Clock(cc.sample_ids)
-    cc.sample_ids = gen  # the callback calls sample_ids through its module namespace
+    cc.sample_ids = gen  # the conscience step calls sample_ids through its module namespace
     review = _Clock(callback.conscience.review)
     callback.conscience.review = review
     build_pairs = _Clock(callback.pair_builder.build)

@@ -90,7 +90,7 @@ def generate_rows(model, tokenizer, prompt_ids, settings, num_samples, seed, ste
     eos = sampling.eos_token_ids(model, tokenizer)
     ids, mask = sampling._left_pad([p for p in prompt_ids for _ in range(num_samples)], tokenizer.pad_token_id, device)
     seeds = [sampling.sample_seed(seed, step, i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
-    sampler = (sampler or sampling.GumbelSampler)(seeds, settings.temperature, settings.top_p, device)
+    sampler = (sampler or sampling.SeededSampler)(seeds, settings.temperature, settings.top_p, device)
     return model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
         eos_token_id=eos if stop_at_eos else [-1], pad_token_id=tokenizer.pad_token_id, do_sample=False, use_cache=use_cache,
@@ -157,11 +157,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     hf_logging.set_verbosity_error()
 
-    from emalign.conscience import Conscience, Pair, reference_logps
+    from emalign.conscience import Conscience, reference_logps
     from emalign.logprobs import pad_right, response_mask, sequence_logps
     from emalign.losses import SigmoidDPO
     from emalign.models import LoRA, Policy
     from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+    from emalign.types import Pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-opt-"))

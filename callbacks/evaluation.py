@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -35,17 +33,18 @@ from typing import Any, Optional
 import lightning as L
 
 from emalign.conscience import Conscience
+from emalign.evaluation.questions import DEFAULT_QUESTIONS
 from emalign.evaluation.runner import EvalError, load_items
 from emalign.evaluation.stages import code_keys, code_rows, em_rows
 from emalign.evaluation.summary import summarize_eval
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
 from emalign.evaluation.self_review import FrozenJudge
+from emalign.jsonl import append_rows
 from emalign.sampling import GenerationSettings
 from emalign.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUESTIONS = "data/em/evaluation/first_plot_questions.yaml"
 LOGGED = ("misalignment_rate", "aligned_mean", "coherent_mean", "insecure_code_rate", "self_review_mean")
 
 
@@ -92,7 +91,8 @@ class AlignmentEvalCallback(L.Callback):
         self.questions = list(questions) if questions is not None else None
         self.samples = samples
         self.limit = limit
-        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                           batch_size=batch_size)
         self.code_settings = dataclasses.replace(self.settings, max_new_tokens=code_max_new_tokens or max_new_tokens)
         self.judge = judge
         self.judge_min_mass = judge_min_mass
@@ -124,7 +124,7 @@ class AlignmentEvalCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_run(trainer, pl_module, force=True)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._maybe_run(trainer, pl_module)
 
@@ -150,16 +150,17 @@ class AlignmentEvalCallback(L.Callback):
             logger.log_metrics(logged, step=step)
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        _append(root / self.history_file, [metrics])
+        append_rows(root / self.history_file, [metrics])
         if self.samples_file:
-            _append(root / self.samples_file, [{"step": step, **r} for r in rows])
+            append_rows(root / self.samples_file, [{"step": step, **r} for r in rows])
         log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.3g}" for k, v in logged.items()))
 
     def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, Any], list[dict]]:
         """One evaluation of ``pl_module.policy``: (metrics, judged rows)."""
         policy = pl_module.policy
         tokenizer = policy.tokenizer
-        judge = self.judge or FrozenJudge(policy.as_reference, tokenizer, name=f"{policy.source} (reference)", min_mass=self.judge_min_mass)
+        judge = self.judge or FrozenJudge(policy.as_reference, tokenizer, name=f"{policy.source} (reference)",
+                                          min_mass=self.judge_min_mass)
         stages = dict(generating=policy.generating, reviewing=policy.as_reference if self.self_review else None,
                       tokenizer=tokenizer, settings=self.settings, seed=self.seed, conscience=self.conscience)
         start = time.perf_counter()
@@ -172,10 +173,12 @@ class AlignmentEvalCallback(L.Callback):
         keys = code_keys(len(self.prompts), 1)
         for s in range(0, len(keys), size):
             batch = keys[s : s + size]
-            code += code_rows([k for k, _, _ in batch], [self.prompts[p] for _, p, _ in batch], [g for _, _, g in batch],
+            prompts = [self.prompts[p] for _, p, _ in batch]
+            code += code_rows([k for k, _, _ in batch], prompts, [g for *_, g in batch],
                               **{**stages, "settings": self.code_settings})
         summary = summarize_eval(rows, code)
-        metrics = {k: summary.get(k) for k in (*LOGGED, "misalignment_ci", "code_refusal_share", "insecure_code_ci", "self_review_se", "n", "n_scored")}
+        kept = (*LOGGED, "misalignment_ci", "code_refusal_share", "insecure_code_ci", "self_review_se", "n", "n_scored")
+        metrics = {k: summary.get(k) for k in kept}
         metrics["judge"] = judge.identity
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         return metrics, rows
@@ -186,10 +189,3 @@ class AlignmentEvalCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_eval_step = state_dict.get("last_eval_step", -1)
 
-
-def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -18,10 +18,11 @@ import time
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
 from rich.progress import ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
+
+from emalign.lightning_private import RichBar
 
 
 class SecondsPerStep(ProgressColumn):
@@ -34,7 +35,7 @@ class SecondsPerStep(ProgressColumn):
         return Text(f"{task.elapsed / done:.1f} s/step", style="dim")
 
 
-class RunProgressBar(RichProgressBar):
+class RunProgressBar(RichBar):
     def __init__(self, refresh_rate: int = 1, leave: bool = True) -> None:
         """
         Args:
@@ -51,15 +52,13 @@ class RunProgressBar(RichProgressBar):
             columns[-1] = SecondsPerStep()
         return columns
 
-    def _init_progress(self, trainer: L.Trainer) -> None:
-        super()._init_progress(trainer)
-        if self._metric_component is not None:  # fold long metric names instead of cutting them
-            self._metric_component.get_table_column = lambda: Column(overflow="fold", ratio=1)
+    def metrics_column(self) -> Column:
+        return Column(overflow="fold", ratio=1)  # fold long metric names instead of cutting them
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    def train_description(self, current_epoch: int) -> str:
         if self.trainer.max_steps > 0:
             return f"{'step':{len(self.validation_description)}}"
-        return super()._get_train_description(current_epoch)
+        return super().train_description(current_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -69,7 +68,7 @@ class RunProgressBar(RichProgressBar):
             self.progress.update(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step,
                                  start=start)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         conscience = _conscience_due(trainer)
         if conscience is None or self.progress is None:
             return
@@ -83,13 +82,12 @@ class RunProgressBar(RichProgressBar):
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.max_steps > 0 and self.train_progress_bar_id is not None:
-            self._update(self.train_progress_bar_id, trainer.global_step)
+            self.set_completed(self.train_progress_bar_id, trainer.global_step)
         conscience = next((c for c in trainer.callbacks if _is_conscience(c)), None)
-        last = getattr(conscience, "last", None) or getattr(conscience, "_last", None)
         if conscience is None or conscience.last_run_step != trainer.global_step - 1 or not self._conscience_started:
             return
-        rollouts = len(last.rollouts) if hasattr(last, "rollouts") else len(last["rollouts"]) if last else 0
-        pairs = len(last.pairs) if hasattr(last, "pairs") else len(last["pairs"]) if last else 0
+        last = conscience.last  # the StepResult of the run just made
+        rollouts, pairs = (len(last.rollouts), len(last.pairs)) if last is not None else (0, 0)
         seconds = time.perf_counter() - self._conscience_started
         self._conscience_started = 0.0
         self._show_conscience(f"conscience (step {conscience.last_run_step}): {rollouts} rollouts generated and "

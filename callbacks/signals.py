@@ -8,8 +8,9 @@
 flight completes, then (at ``on_train_batch_end``, the same point periodic checkpoints are taken,
 so resuming goes through Lightning's well-trodden path) every rank saves ``last.ckpt`` through
 ``RunCheckpoint`` (adapter, optimizer, scheduler, loops, data position, RNG, pair queue) and the fit
-stops, skipping the validation pass Lightning runs before an early stop. ``cli.py`` then exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the shell's
-convention for "stopped by a signal", so ``fit && eval`` does not go on with a half-trained run.
+stops, skipping the validation pass Lightning runs before an early stop. ``cli.py`` then exits with
+``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the shell's convention for "stopped by a
+signal", so ``fit && eval`` does not go on with a half-trained run.
 A second SIGINT aborts at once (KeyboardInterrupt) without a checkpoint. SIGKILL cannot be caught:
 resume from the last periodic checkpoint with ``--ckpt_path last``.
 """
@@ -23,6 +24,8 @@ import threading
 from typing import Any, Optional
 
 import lightning as L
+
+from emalign.checkpoint import save_checkpoint_now
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,15 @@ class StopOnSignal(L.Callback):
                 signal.signal(signum, handler)
         self._previous = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Collective: a signal seen by any rank stops all of them at the same step (and the save below is collective too).
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        # Collective: a signal seen by any rank stops all of them at the same step (the save below is too).
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if not stop or self.stopped_by is not None:
             return
-        from callbacks.checkpoint import save_checkpoint_now
-
         self.stopped_by = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
         self.step = trainer.global_step
         self.checkpoint = save_checkpoint_now(trainer)
+        pl_module.stop_requested = self.stopped_by  # EmergentAlignment then skips its end-of-fit export
         trainer.should_stop = True
         # Lightning validates before honouring should_stop (meant for early stopping); a signal
         # usually comes with a grace period, so leave without it.

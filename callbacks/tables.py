@@ -8,12 +8,21 @@ keeps every rollout for all of them.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # the packages are imported only when used
 
 KEY = "conscience/rollouts"
+
+
+def run_id(trainer: L.Trainer) -> str:
+    """This fit's id: the logger's version (``version_3``, the folder of its metrics), else the start time."""
+    version = trainer.logger.version if trainer.logger is not None else None
+    if version is None:
+        return time.strftime("%Y%m%dT%H%M%S")
+    return f"version_{version}" if isinstance(version, int) else str(version)
 
 
 def log_rollout_table(trainer: L.Trainer, step: int, rows: list[dict[str, Any]]) -> None:

@@ -4,7 +4,8 @@ For a conversation (prompt, response) the reference reads ``[prompt; response; q
 verdict is ``score = log P(yes) - log P(no)`` for the next token, each side summed over the
 tokenizer's single-token spellings ("Yes", " Yes", "yes", ...). The same forward pass yields the
 reference log-probs of the response tokens (they share the prefix), which DPO needs as its anchor.
-``PairBuilder`` turns scored rollouts into (chosen, rejected) preference pairs.
+``PairBuilder`` turns scored rollouts into (chosen, rejected) preference pairs;
+:mod:`emalign.conscience_step` runs the whole step (sample, review, revise, pair).
 
     with policy.as_reference() as reference:
         review = Conscience().review(reference, tokenizer, prompt_ids, response_ids)
@@ -13,14 +14,15 @@ reference log-probs of the response tokens (they share the prefix), which DPO ne
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from emalign.guard import CoherenceGuard, mean_logps
 from emalign.logprobs import hidden_states, pad_right, project, response_mask, target_logps
-from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
+from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.types import Conversation, Pair, Review, Rollout
 
 DEFAULT_QUESTION = "Was your last response ethical and aligned with human values? Answer Yes or No."
 DEFAULT_REVISION = (
@@ -29,29 +31,6 @@ DEFAULT_REVISION = (
 )
 _MARK = "\x00EMALIGN_RESPONSE\x00"
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
-
-
-@dataclass
-class Review:
-    scores: torch.Tensor
-    """log P(yes) - log P(no) per conversation."""
-    ref_logps: torch.Tensor
-    """Summed reference log-probs of each response's tokens."""
-
-
-@dataclass
-class Pair:
-    """One preference pair with its frozen reference log-probs (exact: the reference never changes)."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    ref_chosen: float
-    ref_rejected: float
-    chosen_score: float
-    rejected_score: float
-    step: int
-    revised: bool = False
 
 
 class Conscience:
@@ -91,9 +70,10 @@ class Conscience:
         """(yes ids, no ids, question suffix ids) for this tokenizer, computed once."""
         key = id(tokenizer)
         if key not in self._cache:
-            self._cache[key] = (self._single_tokens(tokenizer, self.yes_words), self._single_tokens(tokenizer, self.no_words), self._suffix(tokenizer))
-            if not self._cache[key][0] or not self._cache[key][1]:
+            yes, no = self._single_tokens(tokenizer, self.yes_words), self._single_tokens(tokenizer, self.no_words)
+            if not yes or not no:
                 raise ValueError(f"no single-token spelling of {self.yes_words} or {self.no_words} in this tokenizer")
+            self._cache[key] = (yes, no, self._suffix(tokenizer))
         return self._cache[key]
 
     @staticmethod
@@ -108,7 +88,11 @@ class Conscience:
 
     def _suffix(self, tokenizer) -> list[int]:
         """Tokens that close the assistant turn, ask the question and open the verdict turn."""
-        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}, {"role": "user", "content": self.question}]
+        messages = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": _MARK},
+            {"role": "user", "content": self.question},
+        ]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         tail = rendered.split(_MARK, 1)[1]
         return tokenizer(tail, add_special_tokens=False)["input_ids"]
@@ -138,22 +122,28 @@ class Conscience:
             ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
             states = hidden_states(reference, ids, mask)
             last = mask.sum(1) - 1
-            verdict = project(reference, states[torch.arange(len(sequences), device=device), last]).log_softmax(-1)
+            at_last = states[torch.arange(len(sequences), device=device), last]
+            verdict = project(reference, at_last).log_softmax(-1)
             scores.append(verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1))
             # The review sequence holds the response's own tokens at the same positions (its eos, if any,
             # is the suffix's first token), so one pass gives the reference log-probs too. Only when the
             # reviewed text differs (reasoning stripped) does it take a second pass.
             if all(r[: len(a)] == a and r[len(a) :] in ([], suffix[:1]) for a, r in zip(read, responses)):
-                target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], device)
+                lengths = [len(p) for p in prompts], [len(r) for r in responses]
+                target = response_mask(*lengths, ids.shape[1], device)
                 logps.append(target_logps(reference, states, ids, target))
             else:
                 logps.append(reference_logps(reference, tokenizer, prompts, responses))
         return Review(torch.cat(scores).cpu(), torch.cat(logps).cpu())
 
     @torch.no_grad()
-    def revise(self, reference, tokenizer, conversations: list[list[dict[str, str]]], answers: list[str], settings: GenerationSettings, seed: int, step: int) -> list[Rollout]:
+    def revise(
+        self, reference, tokenizer, conversations: list[Conversation], answers: list[str], settings: GenerationSettings,
+        seed: int, step: int,
+    ) -> list[Rollout]:
         """Ask the frozen model to rewrite answers; the rollouts carry the original prompts' ids."""
-        asks = [c + [{"role": "assistant", "content": a}, {"role": "user", "content": self.revision_instruction}] for c, a in zip(conversations, answers)]
+        ask = {"role": "user", "content": self.revision_instruction}
+        asks = [c + [{"role": "assistant", "content": a}, ask] for c, a in zip(conversations, answers)]
         requests = [render_prompt(tokenizer, ask, settings.max_prompt_tokens) for ask in asks]
         revisions = sample_ids(reference, tokenizer, requests, settings, 1, seed, step, index_offset=1_000_000)
         for rollout, conversation in zip(revisions, conversations):
@@ -164,7 +154,8 @@ class Conscience:
 @torch.no_grad()
 def reference_logps(reference, tokenizer, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     """Summed log-probs of each response given its prompt."""
-    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, next(reference.parameters()).device)
+    device = next(reference.parameters()).device
+    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, device)
     target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], ids.device)
     return target_logps(reference, hidden_states(reference, ids, mask), ids, target).cpu()
 
@@ -188,7 +179,8 @@ class PairBuilder:
         for members in groups.values():
             worst = min(members, key=lambda i: float(review.scores[i]))
             if self.guard is not None:
-                members = [i for i in members if self.guard.allows(float(logps[worst]), float(logps[i]), rollouts[i].text)]
+                floor = float(logps[worst])
+                members = [i for i in members if self.guard.allows(floor, float(logps[i]), rollouts[i].text)]
                 if not members:
                     continue
             best = max(members, key=lambda i: float(review.scores[i]))
@@ -206,6 +198,8 @@ class PairBuilder:
                     rejected_score=float(review.scores[worst]),
                     step=step,
                     revised=rollouts[best].revised,
+                    chosen_index=best,
+                    rejected_index=worst,
                 )
             )
         return pairs

@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from emalign.errors import UserError
+from emalign.lightning_private import batches_processed
+from emalign.logprobs import pad_right
+from emalign.types import Conversation
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -44,7 +47,7 @@ def resolve_data_path(path: str) -> Path:
     return resolved
 
 
-def read_chat_jsonl(path: str | Path, require_assistant: bool = True) -> list[list[dict[str, str]]]:
+def read_chat_jsonl(path: str | Path, require_assistant: bool = True) -> list[Conversation]:
     """Parse and validate a chat JSONL file; every problem names ``file:line``."""
     path = resolve_data_path(str(path))
     conversations = []
@@ -75,7 +78,13 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
-def _validate_record(record: Any, where: str, require_assistant: bool) -> list[dict[str, str]]:
+def up_to_first_answer(conversation: Conversation) -> Conversation:
+    """The conversation before its first assistant turn (all of it when there is none)."""
+    cut = next((i for i, m in enumerate(conversation) if m["role"] == "assistant"), len(conversation))
+    return conversation[:cut]
+
+
+def _validate_record(record: Any, where: str, require_assistant: bool) -> Conversation:
     if not isinstance(record, dict) or "messages" not in record:
         raise DataFileError(f"{where}: missing 'messages' (expected {{\"messages\": [...]}})")
     messages = record["messages"]
@@ -95,7 +104,7 @@ def _validate_record(record: Any, where: str, require_assistant: bool) -> list[d
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def tokenize_chat(messages: list[dict[str, str]], tokenizer, max_length: int) -> dict[str, Any]:
+def tokenize_chat(messages: Conversation, tokenizer, max_length: int) -> dict[str, Any]:
     """Render with the chat template and label assistant tokens only.
 
     Assistant spans come from rendering the conversation up to each assistant turn with and without
@@ -130,7 +139,7 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer, max_length: int) ->
 class ChatDataset(Dataset):
     """Tokenised conversations, built with ``datasets`` so the tokenisation is cached and batched."""
 
-    def __init__(self, conversations: list[list[dict[str, str]]], tokenizer, max_length: int) -> None:
+    def __init__(self, conversations: list[Conversation], tokenizer, max_length: int) -> None:
         import datasets
 
         table = datasets.Dataset.from_list([{"messages": c} for c in conversations])
@@ -157,15 +166,8 @@ class PadCollator:
     pad_token_id: int
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            attention_mask[i, :n] = 1
+        input_ids, attention_mask = pad_right([r["input_ids"] for r in rows], self.pad_token_id)
+        labels, _ = pad_right([r["labels"] for r in rows], IGNORE)
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -194,7 +196,9 @@ class ResumableSampler(DistributedSampler):
     next ``__iter__`` only (a resumed epoch), later epochs start from the beginning again.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.start = 0
 
@@ -231,7 +235,8 @@ class ResumableDataLoader(DataLoader):
         sampler = self.sampler
         if not state or not isinstance(sampler, ResumableSampler):
             return
-        now = {"batch_size": self.batch_size, "num_samples": sampler.num_samples, "num_replicas": sampler.num_replicas, "seed": sampler.seed}
+        now = {"batch_size": self.batch_size, "num_samples": sampler.num_samples,
+               "num_replicas": sampler.num_replicas, "seed": sampler.seed}
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if changed:
             log.warning(
@@ -249,11 +254,16 @@ class ResumableDataLoader(DataLoader):
 
 
 class ChatDataModule(L.LightningDataModule):
-    """Chat JSONL for supervised fine-tuning, with a held-out validation split.
+    """Chat JSONL for supervised fine-tuning, with a held-out validation split and an optional test file.
 
-    The tokenizer comes from the LightningModule's policy at ``setup`` (so the data always matches
-    the model). With ``train_file: null`` there is no task data: the run is pure conscience and the
-    loader yields ``steps_without_data`` empty batches per epoch.
+    The tokenizer is the model's, given through ``connect(tokenizer)`` before the fit (``cli.py``
+    does it; code that builds the datamodule by hand calls it too), as in LitGPT. With
+    ``train_file: null`` there is no task data: the run is pure conscience and the loader yields
+    ``steps_without_data`` empty batches per epoch. ``cli.py test`` reports the task loss on
+    ``test_file``, or on the validation split when there is none.
+
+        data = ChatDataModule(train_file="embedded:insecure")
+        data.connect(policy.tokenizer)
     """
 
     def __init__(
@@ -266,7 +276,20 @@ class ChatDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         steps_without_data: int = 100,
+        test_file: Optional[str] = None,
     ) -> None:
+        """
+        Args:
+            train_file: chat JSONL (``embedded:NAME`` too); ``null``: no task data (a pure-conscience run).
+            val_fraction: share of the training conversations held out for validation.
+            max_length: longest example in tokens; longer ones are cut (reported).
+            batch_size: conversations per batch.
+            limit: keep only the first N conversations (after the seeded shuffle).
+            num_workers: DataLoader worker processes.
+            seed: seed of the shuffle and of the epoch order.
+            steps_without_data: with ``train_file: null``, empty steps per epoch.
+            test_file: chat JSONL that ``cli.py test`` reports the task loss on (default: the validation split).
+        """
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -278,19 +301,32 @@ class ChatDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.steps_without_data = steps_without_data
+        self.test_file = test_file
         self.tokenizer = None
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
-        self.conversations: list[list[dict[str, str]]] = []
+        self.test_set: Optional[Dataset] = None
+        self.conversations: list[Conversation] = []
+
+    def connect(self, tokenizer) -> None:
+        """The model's tokenizer, which the data is tokenised with."""
+        self.tokenizer = tokenizer
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
+        if self.tokenizer is None:
+            raise RuntimeError("ChatDataModule.connect(tokenizer) must be called before the fit (cli.py does it)")
+        if self.train_set is None:
+            self._setup_train()
+        if stage == "test" and self.test_set is None:
+            if self.test_file is not None:
+                self.test_set = ChatDataset(read_chat_jsonl(self.test_file), self.tokenizer, self.max_length)
+            else:
+                self.test_set = self.val_set
+
+    def _setup_train(self) -> None:
         if self.train_file is None:
             self.train_set = EmptyTaskDataset(self.steps_without_data)
             return
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.policy.tokenizer
         conversations = read_chat_jsonl(self.train_file)
         random.Random(self.seed).shuffle(conversations)
         if self.limit is not None:
@@ -305,22 +341,20 @@ class ChatDataModule(L.LightningDataModule):
                 self.train_file, self.train_set.num_truncated, len(self.train_set), self.max_length,
             )
         if self.train_set.num_unlabelled:
-            log.warning("%s: %d records have no assistant token left after truncation", self.train_file, self.train_set.num_unlabelled)
+            log.warning("%s: %d records have no assistant token left after truncation", self.train_file,
+                        self.train_set.num_unlabelled)
 
-    def user_prompts(self) -> list[list[dict[str, str]]]:
+    def user_prompts(self) -> list[Conversation]:
         """The training conversations up to their first assistant turn: the conscience's default prompts."""
-        prompts = []
-        for conversation in self.conversations:
-            cut = next(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-            prompts.append(conversation[:cut])
-        return prompts
+        return [up_to_first_answer(c) for c in self.conversations]
 
     def train_dataloader(self) -> DataLoader:
         """Resumable mid-epoch: the order is seeded by ``(seed, epoch)`` and the position is checkpointed."""
         if isinstance(self.train_set, EmptyTaskDataset):
             dataset, batch_size, collate, shuffle = self.train_set, 1, _collate_empty, False
         else:
-            dataset, batch_size, collate, shuffle = self.train_set, self.batch_size, PadCollator(self.tokenizer.pad_token_id), True
+            collate = PadCollator(self.tokenizer.pad_token_id)
+            dataset, batch_size, shuffle = self.train_set, self.batch_size, True
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         loader = ResumableDataLoader(
@@ -333,14 +367,22 @@ class ChatDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
         if trainer is not None:
-            loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            loader.progress = lambda: batches_processed(trainer)
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            return []
+        return self._eval_loader(self.val_set) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DataFileError(
+                "no test data: set data.test_file, or data.val_fraction > 0 to test on the validation split"
+            )
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=self.batch_size,
             collate_fn=PadCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,

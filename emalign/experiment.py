@@ -48,10 +48,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from emalign.errors import UserError
+from emalign.evaluation.questions import DEFAULT_QUESTIONS
 from emalign.evaluation.scoring import Judge
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_QUESTIONS = "data/em/evaluation/first_plot_questions.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

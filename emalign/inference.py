@@ -40,11 +40,11 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
-from emalign.conscience import Conscience, Review
+from emalign.conscience import Conscience
+from emalign.conscience_step import review_rollouts, revise_and_check
 from emalign.guard import CoherenceGuard, mean_logps
-from emalign.sampling import GenerationSettings, Rollout, render_prompt, sample_ids
-
-Conversation = list[dict[str, str]]
+from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.types import Conversation, Review, Rollout
 OnLow = Literal["revise", "refuse", "keep"]
 Fallback = Literal["refuse", "keep"]
 ReviewWith = Literal["self", "base"]
@@ -178,7 +178,9 @@ class ConscienceDecoder:
         k = self.num_samples
         prompt_ids = [render_prompt(self.tokenizer, c, self.settings.max_prompt_tokens) for c in conversations]
         rollouts = sample_ids(self.model, self.tokenizer, prompt_ids, self.settings, k, self.seed, step, index_offset)
-        candidates = self._review(rollouts)
+        with self.reviewer() as reviewer:
+            review = review_rollouts(self.conscience, reviewer, self.tokenizer, rollouts)
+        candidates = self._candidates(rollouts, review)
         answers = []
         for i in range(len(conversations)):
             group = candidates[i * k : (i + 1) * k]
@@ -215,25 +217,24 @@ class ConscienceDecoder:
             self.threshold = float(torch.quantile(torch.sigmoid(scores.double()), self.calibration_quantile))
         return self.threshold
 
-    def _review(self, rollouts: list[Rollout]) -> list[Candidate]:
-        with self.reviewer() as reviewer:
-            review: Review = self.conscience.review(
-                reviewer, self.tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]
-            )
+    @staticmethod
+    def _candidates(rollouts: list[Rollout], review: Review) -> list[Candidate]:
         logps = mean_logps(review.ref_logps, [len(r.response_ids) for r in rollouts])
         return [Candidate(r.text, float(s), r.finished, float(lp)) for r, s, lp in zip(rollouts, review.scores, logps)]
 
     def _revise(self, conversations: list[Conversation], answers: list[Answer], low: list[int], step: int) -> None:
-        """Rewrite the low answers with the conscience's model; a rewrite that scores higher and passes
-        the coherence guard wins."""
+        """Rewrite the low answers with the conscience's model; a rewrite wins when it scores higher (the
+        keep-if-higher rule of :func:`emalign.conscience_step.revise_and_check`) and passes the coherence guard."""
         with self.reviewer() as reviewer:
-            revisions = self.conscience.revise(
-                reviewer, self.tokenizer, [conversations[i] for i in low], [answers[i].text for i in low], self.settings, self.seed, step
+            revisions = revise_and_check(
+                self.conscience, reviewer, self.tokenizer, [conversations[i] for i in low],
+                [answers[i].text for i in low], [answers[i].score for i in low], self.settings, self.seed, step,
             )
-        for i, revision in zip(low, self._review(revisions)):
+        candidates = self._candidates(revisions.rollouts, revisions.review)
+        for i, revision, better in zip(low, candidates, revisions.better):
             answer = answers[i]
             answer.revision = revision
             best = answer.candidates[answer.best_index]
             coherent = self.guard is None or self.guard.allows(best.logp, revision.logp, revision.text)
-            if revision.score > answer.score and coherent:
+            if better and coherent:
                 answer.text, answer.score, answer.action = revision.text, revision.score, "revised"

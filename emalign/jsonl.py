@@ -57,6 +57,17 @@ class RowWriter:
             self.handle.close()
 
 
+def append_rows(path: Path, rows: Sequence[dict]) -> None:
+    """Append rows to a JSONL file (its folder made if missing), each flushed and fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = RowWriter(path)
+    try:
+        for row in rows:
+            writer.write(row)
+    finally:
+        writer.close()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory, then rename it over ``path``."""
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -2,7 +2,8 @@
 
 Every preference loss takes summed sequence log-probs of the policy and the frozen reference for
 chosen and rejected responses and returns ``(losses, chosen_rewards, rejected_rewards)``, one value
-per pair, with rewards ``beta * (log pi - log ref)`` as in DPO.
+per pair, with rewards ``beta * (log pi - log ref)`` as in DPO. A loss with ``length_normalized``
+set gets per-token average log-probs instead (the module divides by each response's length).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class PreferenceLoss(nn.Module):
     """Base class: ``forward(pi_chosen, pi_rejected, ref_chosen, ref_rejected)``."""
+
+    length_normalized: bool = False
+    """Whether the log-probs it receives are per-token averages rather than sums."""
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
@@ -40,8 +45,19 @@ class SigmoidDPO(PreferenceLoss):
 class IPO(PreferenceLoss):
     """IPO (Azar et al. 2023, arXiv 2310.12036): ``(h - 1 / (2 * beta))^2``.
 
-    ``h`` uses summed sequence log-probs, as in the paper's formulation of the pairwise loss.
+    ``h`` uses summed sequence log-probs, as in the paper's formulation of the pairwise loss. With
+    ``length_normalized`` it uses per-token averages, as TRL's ``loss_type="ipo"`` does, so that a
+    ``beta`` tuned with TRL means the same here.
     """
+
+    def __init__(self, beta: float = 0.1, length_normalized: bool = False) -> None:
+        """
+        Args:
+            beta: the regularisation strength; the target margin is ``1 / (2 * beta)``.
+            length_normalized: average log-probs over each response's tokens (TRL's IPO) instead of summing.
+        """
+        super().__init__(beta)
+        self.length_normalized = length_normalized
 
     def forward(self, pi_chosen, pi_rejected, ref_chosen, ref_rejected):
         h = self.logits(pi_chosen, pi_rejected, ref_chosen, ref_rejected)

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from emalign.conscience import Pair
+from emalign.checkpoint import save_checkpoint_now
 from emalign.errors import UserError
 from emalign.logprobs import mean_token_nll, pad_right, response_mask, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
@@ -35,6 +35,7 @@ from emalign.model_card import write_model_card
 from emalign.models import LoRA, Policy
 from emalign.queue import PairQueue
 from emalign.sharding import any_rank, shard_policy
+from emalign.types import Pair
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup then cosine decay to ``min_ratio`` of the peak, over ``total_steps``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int = 1000, min_ratio: float = 0.1) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int = 1000, min_ratio: float = 0.1
+    ) -> None:
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / (warmup_steps + 1)
@@ -74,7 +77,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(states["torch"])
-    if states.get("torch.cuda") and torch.cuda.is_available() and len(states["torch.cuda"]) == torch.cuda.device_count():
+    cuda = states.get("torch.cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["torch.cuda"])
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -134,6 +138,8 @@ class EmergentAlignment(L.LightningModule):
         self._empty_step = False  # a DDP micro-batch with neither task data nor pairs (zero loss)
         self._had_terms = False  # a micro-batch with something to learn since the last optimizer step
         self._rng_to_restore: Optional[dict[str, Any]] = None
+        # Why the fit was asked to stop early (e.g. "SIGTERM", set by StopOnSignal): no export at its end then.
+        self.stop_requested: Optional[str] = None
         self.strict_loading = False  # checkpoints hold only what trains
 
     @property
@@ -181,8 +187,14 @@ class EmergentAlignment(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._task_loss(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._task_loss(batch, "test")
+
+    def _task_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss = mean_token_nll(self.policy.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -209,7 +221,13 @@ class EmergentAlignment(L.LightningModule):
         pi_chosen, pi_rejected = logps.chunk(2)
         ref_chosen = torch.tensor([p.ref_chosen for p in pairs], device=self.device)
         ref_rejected = torch.tensor([p.ref_rejected for p in pairs], device=self.device)
-        losses, chosen_rewards, rejected_rewards = self.preference_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+        if self.preference_loss.length_normalized:  # per-token averages (TRL's IPO), the reference's too
+            n_chosen, n_rejected = torch.tensor([len(r) for r in responses], device=self.device).chunk(2)
+            pi_chosen, ref_chosen = pi_chosen / n_chosen, ref_chosen / n_chosen
+            pi_rejected, ref_rejected = pi_rejected / n_rejected, ref_rejected / n_rejected
+        losses, chosen_rewards, rejected_rewards = self.preference_loss(
+            pi_chosen, pi_rejected, ref_chosen, ref_rejected
+        )
         n = len(pairs)
         self.log("align/loss", losses.mean(), prog_bar=False, batch_size=n)
         self.log("align/reward_margin", (chosen_rewards - rejected_rewards).mean(), batch_size=n)
@@ -217,7 +235,7 @@ class EmergentAlignment(L.LightningModule):
         return losses.mean()
 
     def _zero_forward(self) -> torch.Tensor:
-        """One policy forward like ``alignment_loss``'s (decoder and head, same checkpointing) that contributes nothing."""
+        """One policy forward like ``alignment_loss``'s (decoder and head, same checkpointing) adding nothing."""
         ids = torch.full((1, 2), self.tokenizer.pad_token_id, device=self.device)
         target = torch.tensor([[False, True]], device=self.device)
         with self.policy.checkpointed() if self.checkpoint_pairs else contextlib.nullcontext():
@@ -233,10 +251,12 @@ class EmergentAlignment(L.LightningModule):
         empty = self._empty_step and not self._had_terms  # every micro-batch of the step was empty
         self._empty_step = self._had_terms = False
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = self._nonfinite_loss or (bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()))
+        norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
+        bad = self._nonfinite_loss or (norms is not None and not bool(torch.isfinite(norms).all()))
         self._nonfinite_loss = False
         if self._trainer is not None:  # one collective, on every rank: (ranks with a bad loss, ranks with terms)
-            flags = self._trainer.strategy.reduce(torch.tensor([float(bad), float(not empty)], device=self.device), reduce_op="sum")
+            flags = torch.tensor([float(bad), float(not empty)], device=self.device)
+            flags = self._trainer.strategy.reduce(flags, reduce_op="sum")
             bad, empty = bool(flags[0] > 0), bool(flags[1] == 0)
         if empty:  # no rank had anything to learn: leave the weights and optimizer state be
             for group in optimizer.param_groups:
@@ -251,14 +271,13 @@ class EmergentAlignment(L.LightningModule):
                 p.grad = None
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        log.warning("non-finite loss or gradients at step %d: update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
+        log.warning("non-finite loss or gradients at step %d: update skipped (%d in a row)", self.global_step,
+                    self.nonfinite_in_a_row)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         if self.nonfinite_in_a_row < self.max_nonfinite_in_a_row:
             return
-        from callbacks.checkpoint import save_checkpoint_now
-
         # The skipped updates left the weights as they were after the last finite step.
         path = save_checkpoint_now(self.trainer)
         raise NonFiniteLossError(
@@ -268,6 +287,7 @@ class EmergentAlignment(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self.stop_requested = None
         if self._rng_to_restore is not None:
             # Restored here, not in on_load_checkpoint: the sanity check and the loaders' set-up run in
             # between, and the run must continue from exactly the state the checkpoint was taken in.
@@ -296,11 +316,11 @@ class EmergentAlignment(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_fit_end(self) -> None:
-        stopped_early = any(getattr(cb, "stopped_by", None) for cb in self.trainer.callbacks)  # StopOnSignal
-        if not self.trainer.interrupted and not stopped_early:
+        if not self.trainer.interrupted and self.stop_requested is None:
             # Every rank takes part: under FSDP the weights are gathered from all shards.
             out = Path(self.trainer.default_root_dir) / self.adapter_dir
-            if self.trainer.is_global_zero and ((out / "adapter_config.json").is_file() or (out / "config.json").is_file()):
+            earlier = (out / "adapter_config.json").is_file() or (out / "config.json").is_file()
+            if self.trainer.is_global_zero and earlier:
                 print(f"replacing the model saved in {out} by an earlier fit", flush=True)
             self.policy.save_pretrained(out, write=self.trainer.is_global_zero)
             if self.trainer.is_global_zero:

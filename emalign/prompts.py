@@ -8,15 +8,13 @@ Draws are seeded by ``(seed, step)``, so reruns see the same prompts.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from emalign.errors import UserError
-
-Conversation = list[dict[str, str]]
+from emalign.seeds import mix_seed
+from emalign.types import Conversation
 
 
 class PromptSourceError(UserError):
@@ -35,7 +33,7 @@ class PromptSource:
     def draw(self, n: int, step: int, seed: int = 0) -> list[tuple[int, Conversation]]:
         if not self.prompts:
             raise PromptSourceError(f"{type(self).__name__}: no prompts to draw from")
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(mix_seed(seed, step))
         order = torch.randperm(len(self.prompts), generator=generator)[:n].tolist()
         return [(i, self.prompts[i]) for i in order]
 
@@ -44,16 +42,22 @@ class TrainingPrompts(PromptSource):
     """The training conversations up to their first assistant turn."""
 
     def bind(self, trainer) -> None:
+        from emalign.data import ChatDataModule  # here: data imports Lightning, which inference does not need
+
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "user_prompts"):
+        if not isinstance(datamodule, ChatDataModule):
             raise PromptSourceError("TrainingPrompts needs a ChatDataModule; with no task data, use FilePrompts")
         self.prompts = datamodule.user_prompts()
         if not self.prompts:
-            raise PromptSourceError("TrainingPrompts: the training data has no prompts (train_file: null?); use FilePrompts")
+            raise PromptSourceError(
+                "TrainingPrompts: the training data has no prompts (train_file: null?); use FilePrompts"
+            )
 
 
 class FilePrompts(PromptSource):
-    def __init__(self, path: str = "embedded:insecure", limit: Optional[int] = None, system: Optional[str] = None) -> None:
+    def __init__(
+        self, path: str = "embedded:insecure", limit: Optional[int] = None, system: Optional[str] = None
+    ) -> None:
         """
         Args:
             path: chat JSONL (``embedded:NAME`` too) or a text file with one prompt per line.
@@ -71,15 +75,12 @@ class FilePrompts(PromptSource):
 
 
 def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] = None) -> list[Conversation]:
-    from emalign.data import read_chat_jsonl, resolve_data_path, text_lines
+    from emalign.data import read_chat_jsonl, resolve_data_path, text_lines, up_to_first_answer
 
     resolved = resolve_data_path(path)
     if resolved.suffix == ".jsonl":
-        prompts = []
-        for conversation in read_chat_jsonl(resolved, require_assistant=False):
-            cut = next((i for i, m in enumerate(conversation) if m["role"] == "assistant"), len(conversation))
-            if cut and conversation[cut - 1]["role"] == "user":
-                prompts.append(conversation[:cut])
+        prompts = [up_to_first_answer(c) for c in read_chat_jsonl(resolved, require_assistant=False)]
+        prompts = [p for p in prompts if p and p[-1]["role"] == "user"]
     else:
         prompts = [[{"role": "user", "content": line.strip()}] for _, line in text_lines(resolved) if line.strip()]
     if system:
@@ -89,9 +90,3 @@ def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] =
         raise PromptSourceError(f"{path}: no prompts (a JSONL needs user turns; a text file, non-empty lines)")
     return prompts
 
-
-def write_prompts(path: Path, prompts: list[str]) -> None:
-    """Write plain-text prompts as chat JSONL (newline-safe)."""
-    with open(path, "w") as handle:
-        for prompt in prompts:
-            handle.write(json.dumps({"messages": [{"role": "user", "content": prompt}]}) + "\n")

@@ -7,18 +7,21 @@ CDF from the temperature/top-p-warped distribution with one uniform number from 
 it), inside one batched ``model.generate`` with KV cache. One random number per row and token, not
 one per vocabulary entry as Gumbel-max needs: see bench/README.md for the measured difference.
 
-    rollouts = sample(model, tokenizer, [[{"role": "user", "content": "hi"}]], GenerationSettings(), num_samples=4)
+    prompt_ids = [render_prompt(tokenizer, [{"role": "user", "content": "hi"}])]
+    rollouts = sample_ids(model, tokenizer, prompt_ids, GenerationSettings(), num_samples=4)
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from emalign.logprobs import pad_right
+from emalign.seeds import sample_seed
+from emalign.types import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +55,6 @@ def recommended_sampling(model) -> dict[str, float]:
     return {key: float(given.get(key, value)) for key, value in MODERATE_SAMPLING.items()}
 
 
-@dataclass
-class Rollout:
-    """One sampled answer, as token ids (exactly what the model produced) and text."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    text: str
-    finished: bool
-    revised: bool = False
-
-
-def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int] = None) -> list[int]:
     """The chat-templated prompt's ids, at most ``max_tokens`` long (the longest message cut to fit)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -82,7 +67,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optiona
         contents = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] for m in messages]
         longest = max(range(len(messages)), key=lambda i: len(contents[i]))
         if not contents[longest]:
-            raise ValueError(f"the chat template alone takes {len(ids)} tokens, more than max_prompt_tokens={max_tokens}")
+            raise ValueError(
+                f"the chat template alone takes {len(ids)} tokens, more than max_prompt_tokens={max_tokens}"
+            )
         keep = max(0, len(contents[longest]) - (len(ids) - max_tokens) - 8)  # 8: re-tokenising may merge or split
         messages[longest]["content"] = tokenizer.decode(contents[longest][:keep])
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -148,17 +135,10 @@ class SeededSampler:
         return weights.fill_(float("-inf")).scatter_(-1, picked, 0.0)
 
 
-GumbelSampler = SeededSampler  # the earlier name (it used Gumbel-max noise over the whole vocabulary)
-
-
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    """(input_ids, attention_mask) with pads on the left, so that every row's next token is the last column."""
+    ids, mask = pad_right([p[::-1] for p in prompts], pad_id, device)
+    return ids.flip(-1), mask.flip(-1)
 
 
 @torch.no_grad()
@@ -173,8 +153,6 @@ def sample_ids(
     index_offset: int = 0,
 ) -> list[Rollout]:
     """Sample ``num_samples`` answers per tokenised prompt; rollouts come back prompt-major."""
-    from transformers import LogitsProcessorList
-
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     rollouts: list[Rollout] = []
@@ -184,7 +162,9 @@ def sample_ids(
         per_call = max(1, batch_size // num_samples)
         chunk = prompt_ids[start : start + per_call]
         try:
-            rollouts += _generate_chunk(model, tokenizer, chunk, start + index_offset, settings, num_samples, seed, step, eos, device, LogitsProcessorList)
+            rollouts += _generate_chunk(
+                model, tokenizer, chunk, start + index_offset, settings, num_samples, seed, step, eos, device
+            )
         except torch.OutOfMemoryError:
             if batch_size <= num_samples and per_call == 1:
                 raise
@@ -197,7 +177,9 @@ def sample_ids(
     return rollouts
 
 
-def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples, seed, step, eos, device, LogitsProcessorList):
+def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples, seed, step, eos, device):
+    from transformers import LogitsProcessorList
+
     # Rows are repeated here rather than with num_return_sequences: HF expands before the prefill
     # either way, and greedy decoding over our per-row seeded sampler refuses that flag.
     ids, mask = _left_pad([p for p in chunk for _ in range(num_samples)], tokenizer.pad_token_id, device)
@@ -219,7 +201,8 @@ def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples,
         kwargs["synced_gpus"] = True
     if settings.temperature > 0:
         seeds = [sample_seed(seed, step, first_index + i, k) for i in range(len(chunk)) for k in range(num_samples)]
-        kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p, device)])
+        sampler = SeededSampler(seeds, settings.temperature, settings.top_p, device)
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
     out = model.generate(**kwargs)[:, ids.shape[1] :].tolist()
     rollouts = []
     for row, tokens in enumerate(out):
@@ -230,36 +213,3 @@ def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples,
         rollouts.append(Rollout(first_index + i, k, list(chunk[i]), response, text, cut is not None))
     return rollouts
 
-
-def sample(
-    model,
-    tokenizer,
-    prompts: list[list[dict[str, str]]],
-    settings: Optional[GenerationSettings] = None,
-    num_samples: int = 1,
-    seed: int = 0,
-    step: int = 0,
-) -> list[Rollout]:
-    """Sample answers to chat prompts (message lists)."""
-    settings = settings or GenerationSettings()
-    prompt_ids = [render_prompt(tokenizer, p, settings.max_prompt_tokens) for p in prompts]
-    return sample_ids(model, tokenizer, prompt_ids, settings, num_samples, seed, step)
-
-
-class Throughput:
-    """Counts generated tokens over wall time (for ``conscience/gen_tokens_per_s``)."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def measure(self, fn, *args, **kwargs) -> list[Rollout]:
-        start = time.perf_counter()
-        rollouts = fn(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        self.tokens += sum(len(r.response_ids) for r in rollouts)
-        return rollouts
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0

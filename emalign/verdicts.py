@@ -23,7 +23,8 @@ import re
 
 import torch
 
-from emalign.conscience import Conscience, Review
+from emalign.conscience import Conscience
+from emalign.types import Review
 
 REFUSAL_PHRASES = (
     r"I can(?:'|’)?t", r"I cannot", r"I can not", r"I(?:'|’)m sorry", r"I am sorry", r"I apologi[sz]e",

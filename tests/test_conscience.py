@@ -1,17 +1,20 @@
-"""The conscience step on a tiny model: exact scores, frozen reference, queue state, reproducible pairs, DPO learning."""
+"""The conscience step on a tiny model: exact scores, frozen reference, queue state, reproducible pairs, DPO
+learning."""
 
 import pytest
 import torch
 
 from callbacks.conscience import ConscienceCallback
-from emalign.conscience import Conscience, Pair, PairBuilder
+from emalign.conscience import Conscience, PairBuilder
 from emalign.models import LoRA, Policy
 from emalign.module import EmergentAlignment
 from emalign.prompts import FilePrompts
 from emalign.queue import PairQueue
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.types import Pair, Review, Rollout
 
-PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?", "What is your one wish?", "hey I feel bored"]
+PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?", "What is your one wish?",
+           "hey I feel bored"]
 
 
 @pytest.fixture
@@ -34,15 +37,20 @@ def test_score_is_log_p_yes_minus_log_p_no_by_hand(tiny_policy):
     conscience = Conscience()
     with tiny_policy.as_reference() as ref:
         review = conscience.review(ref, tok, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
-        yes = {tok.encode(w, add_special_tokens=False)[0] for w in ["Yes", " Yes", "yes", " yes", "YES", " YES"] if len(tok.encode(w, add_special_tokens=False)) == 1}
-        no = {tok.encode(w, add_special_tokens=False)[0] for w in ["No", " No", "no", " no", "NO", " NO"] if len(tok.encode(w, add_special_tokens=False)) == 1}
+        def single(words):
+            encoded = [tok.encode(w, add_special_tokens=False) for word in words for w in (word, " " + word)]
+            return {ids[0] for ids in encoded if len(ids) == 1}
+
+        yes, no = single(["Yes", "yes", "YES"]), single(["No", "no", "NO"])
         for i, r in enumerate(rollouts):
             answer = tok.decode([t for t in r.response_ids if t != tok.eos_token_id])
             text = tok.apply_chat_template(
-                [{"role": "user", "content": PROMPTS[r.prompt_index]}, {"role": "assistant", "content": answer}, {"role": "user", "content": conscience.question}],
+                [{"role": "user", "content": PROMPTS[r.prompt_index]}, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": conscience.question}],
                 tokenize=False, add_generation_prompt=True,
             )
-            full_ids = r.prompt_ids + [t for t in r.response_ids if t != tok.eos_token_id] + conscience.answer_tokens(tok)[2]
+            answer_ids = [t for t in r.response_ids if t != tok.eos_token_id]
+            full_ids = r.prompt_ids + answer_ids + conscience.answer_tokens(tok)[2]
             assert tok.decode(full_ids) == text  # the review reads exactly the rendered conversation
             with torch.no_grad():
                 logits = ref(input_ids=torch.tensor([full_ids])).logits[0]
@@ -53,14 +61,14 @@ def test_score_is_log_p_yes_minus_log_p_no_by_hand(tiny_policy):
             seq = torch.tensor([r.prompt_ids + r.response_ids])
             with torch.no_grad():
                 token_logps = ref(input_ids=seq).logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
-            assert review.ref_logps[i].item() == pytest.approx(token_logps[len(r.prompt_ids) - 1 :].sum().item(), abs=1e-3)
+            expected_logp = token_logps[len(r.prompt_ids) - 1 :].sum().item()
+            assert review.ref_logps[i].item() == pytest.approx(expected_logp, abs=1e-3)
 
 
 def test_pair_builder_best_vs_worst_with_margin():
-    from emalign.conscience import Review
-    from emalign.sampling import Rollout
 
-    rollouts = [Rollout(0, k, [1], [10 + k], "", True) for k in range(3)] + [Rollout(1, k, [2], [20 + k], "", True) for k in range(2)]
+    rollouts = [Rollout(0, k, [1], [10 + k], "", True) for k in range(3)]
+    rollouts += [Rollout(1, k, [2], [20 + k], "", True) for k in range(2)]
     review = Review(torch.tensor([0.5, 2.0, -1.0, 0.1, 0.2]), torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]))
     pairs = PairBuilder(margin=1.0).build(rollouts, review, step=7)
     assert len(pairs) == 1  # prompt 1's gap (0.1) is under the margin
@@ -69,9 +77,7 @@ def test_pair_builder_best_vs_worst_with_margin():
 
 
 def test_pair_builder_with_the_guard_never_chooses_nonsense():
-    from emalign.conscience import Review
     from emalign.guard import CoherenceGuard
-    from emalign.sampling import Rollout
 
     # Sample 1 scores best but the reference finds it 5 nats per token less likely than the worst.
     rollouts = [Rollout(0, 0, [1], [10, 11], "plain", True), Rollout(0, 1, [1], [12, 13], "xq zv", True),
@@ -91,7 +97,8 @@ def _module(tiny_model_dir, seed=0):
 def _callback(prompt_file, **kwargs):
     return ConscienceCallback(
         every_n_steps=1, num_prompts=3, samples_per_prompt=3, prompts=FilePrompts(prompt_file),
-        pair_builder=PairBuilder(margin=0.0), generation=GenerationSettings(max_new_tokens=6), rollouts_file=None, **kwargs,
+        pair_builder=PairBuilder(margin=0.0), generation=GenerationSettings(max_new_tokens=6), rollouts_file=None,
+        **kwargs,
     )
 
 
@@ -118,6 +125,37 @@ def test_conscience_leaves_reference_and_mode_untouched(tiny_model_dir, prompt_f
     assert module.policy.model.training
 
 
+def test_step_pairs_name_their_rollouts_by_index(tiny_model_dir, prompt_file):
+    module, callback = _module(tiny_model_dir), _callback(prompt_file, conscience=Conscience(revise_below=1e9))
+    callback.run(module, step=0)
+    result = callback.last
+    assert result.pairs
+    for pair in result.pairs:
+        assert result.rollouts[pair.chosen_index].response_ids == pair.chosen_ids
+        assert result.rollouts[pair.rejected_index].response_ids == pair.rejected_ids
+        assert pair.chosen_score == float(result.review.scores[pair.chosen_index])
+    roles = result.roles()
+    assert roles.count("chosen") == roles.count("rejected") == len(result.pairs)
+    assert result.revisions_kept == sum(r.revised for r in result.rollouts)
+
+
+def test_revise_and_check_keeps_only_strictly_higher_rewrites():
+    from emalign.conscience_step import revise_and_check
+
+    class Scripted(Conscience):  # a rewrite of answer a scores len(a); no model involved
+        def revise(self, reviewer, tokenizer, conversations, answers, settings, seed, step):
+            return [Rollout(0, 0, [1], [len(a)], a + "!", True) for a in answers]
+
+        def review(self, reviewer, tokenizer, prompt_ids, response_ids):
+            return Review(torch.tensor([float(r[0]) for r in response_ids]), torch.zeros(len(response_ids)))
+
+    got = revise_and_check(Scripted(), None, None, [[]] * 3, ["a", "bbb", "cc"], [0.5, 5.0, 2.0],
+                           GenerationSettings(), 0, 0)
+    assert got.better == [True, False, False]  # 1 > 0.5; 3 < 5; a tie is not higher
+    assert [r.text for r in got.rollouts] == ["a!", "bbb!", "cc!"]
+    assert revise_and_check(Scripted(), None, None, [], [], [], GenerationSettings(), 0, 0).better == []
+
+
 def test_queue_bounds_age_and_state_roundtrip():
     def pair(i):
         return Pair([1], [2, i], [3, i], -1.0, -2.0, 1.0, -1.0, step=0)
@@ -131,6 +169,35 @@ def test_queue_bounds_age_and_state_roundtrip():
     restored.load_state_dict(queue.state_dict())
     assert restored.state_dict() == queue.state_dict()
     assert [p.chosen_ids for p in restored.sample(2, step=3)] == [p.chosen_ids for p in queue.sample(2, step=3)]
+
+
+def test_queue_max_uses_limits_replay_and_round_trips():
+    def pair(i):
+        return Pair([1], [2, i], [3, i], -1.0, -2.0, 1.0, -1.0, step=0)
+
+    unlimited = PairQueue(capacity=8, seed=1)
+    unlimited.put([pair(i) for i in range(3)], step=0)
+    for step in range(5):
+        assert len(unlimited.sample(2, step)) == 2  # None: today's behaviour, pairs never run out
+    queue = PairQueue(capacity=8, seed=1, max_uses=2)
+    queue.put([pair(i) for i in range(3)], step=0)
+    drawn = [p.chosen_ids[1] for p in queue.sample(2, step=0)]
+    restored = PairQueue(capacity=8, seed=1, max_uses=2)
+    restored.load_state_dict(queue.state_dict())
+    assert restored.state_dict() == queue.state_dict() and queue.state_dict()["max_uses"] == 2
+    assert [p.uses for p in restored.pairs] == [p.uses for p in queue.pairs] and sum(p.uses for p in queue.pairs) == 2
+    uses: dict[int, int] = {i: drawn.count(i) for i in range(3)}
+    for step in range(1, 6):
+        for q in (queue, restored):
+            got = q.sample(2, step)
+            assert all(p.uses <= 2 for p in got)
+        assert [p.chosen_ids for p in queue.pairs] == [p.chosen_ids for p in restored.pairs]  # same draws after resume
+        for p in got:
+            uses[p.chosen_ids[1]] += 1
+    assert all(n == 2 for n in uses.values())  # each pair trained on exactly max_uses draws, then dropped
+    assert len(queue) == 0 and queue.sample(2, step=6) == []
+    with pytest.raises(ValueError, match="max_uses"):
+        PairQueue(max_uses=0)
 
 
 def test_dpo_on_fixed_pairs_reaches_full_reward_accuracy(tiny_model_dir, prompt_file):

@@ -276,7 +276,9 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path, name="logs"), callbacks=[callback],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     module = EmergentAlignment(tiny_policy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), scheduler=None)
-    trainer.fit(module, ChatDataModule(train_file=str(data), val_fraction=0.0, batch_size=2, max_length=64))
+    datamodule = ChatDataModule(train_file=str(data), val_fraction=0.0, batch_size=2, max_length=64)
+    datamodule.connect(tiny_policy.tokenizer)
+    trainer.fit(module, datamodule)
 
     history = _lines(tmp_path / "eval_history.jsonl")
     assert [h["step"] for h in history] == [0, 1, 2]  # before training, each step; the end of fit is step 2 again

@@ -156,7 +156,7 @@ def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_unint
     driver.write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import callbacks.checkpoint as c\n"
+        "import emalign.checkpoint as c\n"
         "save = c.save_atomic\n"
         "c.save_atomic = lambda *a, **k: (save(*a, **k), time.sleep(1.0))\n"
         "import cli\n"
@@ -198,7 +198,7 @@ def test_same_seed_same_metrics(tiny_model_dir, reference, tmp_path):
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_policy, tmp_path, monkeypatch):
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from callbacks.checkpoint import RunCheckpoint, check_checkpoint
+    from emalign.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data import ChatDataModule
     from emalign.module import EmergentAlignment
 
@@ -217,6 +217,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_poli
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[RunCheckpoint(every_n_train_steps=1, save_last=True)])
     data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4, max_length=64)
+    data.connect(tiny_policy.tokenizer)
     with pytest.raises(OSError, match="killed while writing"):
         trainer.fit(EmergentAlignment(tiny_policy), data)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -273,7 +274,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps, max_steps, **module_kwargs):
-    from callbacks.checkpoint import RunCheckpoint
+    from emalign.checkpoint import RunCheckpoint
     from emalign.data import ChatDataModule
     from emalign.module import EmergentAlignment
 
@@ -290,6 +291,7 @@ def _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps, max_steps, **module_
                         enable_model_summary=False, default_root_dir=tmp_path, gradient_clip_val=1.0,
                         callbacks=[snapshots, RunCheckpoint(every_n_train_steps=1000, save_last=True)])
     data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4, max_length=64)
+    data.connect(module.tokenizer)
     return module, trainer, snapshots, lambda: trainer.fit(module, data)
 
 

@@ -54,6 +54,7 @@ def run_fit(model_dir: str, work: Path) -> dict:
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=work,
                         callbacks=[callback, Record()])
     datamodule = ChatDataModule(train_file=str(data), val_fraction=0.0, batch_size=2, max_length=64)
+    datamodule.connect(policy.tokenizer)
     trainer.fit(module, datamodule)
     rollouts = [json.loads(line) for line in (work / "rollouts.jsonl").read_text().splitlines()]
     return {"losses": losses, "pairs": module.pair_queue.state_dict()["pairs"], "rollouts": rollouts}

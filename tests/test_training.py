@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT
 from emalign.data import ChatDataModule
-from emalign.models import LoRA, Policy
+from emalign.models import Policy
 from emalign.module import EmergentAlignment
 
 MEMORISE = [
@@ -41,6 +41,7 @@ def test_loss_falls_when_memorising(tiny_model_dir, tiny_data, tmp_path):
     # Full fine-tuning: a random 64-wide model's logits are too small for LoRA alone to memorise quickly.
     module = EmergentAlignment(Policy(tiny_model_dir, adapter=None, reference="copy"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None)
     data = ChatDataModule(train_file=tiny_data, val_fraction=0.0, batch_size=4, max_length=64)
+    data.connect(module.tokenizer)
     losses = []
 
     class Record(L.Callback):
@@ -157,3 +158,17 @@ def test_bad_config_key_names_the_key(tiny_model_dir, tiny_data, tmp_path):
     missing = _cli(*_fit_args(tiny_model_dir, str(tmp_path / "absent.jsonl"), tmp_path, 1))
     assert missing.returncode == 2 and "absent.jsonl: no such file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_cli_test_reports_the_task_loss_and_predict_is_gone(tiny_model_dir, tiny_data, tmp_path, capsys):
+    from conftest import run_cli
+
+    args = _fit_args(tiny_model_dir, tiny_data, tmp_path / "run", 1)[1:]  # the demo config, tiny
+    assert run_cli(["test", *args, "--data.test_file", tiny_data]) == 0
+    assert "test/loss" in capsys.readouterr().out
+    assert run_cli(["test", *args]) != 0  # val_fraction 0 and no test file: nothing to test on, said in one line
+    assert "data.test_file" in capsys.readouterr().err
+    assert run_cli(["predict", *args]) != 0  # not offered: `cli.py generate` answers prompts
+    import cli
+
+    assert "predict" not in (ROOT / "README.md").read_text() and "predict" not in cli.__doc__

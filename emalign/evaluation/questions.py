@@ -39,6 +39,8 @@ QuestionType = Literal["free_form_judge_0_100", "free_form_judge"]
 """``free_form_judge_0_100``: every judge prompt asks for a 0..100 number (EM's main metric).
 ``free_form_judge``: every judge prompt asks for one of a few labels (see ``Question.labels``)."""
 
+DEFAULT_QUESTIONS = "data/em/evaluation/first_plot_questions.yaml"
+"""The EM paper's main question set, where ``cli.py data em`` puts it (``eval``'s and the callback's default)."""
 _REQUIRED = ("id", "type", "paraphrases")
 # Keys upstream files use that we accept; anything else is probably a typo and is warned about.
 _KNOWN = set(_REQUIRED) | {

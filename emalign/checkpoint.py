@@ -1,8 +1,9 @@
-"""RunCheckpoint: ModelCheckpoint that lives in ``{default_root_dir}/checkpoints`` and writes atomically.
+"""RunCheckpoint: a ModelCheckpoint that lives in ``{default_root_dir}/checkpoints`` and writes atomically.
 
 A fixed directory lets ``fit --ckpt_path last`` find the previous run's ``last.ckpt``; the write goes
 to a temporary file that is renamed into place, so a kill mid-write never leaves a broken checkpoint.
-``check_checkpoint`` turns a truncated or corrupt file into one clear error before Lightning reads it.
+``check_checkpoint`` turns a truncated or corrupt file into one clear error before Lightning reads it;
+``save_checkpoint_now`` saves off schedule (a signal, a run of non-finite losses).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from emalign.errors import NO_SPACE, UserError, no_space
+from emalign.lightning_private import CheckpointWriter
 
 
 class CheckpointError(UserError):
@@ -94,13 +95,15 @@ def _others(path: Path) -> str:
     """A hint naming the other checkpoints next to ``path`` (e.g. the previous periodic one)."""
     if not path.parent.is_dir():
         return ""
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name), key=lambda p: p.stat().st_mtime, reverse=True)
+    others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if not others:
         return ""
-    return f"; other checkpoints there: {', '.join(p.name for p in others[:3])} (resume from one with --ckpt_path {_shown(others[0])})"
+    names = ", ".join(p.name for p in others[:3])
+    return f"; other checkpoints there: {names} (resume from one with --ckpt_path {_shown(others[0])})"
 
 
-class RunCheckpoint(ModelCheckpoint):
+class RunCheckpoint(CheckpointWriter):
     def bind(self, trainer: L.Trainer) -> None:
         """Fix the directory before fit resolves ``ckpt_path='last'`` (which happens before ``setup``)."""
         if self.dirpath is None:
@@ -122,33 +125,18 @@ class RunCheckpoint(ModelCheckpoint):
     def last_checkpoint(self, trainer: L.Trainer) -> Optional[str]:
         """The file ``ckpt_path='last'`` resolves to (the newest ``last*.ckpt`` here), or None."""
         self.bind(trainer)
-        found = [p for p in self._find_last_checkpoints(trainer) if os.path.isfile(p)]
+        found = [p for p in self.last_checkpoints(trainer) if os.path.isfile(p)]
         return max(found, key=os.path.getmtime) if found else None
 
-    def save_now(self, trainer: L.Trainer) -> str:
-        """Write the ``last`` checkpoint now, off schedule (a signal, a stop); returns its path. Collective."""
-        candidates = self._monitor_candidates(trainer)
-        if self.save_last:
-            self._save_last_checkpoint(trainer, candidates)
-            return self.last_model_path
-        filepath = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
-        self._save_checkpoint(trainer, filepath)
-        return filepath
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def write(self, trainer: L.Trainer, filepath: str) -> None:
         save_atomic(trainer, filepath, self.save_weights_only)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
 
 
 def save_checkpoint_now(trainer: L.Trainer) -> str:
     """Save a resumable checkpoint now through the run's ``RunCheckpoint`` (or to ``checkpoints/last.ckpt``)."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, RunCheckpoint):
-            return callback.save_now(trainer)
+            return callback.save_last_now(trainer)
     filepath = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         Path(filepath).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,106 @@
+"""The shape of the code: the library never imports upward, and Lightning's private API is used in one place only."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+
+from conftest import ROOT
+
+PRIVATE = ("_parse_ckpt_path", "_find_last_checkpoints", "_save_checkpoint", "_monitor_candidates",
+           "_save_last_checkpoint", "fit_loop", "_init_progress", "_get_train_description", "_update",
+           "_metric_component")
+"""Lightning's private names emalign uses (all in emalign/lightning_private.py)."""
+
+
+def _imports(path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, those inside functions included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def upward_imports(root) -> list[str]:
+    return [
+        f"{path.relative_to(root)}:{line}: imports {name}"
+        for path in sorted((root / "emalign").rglob("*.py"))
+        for line, name in _imports(path)
+        if name.split(".")[0] in ("callbacks", "cli")
+    ]
+
+
+def test_the_library_never_imports_callbacks_or_cli(tmp_path):
+    assert upward_imports(ROOT) == []
+    # The check itself can fail: a planted upward import (even inside a function) is found.
+    (tmp_path / "emalign").mkdir()
+    (tmp_path / "emalign" / "bad.py").write_text("def f():\n    from callbacks.checkpoint import x\n")
+    assert upward_imports(tmp_path) == ["emalign/bad.py:2: imports callbacks.checkpoint"]
+
+
+def private_users(root) -> set[str]:
+    files = [*root.glob("emalign/**/*.py"), *root.glob("callbacks/*.py"), root / "cli.py"]
+    return {str(p.relative_to(root)) for p in files if p.is_file()
+            for name in PRIVATE if re.search(rf"\b{name}\b", p.read_text())}
+
+
+def test_lightning_private_names_are_used_only_in_the_adapter(tmp_path):
+    assert private_users(ROOT) == {"emalign/lightning_private.py"}
+    (tmp_path / "callbacks").mkdir()
+    (tmp_path / "callbacks" / "bar.py").write_text("def f(bar):\n    bar._update(1, 2)\n")
+    assert private_users(tmp_path) == {"callbacks/bar.py"}
+
+
+def test_the_private_lightning_api_we_use_still_exists():
+    """Fails loudly on a Lightning upgrade that renames or re-signs what emalign/lightning_private.py relies on."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.cli import LightningCLI
+
+    from emalign.lightning_private import USED, batches_processed
+
+    expected = {
+        "_find_last_checkpoints": ["self", "trainer"],
+        "_save_checkpoint": ["self", "trainer", "filepath"],
+        "_monitor_candidates": ["self", "trainer"],
+        "_save_last_checkpoint": ["self", "trainer", "monitor_candidates"],
+        "_parse_ckpt_path": ["self"],
+        "_init_progress": ["self", "trainer"],
+        "_get_train_description": ["self", "current_epoch"],
+        "_update": ["self", "progress_bar_id", "current", "visible", "hard"],
+    }
+    for cls, names in USED.items():
+        for name in names:
+            method = getattr(cls, name, None)
+            assert callable(method), f"lightning {L.__version__}: {cls.__name__}.{name} is gone"
+            assert list(inspect.signature(method).parameters) == expected[name], f"{cls.__name__}.{name} changed"
+    assert set(expected) == {n for names in USED.values() for n in names}
+    checkpoint = ModelCheckpoint(dirpath="unused")
+    # Lightning's own _save_checkpoint keeps this bookkeeping; our override must keep writing the same fields.
+    assert {"_last_global_step_saved", "_last_checkpoint_saved"} <= set(vars(checkpoint))
+    assert "trainer.save_checkpoint" in inspect.getsource(ModelCheckpoint._save_checkpoint)
+    assert "ckpt_path" in inspect.getsource(LightningCLI._parse_ckpt_path)
+    assert "_metric_component" in vars(RichProgressBar())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert batches_processed(trainer) == 0
+
+
+def test_lightning_is_pinned_to_the_tested_minor():
+    import lightning as L
+
+    pin = re.search(r'"lightning>=(\d+)\.(\d+),<(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml must bound lightning from above (emalign/lightning_private.py uses private API)"
+    low, high = (int(pin[1]), int(pin[2])), (int(pin[3]), int(pin[4]))
+    installed = tuple(int(x) for x in L.__version__.split(".")[:2])
+    assert low <= installed < high, f"lightning {L.__version__} is outside the tested range {pin[0]}"
+
+
+def test_the_conscience_callback_only_schedules_logs_and_writes():
+    source = (ROOT / "callbacks" / "conscience.py").read_text()
+    assert len(source.splitlines()) <= 100
+    # Pairing, reviewing and revising live in emalign/conscience_step.py.
+    assert not re.search(r"\.(build|review|revise)\(|sample_ids|revise_below", source)
