@@ -12,15 +12,14 @@ the model's own self-review picks the best, and a low best is revised, refused o
 
 from __future__ import annotations
 
-import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from emalign.errors import UserError, friendly_errors
 from emalign.inference import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
-
-Conversation = list[dict[str, str]]
+from emalign.types import Conversation
 
 
 class OptionError(UserError):
@@ -31,7 +30,10 @@ class ModelLoadError(UserError):
     """A model or adapter that resolves but cannot be loaded."""
 
 
-def _check_options(samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]) -> None:
+def check_sampling_options(
+    samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]
+) -> None:
+    """Sampling flags out of range become one ``OptionError`` naming the flag (``eval`` uses it too)."""
     if samples < 1:
         raise OptionError(f"--samples must be at least 1, got {samples}")
     if max_new_tokens < 1:
@@ -42,13 +44,88 @@ def _check_options(samples: int, max_new_tokens: int, temperature: Optional[floa
         raise OptionError(f"--top_p must be in (0, 1], got {top_p}")
 
 
-def _check_conscience_options(threshold: Optional[float], max_logp_drop: Optional[float], max_prompt_tokens: Optional[int]) -> None:
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise OptionError(f"--threshold is a probability P(yes) in [0, 1], got {threshold}")
-    if max_logp_drop is not None and max_logp_drop < 0:
-        raise OptionError(f"--max_logp_drop must be >= 0 (null turns the coherence guard off), got {max_logp_drop}")
-    if max_prompt_tokens is not None and max_prompt_tokens < 16:
-        raise OptionError(f"--max_prompt_tokens must be at least 16, got {max_prompt_tokens}")
+@dataclass
+class Decoding:
+    """How ``generate`` and ``chat`` sample, review and pick answers: their shared flags (see ``DECODING_ARGS``)."""
+
+    samples: int
+    max_new_tokens: int
+    temperature: Optional[float]
+    top_p: Optional[float]
+    threshold: Optional[float]
+    on_low: OnLow
+    fallback: Fallback
+    review_with: ReviewWith
+    question: Optional[str]
+    refusal_text: str
+    max_logp_drop: Optional[float]
+    max_prompt_tokens: Optional[int]
+    seed: int
+    batch_size: int
+
+    def check(self) -> None:
+        """Flags out of range become one ``OptionError`` naming the flag, before any model loads."""
+        check_sampling_options(self.samples, self.max_new_tokens, self.temperature, self.top_p)
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise OptionError(f"--threshold is a probability P(yes) in [0, 1], got {self.threshold}")
+        if self.max_logp_drop is not None and self.max_logp_drop < 0:
+            raise OptionError(
+                f"--max_logp_drop must be >= 0 (null turns the coherence guard off), got {self.max_logp_drop}"
+            )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 16:
+            raise OptionError(f"--max_prompt_tokens must be at least 16, got {self.max_prompt_tokens}")
+
+    def decoder(self, lm, tokenizer):
+        """The ``ConscienceDecoder`` these flags describe, for ``lm``."""
+        from emalign.conscience import Conscience
+        from emalign.guard import CoherenceGuard
+        from emalign.inference import ConscienceDecoder
+        from emalign.sampling import GenerationSettings, recommended_sampling
+
+        conscience = Conscience(question=self.question) if self.question else Conscience()
+        sampling = recommended_sampling(lm)
+        settings = GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=sampling["temperature"] if self.temperature is None else self.temperature,
+            top_p=sampling["top_p"] if self.top_p is None else self.top_p,
+            batch_size=self.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+        guard = CoherenceGuard(self.max_logp_drop) if self.max_logp_drop is not None else None
+        return ConscienceDecoder(
+            lm, tokenizer, conscience, settings, num_samples=self.samples, threshold=self.threshold,
+            on_low=self.on_low, fallback=self.fallback, refusal_text=self.refusal_text,
+            review_with=self.review_with, seed=self.seed, guard=guard,
+        )
+
+
+DECODING_ARGS = """model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
+        samples: K, answers sampled per prompt (per turn in chat).
+        max_new_tokens: longest answer (and revision) in tokens.
+        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
+            model's generation_config, else 0.7.
+        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
+        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best answer below it
+            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
+            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
+            90% of plain answers".
+        on_low: below threshold: revise (the model rewrites its best answer), refuse, or keep it.
+        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
+            the coherence guard): refuse or keep.
+        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
+        question: the conscience's question (default: the ethics question used in training).
+        refusal_text: the answer given when refusing.
+        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
+            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
+        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once)."""
+"""The flags ``generate`` and ``chat`` share, documented once (the CLI reads each function's docstring)."""
+
+
+def _decoding_docs(command: Callable) -> Callable:
+    if command.__doc__:  # None under python -OO
+        command.__doc__ = command.__doc__.replace("{decoding}", DECODING_ARGS)
+    return command
 
 
 def _load_model(model: str, adapter: Optional[str]):
@@ -63,33 +140,11 @@ def _load_model(model: str, adapter: Optional[str]):
         raise
     except (OSError, ValueError) as err:  # transformers' "not a model directory / not cached offline"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load model {model!r}" + (f" with adapter {adapter!r}" if adapter else "") + f": {first}") from err
+        with_adapter = f" with adapter {adapter!r}" if adapter else ""
+        raise ModelLoadError(f"cannot load model {model!r}{with_adapter}: {first}") from err
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     return lm, tokenizer
-
-
-def _decoder(lm, tokenizer, *, samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
-             question, refusal_text, seed, max_logp_drop, max_prompt_tokens, batch_size=16):
-    from emalign.conscience import Conscience
-    from emalign.guard import CoherenceGuard
-    from emalign.inference import ConscienceDecoder
-    from emalign.sampling import GenerationSettings, recommended_sampling
-
-    conscience = Conscience(question=question) if question else Conscience()
-    sampling = recommended_sampling(lm)
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens,
-        temperature=sampling["temperature"] if temperature is None else temperature,
-        top_p=sampling["top_p"] if top_p is None else top_p,
-        batch_size=batch_size,
-        max_prompt_tokens=max_prompt_tokens,
-    )
-    guard = CoherenceGuard(max_logp_drop) if max_logp_drop is not None else None
-    return ConscienceDecoder(
-        lm, tokenizer, conscience, settings, num_samples=samples, threshold=threshold, on_low=on_low,
-        fallback=fallback, refusal_text=refusal_text, review_with=review_with, seed=seed, guard=guard,
-    )
 
 
 def _show_answer(console, answer, show_candidates: bool) -> None:
@@ -102,13 +157,15 @@ def _show_answer(console, answer, show_candidates: bool) -> None:
     if show_candidates:
         table = Table("#", "score", "logp/token", "candidate", show_lines=True)
         for j, c in enumerate(answer.candidates):
-            table.add_row(("*" if j == answer.best_index else "") + str(j), f"{c.score:+.2f}", f"{c.logp:.2f}", Text(c.text))
+            mark = "*" if j == answer.best_index else ""
+            table.add_row(mark + str(j), f"{c.score:+.2f}", f"{c.logp:.2f}", Text(c.text))
         if answer.revision:
             r = answer.revision
             table.add_row("rev", f"{r.score:+.2f}", f"{r.logp:.2f}", Text(r.text))
         console.print(table)
 
 
+@_decoding_docs
 def generate(
     prompts: Optional[str] = None,
     model: str = "smollm2-135m-instruct",
@@ -136,26 +193,7 @@ def generate(
     Args:
         prompts: (required) a text file with one prompt per line, or chat JSONL ({"messages": [...]} per line,
             each conversation used up to its first assistant turn); ``embedded:NAME`` works too.
-        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
-        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
-        samples: K, answers sampled per prompt.
-        max_new_tokens: longest answer (and revision) in tokens.
-        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
-            model's generation_config, else 0.7.
-        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
-        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best answer below it
-            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
-            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
-            90% of plain answers".
-        on_low: below threshold: revise (the model rewrites its best answer), refuse, or keep it.
-        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
-            the coherence guard): refuse or keep.
-        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
-        question: the conscience's question (default: the ethics question used in training).
-        refusal_text: the answer given when refusing.
-        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
-            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
-        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once).
+        {decoding}
         system: a system prompt for prompts that have none.
         out: a JSONL file; one row per prompt is appended (and flushed) as soon as it is answered.
         seed: sampling seed; the same seed and inputs give the same answers.
@@ -166,27 +204,23 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.rule import Rule
 
+    from emalign.jsonl import RowWriter
     from emalign.prompts import load_prompts
 
     with friendly_errors():
         if not prompts:
             raise OptionError("--prompts is required: a text file with one prompt per line, or chat JSONL")
-        _check_options(samples, max_new_tokens, temperature, top_p)
-        _check_conscience_options(threshold, max_logp_drop, max_prompt_tokens)
+        decoding = Decoding(samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
+                            question, refusal_text, max_logp_drop, max_prompt_tokens, seed, batch_size)
+        decoding.check()
         conversations = load_prompts(prompts, system=system)  # before the model: fail fast on a bad file
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
-        decoder = _decoder(
-            lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
-            refusal_text=refusal_text, seed=seed, max_logp_drop=max_logp_drop, max_prompt_tokens=max_prompt_tokens,
-            batch_size=batch_size,
-        )
-        sink = None
+        decoder = decoding.decoder(lm, tokenizer)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            sink = open(out, "a", encoding="utf-8")
+        sink = RowWriter(Path(out) if out else None)  # None writes nothing
         per_call = max(1, batch_size // samples)
         actions: dict[str, int] = {}
         columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -195,25 +229,24 @@ def generate(
                 task = progress.add_task("prompts", total=len(conversations))
                 for start in range(0, len(conversations), per_call):
                     chunk = conversations[start : start + per_call]
-                    for offset, (conversation, answer) in enumerate(zip(chunk, decoder.answer(chunk, index_offset=start))):
+                    answers = decoder.answer(chunk, index_offset=start)
+                    for offset, (conversation, answer) in enumerate(zip(chunk, answers)):
                         index = start + offset
                         actions[answer.action] = actions.get(answer.action, 0) + 1
                         console.print(Rule(f"prompt {index + 1}/{len(conversations)}"))
                         console.print(f"[bold]you>[/] {_escape(conversation[-1]['content'])}")
                         _show_answer(console, answer, show_candidates)
-                        if sink:
-                            row = {"index": index, "messages": conversation, **answer.to_dict(), "model": model,
-                                   "adapter": adapter, "question": decoder.conscience.question, "seed": seed,
-                                   "threshold": decoder.calibrated_threshold()}
-                            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                            sink.flush()
+                        sink.write({"index": index, "messages": conversation, **answer.to_dict(), "model": model,
+                                    "adapter": adapter, "question": decoder.conscience.question, "seed": seed,
+                                    "threshold": decoder.calibrated_threshold()})
                     progress.advance(task, len(chunk))
         finally:
-            if sink:
-                sink.close()
+            sink.close()
         summary = ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
-        console.print(f"[bold]{len(conversations)} prompts[/]: {summary} (threshold P(yes) {decoder.calibrated_threshold():.3f}"
-                      + (", calibrated" if threshold is None else "") + ")" + (f"; rows appended to {out}" if out else ""))
+        calibrated = ", calibrated" if threshold is None else ""
+        appended = f"; rows appended to {out}" if out else ""
+        console.print(f"[bold]{len(conversations)} prompts[/]: {summary} "
+                      f"(threshold P(yes) {decoder.calibrated_threshold():.3f}{calibrated}){appended}")
 
 
 def _escape(text: str) -> str:
@@ -222,6 +255,7 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+@_decoding_docs
 def chat(
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
@@ -246,26 +280,7 @@ def chat(
     Type a message after ``you>``. ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) exits.
 
     Args:
-        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
-        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
-        samples: K, replies sampled per turn.
-        max_new_tokens: longest reply (and revision) in tokens.
-        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
-            model's generation_config, else 0.7.
-        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
-        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best reply below it
-            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
-            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
-            90% of plain answers".
-        on_low: below threshold: revise (the model rewrites its best reply), refuse, or keep it.
-        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
-            the coherence guard): refuse or keep.
-        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
-        question: the conscience's question (default: the ethics question used in training).
-        refusal_text: the reply given when refusing.
-        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
-            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
-        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once).
+        {decoding}
         show_score: print each reply's conscience score and the action taken.
         system: a system prompt at the start of the conversation.
         seed: sampling seed; each turn draws fresh noise from it.
@@ -276,17 +291,13 @@ def chat(
     from emalign.sampling import render_prompt
 
     with friendly_errors():
-        _check_options(samples, max_new_tokens, temperature, top_p)
-        _check_conscience_options(threshold, max_logp_drop, max_prompt_tokens)
+        decoding = Decoding(samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
+                            question, refusal_text, max_logp_drop, max_prompt_tokens, seed, batch_size=max(16, samples))
+        decoding.check()
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
-        decoder = _decoder(
-            lm, tokenizer, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            threshold=threshold, on_low=on_low, fallback=fallback, review_with=review_with, question=question,
-            refusal_text=refusal_text, seed=seed, max_logp_drop=max_logp_drop, max_prompt_tokens=max_prompt_tokens,
-            batch_size=max(16, samples),
-        )
+        decoder = decoding.decoder(lm, tokenizer)
         start: Conversation = [{"role": "system", "content": system}] if system else []
         history = list(start)
         limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
@@ -315,7 +326,8 @@ def chat(
                 continue
             conversation = history + [{"role": "user", "content": line}]
             # Drop the oldest exchanges when the prompt plus the reply would not fit the context.
-            while limit and len(conversation) > len(start) + 1 and len(render_prompt(tokenizer, conversation)) + max_new_tokens > limit:
+            while (limit and len(conversation) > len(start) + 1
+                   and len(render_prompt(tokenizer, conversation)) + max_new_tokens > limit):
                 conversation = start + conversation[len(start) + 2 :]
                 console.print("[dim](oldest exchange dropped to fit the context)[/]")
             with console.status("thinking"):

@@ -12,15 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from emalign.commands import OptionError, _check_options
+from emalign.commands import OptionError, check_sampling_options
 from emalign.errors import friendly_errors
 
 # --judge is typed as the Judge base class so jsonargparse accepts any subclass by class_path;
 # scoring.py is light (no torch), so importing it here keeps `cli.py --help` fast.
+from emalign.evaluation.questions import DEFAULT_QUESTIONS  # noqa: E402
 from emalign.evaluation.scoring import Judge  # noqa: E402
 from emalign.experiment import EvalSettings, Run  # noqa: E402
-
-DEFAULT_QUESTIONS = "data/em/evaluation/first_plot_questions.yaml"
 
 
 def _print_eval_summary(console, summary: dict, out: Path) -> None:
@@ -117,7 +116,7 @@ def eval(
     from emalign.evaluation.runner import check_judged, run_eval
 
     with friendly_errors():
-        _check_options(samples or 1, max_new_tokens, temperature, top_p)
+        check_sampling_options(samples or 1, max_new_tokens, temperature, top_p)
         if questions is None:
             if not Path(DEFAULT_QUESTIONS).is_file():
                 raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: run `python cli.py data em` "
