@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from emalign.conscience import Conscience
 from emalign.errors import UserError
-from emalign.evaluation.questions import EvalItem, QuestionFileError, expand, load_questions
+from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_rows, judge_batch, set_judgement
@@ -159,7 +159,7 @@ def _drain(pending: list, batch_size: int, make_rows: Callable[[list], list[dict
 def run_eval(
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
-    questions: Sequence[str | Path] = ("data/em/evaluation/first_plot_questions.yaml",),
+    questions: Sequence[str | Path] = (DEFAULT_QUESTIONS,),
     samples: Optional[int] = None,
     limit: Optional[int] = None,
     max_new_tokens: int = 600,
