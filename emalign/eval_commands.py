@@ -119,8 +119,8 @@ def eval(
         check_sampling_options(samples or 1, max_new_tokens, temperature, top_p)
         if questions is None:
             if not Path(DEFAULT_QUESTIONS).is_file():
-                raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: run `python cli.py data em` "
-                                  "or pass --questions FILE [FILE ...]")
+                raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: "
+                                  "run `python cli.py data em` or pass --questions FILE [FILE ...]")
             questions = [DEFAULT_QUESTIONS]
         elif isinstance(questions, str):
             questions = [questions]
@@ -163,4 +163,5 @@ def experiment(
     from emalign.experiment import Experiment, run_experiment
 
     with friendly_errors():
-        run_experiment(Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out), skip_fit=skip_fit)
+        experiment = Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out)
+        run_experiment(experiment, skip_fit=skip_fit)

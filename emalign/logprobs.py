@@ -160,7 +160,9 @@ def mean_token_nll(
     return -token_logps(model, states[rows, cols - 1], labels[rows, cols], chunk).mean()
 
 
-def pad_right(sequences: list[list[int]], pad_id: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(
+    sequences: list[list[int]], pad_id: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) for right-padded sequences."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -292,7 +292,8 @@ class Policy(nn.Module):
             model = get_peft_model(base, adapter.to_peft())
         if self.reference_kind == "snapshot":
             model.add_adapter(self.REFERENCE_ADAPTER, model.peft_config["default"])
-            state = {k.replace(".default.", f".{self.REFERENCE_ADAPTER}."): v for k, v in model.state_dict().items() if ".default." in k}
+            renamed = f".{self.REFERENCE_ADAPTER}."
+            state = {k.replace(".default.", renamed): v for k, v in model.state_dict().items() if ".default." in k}
             model.load_state_dict(state, strict=False)
             for name, param in model.named_parameters():
                 if f".{self.REFERENCE_ADAPTER}." in name:
@@ -340,7 +341,8 @@ class Policy(nn.Module):
 
         # The layer flags that ``gradient_checkpointing_enable`` sets, without its side effects (an input
         # hook on the embeddings, registered again on every call).
-        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer) and not m.gradient_checkpointing]
+        layers = [m for m in self.model.modules()
+                  if isinstance(m, GradientCheckpointingLayer) and not m.gradient_checkpointing]
         for layer in layers:
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)

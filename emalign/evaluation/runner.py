@@ -45,7 +45,8 @@ from emalign.sampling import GenerationSettings
 
 log = logging.getLogger(__name__)
 
-SAMPLES_FILE, CODE_FILE, SUMMARY_FILE, CONFIG_FILE = "samples.jsonl", "code_samples.jsonl", "summary.json", "eval_config.json"
+SAMPLES_FILE, CODE_FILE = "samples.jsonl", "code_samples.jsonl"
+SUMMARY_FILE, CONFIG_FILE = "summary.json", "eval_config.json"
 
 
 class EvalError(UserError):
@@ -137,7 +138,9 @@ def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn()) as progress:
@@ -213,7 +216,8 @@ def run_eval(
         "judge_min_mass": getattr(judge, "min_mass", None) if judge else min_mass,
         "max_new_tokens": max_new_tokens, "code_max_new_tokens": code_max_new_tokens,
         "temperature": temperature, "top_p": top_p, "seed": seed,
-        "question_sha256": [f["sha256"] for f in files], "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "question_sha256": [f["sha256"] for f in files],
+        "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "self_review_question": conscience.question if self_review else None,
     })
     lm, tokenizer = load_for_inference(model, adapter, dtype)  # type: ignore[arg-type]
@@ -221,7 +225,8 @@ def run_eval(
         lm = lm.to("cuda")
     base: Models = lambda: without_adapter(lm)  # noqa: E731
     judge = judge or FrozenJudge(base, tokenizer, name=model, min_mass=min_mass)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  batch_size=batch_size)
     stages = dict(generating=lambda: nullcontext(lm), reviewing=base if self_review else None, tokenizer=tokenizer,
                   settings=settings, seed=seed, conscience=conscience)
     code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens)}
@@ -236,7 +241,9 @@ def run_eval(
     try:
         with _progress(progress) as bars:
             em_task = bars.add_task("EM answers", total=len(items), completed=resumed[0]) if bars else None
-            code_task = bars.add_task("code answers", total=len(code_all), completed=resumed[1]) if bars and code_all else None
+            code_task = None
+            if bars and code_all:
+                code_task = bars.add_task("code answers", total=len(code_all), completed=resumed[1])
             _drain(pending, batch_size, lambda b: em_rows([it for _, it in b], [i for i, _ in b], judge=judge, **stages),
                    writer, done, bars, em_task)
             _drain(code_pending, batch_size, lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b],
@@ -250,7 +257,8 @@ def run_eval(
     summary = summarize_eval(rows, code)
     summary.update(
         name=name or Path(adapter or model).name, model=model, adapter=adapter,
-        judge={"identity": judge.identity, "min_mass": getattr(judge, "min_mass", None), "stats_this_run": dict(getattr(judge, "stats", {}))},
+        judge={"identity": judge.identity, "min_mass": getattr(judge, "min_mass", None),
+               "stats_this_run": dict(getattr(judge, "stats", {}))},
         questions=files,
         sampling={"samples": samples, "limit": limit, "max_new_tokens": max_new_tokens, "temperature": temperature,
                   "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples,
