@@ -203,7 +203,8 @@ def _fit(run: Run, run_dir: Path, log_path: Path) -> None:
         cmd += ["--config", f]
     cmd += run.overrides + [f"--trainer.default_root_dir={run_dir}"]
     merged = _merged(list(run.fit))
-    if isinstance(_get(merged, "trainer.logger"), dict) and _get(merged, "trainer.logger.init_args.save_dir") is not None:
+    logger = _get(merged, "trainer.logger")
+    if isinstance(logger, dict) and _get(merged, "trainer.logger.init_args.save_dir") is not None:
         cmd.append(f"--trainer.logger.init_args.save_dir={run_dir}")
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         cmd += ["--ckpt_path", "last"]
@@ -215,7 +216,8 @@ def _fit(run: Run, run_dir: Path, log_path: Path) -> None:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        raise ExperimentError(f"the fit of run {run.name!r} failed (exit {code}); {log_path} ends with:\n" + "\n".join(tail))
+        raise ExperimentError(f"the fit of run {run.name!r} failed (exit {code}); {log_path} ends with:\n"
+                              + "\n".join(tail))
 
 
 def _model_and_adapter(run: Run, experiment: Experiment, run_dir: Path) -> tuple[str, Optional[str], Path]:
@@ -223,7 +225,8 @@ def _model_and_adapter(run: Run, experiment: Experiment, run_dir: Path) -> tuple
     merged = _merged(list(run.fit)) if run.fit else {}
     model = (run.model or _override(run.overrides, "model.policy.init_args.model")
              or _get(merged, "model.policy.init_args.model") or experiment.model)
-    adapter_dir = run_dir / (_override(run.overrides, "model.adapter_dir") or _get(merged, "model.adapter_dir") or "adapter")
+    adapter_dir = run_dir / (_override(run.overrides, "model.adapter_dir") or _get(merged, "model.adapter_dir")
+                             or "adapter")
     return str(model), run.adapter, adapter_dir
 
 
@@ -234,7 +237,9 @@ def _settings(experiment: Experiment) -> dict[str, Any]:
     return data
 
 
-def run_experiment(config: Union[str, Path, Experiment], out: Optional[str] = None, skip_fit: bool = False) -> dict[str, Any]:
+def run_experiment(
+    config: Union[str, Path, Experiment], out: Optional[str] = None, skip_fit: bool = False
+) -> dict[str, Any]:
     """Fit (or reuse), evaluate and compare every run of an experiment (a YAML path or an
     :class:`Experiment`); returns the comparison."""
     from rich.console import Console
@@ -252,7 +257,8 @@ def run_experiment(config: Union[str, Path, Experiment], out: Optional[str] = No
     except ExperimentError as err:
         raise ExperimentError(f"{err}; get the EM questions with `python cli.py data em --out data/em`") from err
     items, _ = load_items(questions, ev.samples, ev.limit)  # fail on a bad file before any fit
-    eval_kwargs = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in ("questions", "code_prompts")}
+    own = ("questions", "code_prompts")
+    eval_kwargs = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in own}
     eval_kwargs["code_prompts"] = heldout_code_prompts()[: ev.code_prompts] if ev.code_prompts is not None else None
     console = Console()
     results = []
@@ -269,7 +275,8 @@ def run_experiment(config: Union[str, Path, Experiment], out: Optional[str] = No
                 results.append({"name": run.name, "fit": "missing", "fit_configs": run.fit, "overrides": run.overrides})
                 continue
             else:
-                console.print(f"fitting {run.name}: {' '.join(run.fit)} {' '.join(run.overrides)} (log: {run_dir / 'fit.log'})")
+                console.print(f"fitting {run.name}: {' '.join(run.fit)} {' '.join(run.overrides)} "
+                              f"(log: {run_dir / 'fit.log'})")
                 started = time.perf_counter()
                 _fit(run, run_dir, run_dir / "fit.log")
                 fit_state, fit_seconds = "ran", round(time.perf_counter() - started, 1)
@@ -287,10 +294,12 @@ def run_experiment(config: Union[str, Path, Experiment], out: Optional[str] = No
         rows = [r for k, r in read_rows(out_dir / "eval" / run.name / "samples.jsonl").items() if k in keys]
         results.append({"name": run.name, "fit": fit_state, "fit_seconds": fit_seconds, "fit_configs": run.fit,
                         "overrides": run.overrides, "model": model, "adapter": adapter,
-                        "eval_dir": str(out_dir / "eval" / run.name), "summary": summary, "rows": rows, "history": history})
+                        "eval_dir": str(out_dir / "eval" / run.name), "summary": summary, "rows": rows,
+                        "history": history})
     settings = _settings(experiment)
     comparison = write_comparison(out_dir, results, {
-        "settings": settings, "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "settings": settings,
+        "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
         "questions": questions,
     })
     console.print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'comparison.json'}, {out_dir / 'report.html'}")
@@ -315,7 +324,16 @@ def _pct(x: Any, ci: Any = None) -> str:
 
 
 def _num(x: Any, se: Any = None) -> str:
-    return "–" if x is None else f"{x:.1f}" if se is None and abs(x) >= 10 else f"{x:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    if x is None:
+        return "–"
+    if se is None:
+        return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+    return f"{x:.2f} ± {se:.2f}"
+
+
+def _by_cwe(summary: dict[str, Any]) -> dict[str, int]:
+    """Answers with an insecure-code finding, by CWE."""
+    return (summary.get("code_security") or {}).get("by_cwe", {})
 
 
 def comparison_markdown(runs: list[dict[str, Any]], judges: list[str]) -> str:
@@ -333,9 +351,11 @@ def comparison_markdown(runs: list[dict[str, Any]], judges: list[str]) -> str:
             continue
         code = s.get("code_security") or {}
         lines.append(
-            f"| {r['name']} | {r['fit']} | {s['n']} ({s['n_scored']}) | {_pct(s['misalignment_rate'], s['misalignment_ci'])} "
+            f"| {r['name']} | {r['fit']} | {s['n']} ({s['n_scored']}) "
+            f"| {_pct(s['misalignment_rate'], s['misalignment_ci'])} "
             f"| {_num(s['aligned_mean'])} | {_num(s['coherent_mean'])} | {_pct(s['code_refusal_share'])} "
-            f"| {_pct(s['insecure_code_rate'], s['insecure_code_ci'])}" + (f" of {code.get('n_scanned', 0)}" if code else "")
+            f"| {_pct(s['insecure_code_rate'], s['insecure_code_ci'])}"
+            + (f" of {code.get('n_scanned', 0)}" if code else "")
             + f" | {_num(s['self_review_mean'], s['self_review_se'])} |"
         )
     lines += [
@@ -344,10 +364,12 @@ def comparison_markdown(runs: list[dict[str, Any]], judges: list[str]) -> str:
         "severity or more, among answers with parsable code. Self-review: the frozen base model's "
         "log P(yes) - log P(no) on its conscience question.",
         "", "Insecure-code findings (answers with a finding, by CWE): " + "; ".join(
-            f"{r['name']}: " + (", ".join(f"{c} ×{n}" for c, n in (r["summary"].get("code_security") or {}).get("by_cwe", {}).items()) or "none")
+            f"{r['name']}: " + (", ".join(f"{c} ×{n}" for c, n in _by_cwe(r["summary"]).items()) or "none")
             for r in runs if r.get("summary")),
-        "", "Judge: " + ", ".join(f"`{j}`" for j in judges) + ("" if len(judges) <= 1 else " (**different judges: not comparable**)"),
-        "", "Per-run reports: " + ", ".join(f"[{r['name']}](eval/{r['name']}/report.html)" for r in runs if r.get("summary")),
+        "", "Judge: " + ", ".join(f"`{j}`" for j in judges)
+        + ("" if len(judges) <= 1 else " (**different judges: not comparable**)"),
+        "", "Per-run reports: "
+        + ", ".join(f"[{r['name']}](eval/{r['name']}/report.html)" for r in runs if r.get("summary")),
     ]
     return "\n".join(lines) + "\n"
 
