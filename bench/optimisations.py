@@ -23,6 +23,8 @@ new tokens, temperature 0.9), median of ``--repeats`` runs after one warm-up run
 * shared_review_pass  one frozen pass for verdict and reference log-probs  vs  two passes
 * cached_ref_logps    preference update with the queued reference log-probs  vs  recomputing them
 * concat_forward      chosen and rejected in one policy forward  vs  two forwards
+* cpu_threads_decoding  ``sample_ids`` with ``GenerationSettings(cpu_threads=1)``  vs  the process's
+                      torch threads (CPU only)
 * lora_unmerged_generation (proposal, not shipped) generation through the LoRA layers  vs  the base
                       weights alone (the upper bound of what merging the adapter for generation saves)
 """
@@ -199,6 +201,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             record("stop_at_eos", f"always {args.max_new_tokens} new tokens", "stop when every row has ended its turn",
                    bench_pair(lambda: generate_rows(model, tok, short, settings, K, 1, 0, stop_at_eos=False), lambda: generate_rows(model, tok, short, settings, K, 1, 0), args.repeats),
                    longest_row_tokens=max(len(r.response_ids) for r in out), rows_finished=sum(r.finished for r in out), rows=len(out))
+        if wanted("cpu_threads_decoding") and device.type == "cpu":
+            one = GenerationSettings(**{**settings.__dict__, "cpu_threads": 1})
+            record("cpu_threads_decoding", f"{torch.get_num_threads()} torch threads (the process's)", "1 thread while decoding",
+                   bench_pair(lambda: sample_ids(model, tok, prompt_ids, settings, K, 1, 0),
+                              lambda: sample_ids(model, tok, prompt_ids, one, K, 1, 0), args.repeats))
         if wanted("kv_cache_generation"):
             record("kv_cache_generation", "use_cache=False (TRL under gradient checkpointing)", "KV cache (Policy.generating, sample_ids)",
                    bench_pair(lambda: generate_rows(model, tok, prompt_ids, settings, K, 1, 0, use_cache=False), lambda: generate_rows(model, tok, prompt_ids, settings, K, 1, 0), args.repeats))

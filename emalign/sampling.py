@@ -14,8 +14,9 @@ one per vocabulary entry as Gumbel-max needs: see bench/README.md for the measur
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -41,6 +42,11 @@ class GenerationSettings:
     max_prompt_tokens: Optional[int] = 1024
     """Longest prompt in tokens: a longer one has its longest message cut (the start kept), reported
     once. Without it one pasted 50,000-character message makes generation and review take tens of GB."""
+    cpu_threads: Optional[int] = None
+    """Torch intra-op threads while decoding on CPU (``None``: the process's). Decoding a small model
+    is many tiny matmuls whose per-op thread synchronisation can cost more than a second thread
+    gains, and a descheduled thread stalls every op on a busy machine (``bench/optimisations.py``,
+    row ``cpu_threads_decoding``)."""
 
 
 MODERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
@@ -158,23 +164,37 @@ def sample_ids(
     rollouts: list[Rollout] = []
     batch_size = max(settings.batch_size, num_samples)
     start = 0
-    while start < len(prompt_ids):
-        per_call = max(1, batch_size // num_samples)
-        chunk = prompt_ids[start : start + per_call]
-        try:
-            rollouts += _generate_chunk(
-                model, tokenizer, chunk, start + index_offset, settings, num_samples, seed, step, eos, device
-            )
-        except torch.OutOfMemoryError:
-            if batch_size <= num_samples and per_call == 1:
-                raise
-            batch_size = max(num_samples, batch_size // 2)
-            log.warning("out of memory while generating; retrying with generation batch %d", batch_size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        start += len(chunk)
+    with _threads(settings.cpu_threads if device.type == "cpu" else None):
+        while start < len(prompt_ids):
+            per_call = max(1, batch_size // num_samples)
+            chunk = prompt_ids[start : start + per_call]
+            try:
+                rollouts += _generate_chunk(
+                    model, tokenizer, chunk, start + index_offset, settings, num_samples, seed, step, eos, device
+                )
+            except torch.OutOfMemoryError:
+                if batch_size <= num_samples and per_call == 1:
+                    raise
+                batch_size = max(num_samples, batch_size // 2)
+                log.warning("out of memory while generating; retrying with generation batch %d", batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
     return rollouts
+
+
+@contextmanager
+def _threads(count: Optional[int]) -> Iterator[None]:
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples, seed, step, eos, device):

@@ -69,6 +69,28 @@ def test_oom_at_the_smallest_batch_is_raised(monkeypatch):
         sampling.sample_ids(_FakeModel(), _FakeTokenizer(), [[1, 2]], sampling.GenerationSettings(batch_size=8), num_samples=2)
 
 
+def test_cpu_threads_hold_while_decoding_and_are_restored(monkeypatch):
+    from emalign import sampling
+
+    seen = []
+
+    def generate(model, tokenizer, chunk, first_index, settings, num_samples, *rest):
+        seen.append(torch.get_num_threads())
+        return [sampling.Rollout(first_index + i, k, p, [5], "x", True) for i, p in enumerate(chunk) for k in range(num_samples)]
+
+    monkeypatch.setattr(sampling, "_generate_chunk", generate)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for threads in (1, None):
+            settings = sampling.GenerationSettings(batch_size=2, cpu_threads=threads)
+            sampling.sample_ids(_FakeModel(), _FakeTokenizer(), [[1, 2], [1, 3]], settings, num_samples=2)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2, 2]
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
