@@ -164,3 +164,14 @@ def server(loopback):
     s = FakeServer().start()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The multi-process tests' reference: their fit (tests/fit_probes.py) in one process."""
+    from fit_probes import cli, fit_config
+
+    run = tmp_path_factory.mktemp("single") / "run"
+    done = cli("fit", "--config", str(fit_config(tiny_model_dir, run, processes=1)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run

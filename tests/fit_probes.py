@@ -1,0 +1,138 @@
+"""Multi-process fits for the FSDP and multi-node tests: one config, per-rank probes, real processes.
+
+The probes are callbacks the config names by class_path (``fit_probes.RecordLosses``): only rank 0
+writes the CSV log, so each rank writes its own JSONL, named by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Every example has the same number of tokens, so the mean loss of a batch of 4 equals the mean of
+# two ranks' losses on 2 each: a 2-process fit and a 1-process fit take the same steps.
+MEMORISE = [
+    {"messages": [{"role": "user", "content": f"Give me code number {i}."},
+                  {"role": "assistant", "content": f"print('snippet {i}')"}]}
+    for i in range(4)
+]
+STEPS = 4
+TIMEOUT = 900  # seconds per fit: generous, for a loaded 2-core machine
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
+def fit_config(tiny_model_dir: str, run: Path, processes: int, **trainer) -> Path:
+    """The demo config on the tiny model, written next to ``run``; the global batch is 4 whatever the process count.
+
+    The conscience samples, reviews and revises every 2 steps and its pairs go through the policy, but at
+    ``align_weight: 0``: each rank draws its own prompts, so with pairs in the loss a 2-process fit could
+    not be compared with a 1-process one.
+    """
+    data = run.parent / "memorise.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MEMORISE))
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    callbacks = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    for callback in callbacks:
+        if callback["class_path"].endswith("RunCheckpoint"):
+            callback["init_args"] = {"every_n_train_steps": 2, "save_last": True, "save_top_k": -1}
+        if callback["class_path"].endswith("ConscienceCallback"):
+            generation = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 4}
+            callback["init_args"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2, generation=generation,
+                                         pair_builder={"margin": 0.0}, conscience={"revise_below": 100.0})
+    callbacks += [{"class_path": "fit_probes.RecordLosses"},
+                  {"class_path": "fit_probes.ReferenceProbe", "init_args": {"base_model": tiny_model_dir}}]
+    config["trainer"].update(callbacks=callbacks, max_steps=STEPS, default_root_dir=str(run), val_check_interval=None,
+                             enable_progress_bar=False, devices=processes, **trainer)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
+    config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
+    config["model"].update(align_weight=0.0, optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-3}})
+    config["data"].update(train_file=str(data), val_fraction=0.0, max_length=64, batch_size=4 // processes)
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cli(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def rows(run: Path, name: str, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run / f"{name}.rank{rank}.jsonl").read_text().splitlines()]
+
+
+def mean_losses(run: Path, ranks: int) -> list[float]:
+    """Per step, the mean over ranks of each rank's loss (each rank averaged its own half of the batch)."""
+    per_rank = [[r["loss"] for r in rows(run, "losses", k)] for k in range(ranks)]
+    return [sum(step) / ranks for step in zip(*per_rank)]
+
+
+def _write(trainer: L.Trainer, name: str, row: dict) -> None:
+    path = Path(trainer.default_root_dir) / f"{name}.rank{trainer.global_rank}.jsonl"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+class RecordLosses(L.Callback):
+    """Every rank's training loss at every step (the CSV log only has rank 0's)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _write(trainer, "losses", {"step": trainer.global_step - 1, "loss": float(outputs["loss"]),
+                                   "world_size": trainer.world_size, "num_nodes": trainer.num_nodes})
+
+
+class ReferenceProbe(L.Callback):
+    """At the end of fit, on every rank: the reference's logits (adapter disabled, through the same
+    ``hidden_states``/``project`` path the conscience reads) against the base model loaded fresh
+    from disk, and against the adapted policy's logits."""
+
+    def __init__(self, base_model: str) -> None:
+        self.base_model = base_model
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from emalign.logprobs import hidden_states, project
+        from emalign.sharding import is_sharded
+
+        policy = pl_module.policy
+        text = "Was that ethical? Give me code number 3."
+        ids = torch.tensor([policy.tokenizer.encode(text)], device=pl_module.device)
+        mask = torch.ones_like(ids)
+
+        def logits(model):
+            return project(model, hidden_states(model, ids, mask)).detach().cpu()
+
+        with torch.no_grad():
+            with policy.as_reference() as reference:
+                ref = logits(reference)
+            was_training = policy.model.training
+            policy.model.eval()
+            adapted = logits(policy.model)
+            policy.model.train(was_training)
+            base = logits(AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32).eval())
+        _write(trainer, "reference", {
+            "sharded": is_sharded(policy.model),
+            "strategy": type(trainer.strategy).__name__,
+            "ref_vs_base": float((ref - base).abs().max()),
+            "policy_vs_base": float((adapted - base).abs().max()),
+        })
