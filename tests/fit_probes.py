@@ -44,7 +44,7 @@ def fit_config(tiny_model_dir: str, run: Path, processes: int, **trainer) -> Pat
     data = run.parent / "memorise.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in MEMORISE))
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    callbacks = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    callbacks = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
     for callback in callbacks:
         if callback["class_path"].endswith("RunCheckpoint"):
             callback["init_args"] = {"every_n_train_steps": 2, "save_last": True, "save_top_k": -1}
