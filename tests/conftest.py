@@ -175,3 +175,14 @@ def single_process_run(tiny_model_dir, tmp_path_factory) -> Path:
     done = cli("fit", "--config", str(fit_config(tiny_model_dir, run, processes=1)))
     assert done.returncode == 0, done.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def two_node_fsdp_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same fit on two "nodes" of one process each (torchrun over loopback), sharded with FSDP2,
+    with the evaluation callback at its start and end (tests/test_fsdp.py, tests/test_multinode.py)."""
+    from fit_probes import FSDP_CPU, fit_config, torchrun
+
+    run = tmp_path_factory.mktemp("nodes") / "run"
+    torchrun(fit_config(tiny_model_dir, run, processes=2, evaluation=True), run, "--config", FSDP_CPU)
+    return run

@@ -17,45 +17,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from fit_probes import ROOT, STEPS, TIMEOUT, env, fit_config, free_port, mean_losses, rows
+from fit_probes import LOSS_TOLERANCE, ROOT, STEPS, TIMEOUT, env, fit_config, free_port, mean_losses, rows
 
-LOSS_TOLERANCE = 1e-4  # per-step mean loss, absolute (as in tests/test_fsdp.py)
-FSDP_CPU = str(ROOT / "configs" / "strategies" / "fsdp_cpu.yaml")
+multiprocess = pytest.mark.multiprocess
 
 
-def assert_two_nodes_agree_with_one_process(run: Path, single: Path) -> None:
+def assert_two_nodes_agree_with_one_process(run: Path, single: Path, strategy: str) -> None:
     for rank in (0, 1):
         assert {(r["world_size"], r["num_nodes"]) for r in rows(run, "losses", rank)} == {(2, 2)}
         (probe,) = rows(run, "reference", rank)
-        assert probe["ref_vs_base"] < 1e-5, probe
+        assert probe["strategy"] == strategy and probe["ref_vs_base"] < 1e-5, probe
     two, one = mean_losses(run, 2), mean_losses(single, 1)
     assert len(two) == len(one) == STEPS
     assert max(abs(a - b) for a, b in zip(two, one)) < LOSS_TOLERANCE, (two, one)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
 
 
-def test_two_node_torchrun_fsdp_fit_matches_single_process(tiny_model_dir, single_process_run, tmp_path):
-    run = tmp_path / "nodes"
-    config = fit_config(tiny_model_dir, run, processes=2)
-    port = free_port()
-    nodes = []
-    for rank in (0, 1):
-        log = open(tmp_path / f"node{rank}.log", "w")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                   "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                   str(ROOT / "cli.py"), "fit", "--config", str(config), "--config", FSDP_CPU,
-                   "--trainer.num_nodes", "2", "--trainer.devices", "1"]
-        nodes.append(subprocess.Popen(command, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [node.wait(timeout=TIMEOUT) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
-    for rank in (0, 1):
-        assert rows(run, "reference", rank)[0]["strategy"] == "FSDP2"
-    assert_two_nodes_agree_with_one_process(run, single_process_run)
+@multiprocess
+def test_two_node_torchrun_fsdp_fit_matches_single_process(two_node_fsdp_run, single_process_run):
+    assert_two_nodes_agree_with_one_process(two_node_fsdp_run, single_process_run, "FSDP2")
 
 
 SLURM_CONF = """\
@@ -121,6 +101,7 @@ def slurm_cluster(tmp_path):
                 os.kill(int(pidfile.read_text()), 15)
 
 
+@multiprocess
 def test_sbatch_example_runs_a_two_node_fit_on_a_local_slurm_cluster(slurm_cluster, tiny_model_dir, single_process_run,
                                                                       tmp_path):
     run = tmp_path / "slurm-run"
@@ -131,4 +112,4 @@ def test_sbatch_example_runs_a_two_node_fit_on_a_local_slurm_cluster(slurm_clust
     done = subprocess.run(job + script, env=slurm_cluster, capture_output=True, text=True, timeout=TIMEOUT)
     out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").is_file() else ""
     assert done.returncode == 0, done.stderr + out[-3000:]
-    assert_two_nodes_agree_with_one_process(run, single_process_run)
+    assert_two_nodes_agree_with_one_process(run, single_process_run, "DDPStrategy")
