@@ -38,8 +38,11 @@ TIMEOUT = 900  # seconds per fit: generous, for a loaded 2-core machine
 
 
 def env() -> dict[str, str]:
+    """This environment for a fit, without SLURM's variables: inside an allocation Lightning would read its layout
+    from them instead of the test's."""
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path, OMP_NUM_THREADS="1")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return dict(plain, HF_HUB_OFFLINE="1", PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
 QUESTIONS = """\
