@@ -11,6 +11,7 @@ under DDP and in one process.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,15 @@ def test_unsupported_fsdp_combinations_fail_in_one_line_before_weights_load(over
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "FSDP" in errors[0] and reason in errors[0] and "Traceback" not in err, err
+
+
+def test_readme_strategy_table_names_only_tests_that_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("### Strategies × features"):text.index("## Commands")]
+    cells = [line.split("|")[2:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(cells) > 5 and all(len(row) == 4 and all(c.strip() for c in row) for row in cells), cells
+    named = re.findall(r"\b(test_\w+)::(test_\w+)", table)
+    assert len(named) > 10
+    for module, test in named:
+        source = (ROOT / "tests" / f"{module}.py").read_text(encoding="utf-8")
+        assert f"def {test}(" in source, f"README names {module}::{test}, which does not exist"

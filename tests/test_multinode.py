@@ -27,6 +27,7 @@ def assert_two_nodes_agree_with_one_process(run: Path, single: Path, strategy: s
         assert {(r["world_size"], r["num_nodes"]) for r in rows(run, "losses", rank)} == {(2, 2)}
         (probe,) = rows(run, "reference", rank)
         assert probe["strategy"] == strategy and probe["ref_vs_base"] < 1e-5, probe
+        assert [r["step"] for r in rows(run, "revisions", rank)] == [0, 2]  # the conscience ran and revised
     two, one = mean_losses(run, 2), mean_losses(single, 1)
     assert len(two) == len(one) == STEPS
     assert max(abs(a - b) for a, b in zip(two, one)) < LOSS_TOLERANCE, (two, one)
