@@ -139,6 +139,42 @@ def test_full_fine_tune_shards_on_one_rank_and_keeps_generation_review_and_froze
         torch.distributed.destroy_process_group()
 
 
+def test_pair_loss_gradients_are_the_same_sharded_on_one_rank(tiny_model_dir, monkeypatch):
+    # The pair forward of a training step (chosen and rejected in one batch, checkpointed layers) under LoRA: in the
+    # multi-process fits it runs at align_weight 0, so here its gradients are compared with the unsharded model's.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from emalign.logprobs import pad_right, response_mask, sequence_logps
+    from emalign.models import LoRA, Policy
+    from emalign.sharding import shard_policy
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
+        prompt, chosen, rejected = [1, 5, 9, 13], [21, 22, 23], [31, 32]
+        ids, mask = pad_right([prompt + chosen, prompt + rejected], policy.tokenizer.pad_token_id)
+        target = response_mask([len(prompt)] * 2, [len(chosen), len(rejected)], ids.shape[1])
+
+        def gradients() -> dict[str, torch.Tensor]:
+            policy.model.zero_grad(set_to_none=True)
+            with policy.checkpointed():
+                logps = sequence_logps(policy.model, ids, mask, target)
+            torch.nn.functional.logsigmoid(0.1 * (logps[0] - logps[1])).backward()
+            return {name: getattr(p.grad, "full_tensor", lambda: p.grad)() for name, p in
+                    policy.model.named_parameters() if p.requires_grad}
+
+        plain = gradients()
+        shard_policy(policy, init_device_mesh("cpu", (1,)))
+        sharded = gradients()
+        assert sharded.keys() == plain.keys() and any(g.abs().max() > 0 for g in plain.values())
+        assert all(torch.allclose(sharded[k], plain[k], atol=1e-6) for k in plain)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("override, reason", [
     (["--model.policy.init_args.quantization", "{}"], "QLoRA"),
     (["--trainer.strategy", "fsdp"], "FSDP1"),
