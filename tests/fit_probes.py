@@ -32,7 +32,8 @@ MEMORISE = [
 ]
 STEPS = 4
 # Per-step mean loss, absolute, against the same fit in one process: FSDP reduce-scatters where DDP
-# all-reduces and one process sums once, so float32 sums differ in order only (measured: about 1e-6).
+# all-reduces and one process sums once, so float32 sums differ in order only (measured: up to 9.5e-7).
+# DDP with its gradient all-reduce replaced by a no-op differs by 2.6e-3: the tolerance sees a lost sync.
 LOSS_TOLERANCE = 1e-4
 TIMEOUT = 900  # seconds per fit: generous, for a loaded 2-core machine
 
