@@ -23,6 +23,7 @@ import resource
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -66,12 +67,14 @@ class PhaseMemory(L.Callback):
         self.stack.append(name)
         self._stats(name)["count"] += 1
         self._marks = getattr(self, "_marks", []) + [_maxrss_mb()]
+        self._starts = getattr(self, "_starts", []) + [time.perf_counter()]
 
     def _exit(self) -> None:
         name = self.stack.pop()
         start = self._marks.pop()
         stats = self._stats(name)
         stats["maxrss_rise_mb"] += _maxrss_mb() - start
+        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - self._starts.pop()
         stats["rss_after_mb"] = _rss_mb()
 
     @contextmanager
