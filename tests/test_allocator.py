@@ -38,6 +38,17 @@ def test_freed_tensors_leave_the_process():
     assert off > 100, f"glibc's default kept only {off:.0f} MB: the probe no longer shows the problem"
 
 
+def test_it_is_opt_in(monkeypatch):
+    from emalign import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert not allocator.configure_from_environment() and not calls
+    monkeypatch.setenv(allocator.ENV, "1")
+    assert allocator.configure_from_environment() and calls == [1]
+
+
 def test_a_threshold_the_user_set_is_kept(monkeypatch):
     from emalign.allocator import release_freed_memory
 
