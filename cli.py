@@ -163,7 +163,8 @@ def _lightning(args: list[str] | None) -> None:
                     check_checkpoint(max(found, key=os.path.getmtime))
                 elif runs:
                     # Lightning would start fresh too, after a hint to set save_last=True (which is set).
-                    print(f"--ckpt_path last: no checkpoint in {runs[0].dirpath}; the fit starts fresh", file=sys.stderr)
+                    hint = f"--ckpt_path last: no checkpoint in {runs[0].dirpath}; the fit starts fresh"
+                    print(hint, file=sys.stderr)
                     self.config_init[self.subcommand]["ckpt_path"] = None
             # An explicit path was checked in check_ckpt_path already.
 

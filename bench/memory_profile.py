@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 
-from bench._common import ROOT, child_env, fmt, load_now, machine, note, print_table, run_child, set_threads, tiny_model_dir, write_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    ROOT, child_env, fmt, load_now, machine, note, print_table, run_child, set_threads, tiny_model_dir, write_json,
+)
 
 DEMO = ROOT / "configs" / "demo.yaml"
 _PAGE = 4096
@@ -56,25 +58,25 @@ class PhaseMemory(L.Callback):
         self.interval_s = interval_s
         self.stack: list[str] = ["startup"]
         self.phases: dict[str, dict[str, float]] = {}
-        self.saved_bytes: Optional[set] = None
+        self._opened: list[tuple[float, float]] = []  # per open phase: (high-water mark, clock) at entry
         self._stop = threading.Event()
 
     # --- labelling -------------------------------------------------------------------------------
     def _stats(self, name: str) -> dict[str, float]:
-        return self.phases.setdefault(name, {"count": 0, "peak_rss_mb": 0.0, "maxrss_rise_mb": 0.0, "saved_for_backward_mb": 0.0})
+        empty = {"count": 0, "peak_rss_mb": 0.0, "maxrss_rise_mb": 0.0, "saved_for_backward_mb": 0.0, "seconds": 0.0}
+        return self.phases.setdefault(name, empty)
 
     def _enter(self, name: str) -> None:
         self.stack.append(name)
         self._stats(name)["count"] += 1
-        self._marks = getattr(self, "_marks", []) + [_maxrss_mb()]
-        self._starts = getattr(self, "_starts", []) + [time.perf_counter()]
+        self._opened.append((_maxrss_mb(), time.perf_counter()))
 
     def _exit(self) -> None:
         name = self.stack.pop()
-        start = self._marks.pop()
+        high_water, clock = self._opened.pop()
         stats = self._stats(name)
-        stats["maxrss_rise_mb"] += _maxrss_mb() - start
-        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - self._starts.pop()
+        stats["maxrss_rise_mb"] += _maxrss_mb() - high_water
+        stats["seconds"] += time.perf_counter() - clock
         stats["rss_after_mb"] = _rss_mb()
 
     @contextmanager
@@ -178,7 +180,9 @@ def demo_callbacks(configs: tuple[Path, ...], conscience: bool) -> list[dict[str
     return [c for c in found if conscience or not c["class_path"].endswith("ConscienceCallback")]
 
 
-def run_variant(workdir: Path, name: str, conscience: bool, args: argparse.Namespace, configs: tuple[Path, ...]) -> dict[str, Any]:
+def run_variant(
+    workdir: Path, name: str, conscience: bool, args: argparse.Namespace, configs: tuple[Path, ...]
+) -> dict[str, Any]:
     run_dir = workdir / name
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "memory_phases.json"
@@ -191,18 +195,22 @@ def run_variant(workdir: Path, name: str, conscience: bool, args: argparse.Names
     }
     if args.steps:
         trainer["max_steps"] = args.steps
-    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}}
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}
+    }
     variant = {"trainer": trainer}
     if args.tiny:
         variant["model"] = {"policy": {"init_args": {"model": args.tiny_model}}}
     config = run_dir / "variant.yaml"
     config.write_text(yaml.safe_dump(variant, sort_keys=False))
-    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", *(a for p in configs for a in ("--config", str(p))), "--config", str(config), *args.set]
+    given = [a for p in configs for a in ("--config", str(p))]
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", *given, "--config", str(config), *args.set]
     env = child_env(**dict(kv.split("=", 1) for kv in args.env))
     load = load_now()
     result = run_child(cmd, env=env, log=run_dir / "fit.log")
     if result["returncode"] != 0 or not out.is_file():
-        raise SystemExit(f"fit {name} failed (exit {result['returncode']}); log {run_dir / 'fit.log'}:\n{(run_dir / 'fit.log').read_text()[-3000:]}")
+        log = run_dir / "fit.log"
+        raise SystemExit(f"fit {name} failed (exit {result['returncode']}); log {log}:\n{log.read_text()[-3000:]}")
     return {"name": name, "conscience": conscience, **result, **json.loads(out.read_text()), "variant_yaml": variant,
             **{f"start_{k}": v for k, v in load.items()}, **{f"end_{k}": v for k, v in load_now().items()}}
 
@@ -211,10 +219,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--steps", type=int, help="max_steps (default: the config's, 30 for the demo)")
-    parser.add_argument("--config", nargs="*", type=Path, default=[DEMO], help="configs of the fit (default: configs/demo.yaml)")
+    parser.add_argument("--config", nargs="*", type=Path, default=[DEMO],
+                        help="configs of the fit (default: configs/demo.yaml)")
     parser.add_argument("--variants", nargs="*", default=["none", "conscience"], choices=["none", "conscience"])
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE set in both children (e.g. MALLOC_ARENA_MAX=2)")
-    parser.add_argument("--set", nargs="*", default=[], help="extra cli.py arguments for both fits, e.g. --set=--model.checkpoint_pairs=false")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="extra cli.py arguments for both fits, e.g. --set=--model.checkpoint_pairs=false")
     parser.add_argument("--tiny", action="store_true", help="2-layer random Llama (smoke test)")
     parser.add_argument("--workdir")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in every child")
@@ -224,12 +234,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.tiny_model = tiny_model_dir(workdir) if args.tiny else None
     configs = tuple(args.config)
     runs = {name: run_variant(workdir, name, name == "conscience", args, configs) for name in args.variants}
-    result: dict[str, Any] = {"machine": machine(), "configs": [str(p) for p in configs], "env": args.env, "set": args.set, "steps": args.steps, "runs": runs}
+    result: dict[str, Any] = {"machine": machine(), "configs": [str(p) for p in configs], "env": args.env,
+                              "set": args.set, "steps": args.steps, "runs": runs}
     if "none" in runs and "conscience" in runs:
         result["peak_rss_ratio"] = runs["conscience"]["peak_rss_mb"] / runs["none"]["peak_rss_mb"]
-    names = sorted({p for run in runs.values() for p in run["phases"]}, key=lambda p: -max(r["phases"].get(p, {}).get("peak_rss_mb", 0) for r in runs.values()))
-    rows = [(p, *(f"{fmt(r['phases'][p]['peak_rss_mb'], 4)} (+{fmt(r['phases'][p]['maxrss_rise_mb'], 3)}, saved {fmt(r['phases'][p]['saved_for_backward_mb'], 3)})"
-                  if p in r["phases"] else "-" for r in runs.values())) for p in names]
+    def peak(phase: str) -> float:
+        return max(r["phases"].get(phase, {}).get("peak_rss_mb", 0) for r in runs.values())
+
+    def cell(stats: dict[str, float]) -> str:
+        return (f"{fmt(stats['peak_rss_mb'], 4)} (+{fmt(stats['maxrss_rise_mb'], 3)}, "
+                f"saved {fmt(stats['saved_for_backward_mb'], 3)})")
+
+    names = sorted({p for run in runs.values() for p in run["phases"]}, key=lambda p: -peak(p))
+    rows = [(p, *(cell(r["phases"][p]) if p in r["phases"] else "-" for r in runs.values())) for p in names]
     rows.append(("overall peak RSS MB (wait4)", *(fmt(r["peak_rss_mb"], 4) for r in runs.values())))
     print_table("peak RSS MB per phase (+ high-water rise inside it, autograd saved MB)", rows, ("phase", *runs))
     if "peak_rss_ratio" in result:

@@ -203,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    longest_row_tokens=max(len(r.response_ids) for r in out), rows_finished=sum(r.finished for r in out), rows=len(out))
         if wanted("cpu_threads_decoding") and device.type == "cpu":
             one = GenerationSettings(**{**settings.__dict__, "cpu_threads": 1})
-            record("cpu_threads_decoding", f"{torch.get_num_threads()} torch threads (the process's)", "1 thread while decoding",
+            record("cpu_threads_decoding", f"{torch.get_num_threads()} torch threads (the process's)",
+                   "1 thread while decoding",
                    bench_pair(lambda: sample_ids(model, tok, prompt_ids, settings, K, 1, 0),
                               lambda: sample_ids(model, tok, prompt_ids, one, K, 1, 0), args.repeats))
         if wanted("kv_cache_generation"):

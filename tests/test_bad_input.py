@@ -76,7 +76,8 @@ def test_cpu_threads_hold_while_decoding_and_are_restored(monkeypatch):
 
     def generate(model, tokenizer, chunk, first_index, settings, num_samples, *rest):
         seen.append(torch.get_num_threads())
-        return [sampling.Rollout(first_index + i, k, p, [5], "x", True) for i, p in enumerate(chunk) for k in range(num_samples)]
+        rows = [(i, k, p) for i, p in enumerate(chunk) for k in range(num_samples)]
+        return [sampling.Rollout(first_index + i, k, p, [5], "x", True) for i, k, p in rows]
 
     monkeypatch.setattr(sampling, "_generate_chunk", generate)
     before = torch.get_num_threads()
