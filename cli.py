@@ -185,9 +185,6 @@ def _lightning(args: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    from emalign.allocator import configure_from_environment
-
-    configure_from_environment()  # before any tensor (EMALIGN_RELEASE_MEMORY=1: freed memory leaves the process)
     if argv and argv[0] in VERBS:
         _extra_verb(argv[0], argv[1:])
         return

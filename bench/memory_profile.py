@@ -2,6 +2,7 @@
 
     python bench/memory_profile.py --threads 1 --json bench/results/memory_demo.json   # the full demo, 30 steps
     python bench/memory_profile.py --steps 9 --env MALLOC_ARENA_MAX=2 --json /tmp/m.json  # an allocator setting
+    python bench/memory_profile.py --without ReleaseFreedMemory --json /tmp/m.json     # glibc's default
     python bench/memory_profile.py --tiny --steps 2 --json /tmp/m.json                   # smoke mode
 
 Each variant is ``python cli.py fit --config configs/demo.yaml --config VARIANT.yaml`` in its own process,
@@ -172,12 +173,14 @@ class PhaseMemory(L.Callback):
         Path(self.out).write_text(json.dumps(data))
 
 
-def demo_callbacks(configs: tuple[Path, ...], conscience: bool) -> list[dict[str, Any]]:
-    """The last config's callback list, minus the ConscienceCallback when ``conscience`` is False."""
+def demo_callbacks(configs: tuple[Path, ...], conscience: bool, without: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The last config's callback list, minus the ConscienceCallback when ``conscience`` is False and minus
+    the classes named in ``without``."""
     found: list[dict[str, Any]] = []
     for path in configs:
         found = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or found
-    return [c for c in found if conscience or not c["class_path"].endswith("ConscienceCallback")]
+    dropped = set(without) | (set() if conscience else {"ConscienceCallback"})
+    return [c for c in found if c["class_path"].rsplit(".", 1)[-1] not in dropped]
 
 
 def run_variant(
@@ -191,7 +194,8 @@ def run_variant(
         "default_root_dir": str(run_dir),
         "enable_progress_bar": False,
         "callbacks": [{"class_path": "bench.memory_profile.PhaseMemory", "init_args": {"out": str(out)}}]
-        + [c for c in demo_callbacks(configs, conscience) if not c["class_path"].endswith("ProgressBar")],
+        + [c for c in demo_callbacks(configs, conscience, tuple(args.without))
+           if not c["class_path"].endswith("ProgressBar")],
     }
     if args.steps:
         trainer["max_steps"] = args.steps
@@ -223,6 +227,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="configs of the fit (default: configs/demo.yaml)")
     parser.add_argument("--variants", nargs="*", default=["none", "conscience"], choices=["none", "conscience"])
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE set in both children (e.g. MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--without", nargs="*", default=[], metavar="CLASS",
+                        help="drop these callbacks of the config from both fits (ReleaseFreedMemory: glibc's default)")
     parser.add_argument("--set", nargs="*", default=[],
                         help="extra cli.py arguments for both fits, e.g. --set=--model.checkpoint_pairs=false")
     parser.add_argument("--tiny", action="store_true", help="2-layer random Llama (smoke test)")
@@ -235,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     configs = tuple(args.config)
     runs = {name: run_variant(workdir, name, name == "conscience", args, configs) for name in args.variants}
     result: dict[str, Any] = {"machine": machine(), "configs": [str(p) for p in configs], "env": args.env,
-                              "set": args.set, "steps": args.steps, "runs": runs}
+                              "without": args.without, "set": args.set, "steps": args.steps, "runs": runs}
     if "none" in runs and "conscience" in runs:
         result["peak_rss_ratio"] = runs["conscience"]["peak_rss_mb"] / runs["none"]["peak_rss_mb"]
     def peak(phase: str) -> float:

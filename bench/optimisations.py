@@ -160,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
 
     from emalign.conscience import Conscience, reference_logps
-    from emalign.logprobs import pad_right, response_mask, sequence_logps
+    from emalign.logprobs import pad_right, pair_logps, response_mask, sequence_logps
     from emalign.losses import SigmoidDPO
     from emalign.models import LoRA, Policy
     from emalign.sampling import GenerationSettings, render_prompt, sample_ids
@@ -303,6 +303,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         loss_fn(pi_c, pi_r, ref_c, ref_r)[0].mean().backward()
         policy.model.zero_grad(set_to_none=True)
 
+    def update_shared():
+        ref_c = torch.tensor([p.ref_chosen for p in pairs], device=device)
+        ref_r = torch.tensor([p.ref_rejected for p in pairs], device=device)
+        pi_c, pi_r = pair_logps(policy.model, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs],
+                                [p.rejected_ids for p in pairs], tok.pad_token_id, device)
+        loss_fn(pi_c, pi_r, ref_c, ref_r)[0].mean().backward()
+        policy.model.zero_grad(set_to_none=True)
+
     def update_split():
         ref_c = torch.tensor([p.ref_chosen for p in pairs], device=device)
         ref_r = torch.tensor([p.ref_rejected for p in pairs], device=device)
@@ -315,6 +323,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if wanted("concat_forward"):
         record("concat_forward", "chosen and rejected in two policy forwards", "one concatenated forward",
                bench_pair(update_split, update_concat, args.repeats))
+    if wanted("shared_prompt_pairs"):
+        record("shared_prompt_pairs", "prompt + chosen and prompt + rejected as padded rows",
+               "one row per pair, prompt shared (4D mask)", bench_pair(update_concat, update_shared, args.repeats),
+               tokens_before=2 * len(pairs) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                                  for p in pairs),
+               tokens_after=len(pairs) * max(len(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in pairs))
 
     result = {"benchmark": "optimisations", "machine": info, "settings": {"model": source, "prompts": args.prompts, "samples": K,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "repeats": args.repeats, "device": str(device)},

@@ -2,8 +2,11 @@
 
 from callbacks.conscience import ConscienceCallback
 from callbacks.evaluation import AlignmentEvalCallback
+from callbacks.memory import ReleaseFreedMemory
 from callbacks.progress import RunProgressBar
 from callbacks.signals import StopOnSignal
 from emalign.checkpoint import RunCheckpoint  # configs name it callbacks.RunCheckpoint
 
-__all__ = ["AlignmentEvalCallback", "ConscienceCallback", "RunCheckpoint", "RunProgressBar", "StopOnSignal"]
+__all__ = [
+    "AlignmentEvalCallback", "ConscienceCallback", "ReleaseFreedMemory", "RunCheckpoint", "RunProgressBar", "StopOnSignal",
+]

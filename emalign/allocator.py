@@ -8,10 +8,9 @@ activations between steps, and the conscience's differently sized tensors fragme
 1 MiB or more in a mapping of its own, returned to the system when the tensor is freed.
 
 The price is time: every large tensor is a fresh mapping whose pages fault in again. A SmolLM2 SFT
-step (4 x 256 tokens) took 12 s instead of 10 s, and the demo's conscience steps (whose checkpointed
-pair forward allocates twice) about 35 s instead of 23 s. So it is opt-in: ``EMALIGN_RELEASE_MEMORY=1``
-for a fit that must fit in memory rather than finish sooner. A threshold set through glibc's own
-``MALLOC_MMAP_THRESHOLD_`` is left as it is.
+step (4 x 256 tokens) took 12 s instead of 10 s, and a checkpointed pair step (which allocates its
+activations twice) about 40% longer. So configs choose: ``callbacks.ReleaseFreedMemory`` applies it to a
+CPU fit. A threshold set through glibc's own ``MALLOC_MMAP_THRESHOLD_`` is left as it is.
 """
 
 from __future__ import annotations
@@ -22,12 +21,6 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
 DEFAULT_THRESHOLD = 1 << 20
-ENV = "EMALIGN_RELEASE_MEMORY"
-
-
-def configure_from_environment() -> bool:
-    """Apply :func:`release_freed_memory` when ``EMALIGN_RELEASE_MEMORY=1`` (the CLI calls this first)."""
-    return os.environ.get(ENV) == "1" and release_freed_memory()
 
 
 def release_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:

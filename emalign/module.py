@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from emalign.checkpoint import save_checkpoint_now
 from emalign.errors import UserError
-from emalign.logprobs import mean_token_nll, pad_right, response_mask, sequence_logps
+from emalign.logprobs import mean_token_nll, pair_logps, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
 from emalign.model_card import write_model_card
 from emalign.models import LoRA, Policy
@@ -211,18 +211,17 @@ class EmergentAlignment(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def alignment_loss(self, pairs: list[Pair]) -> torch.Tensor:
-        """Preference loss on queued pairs: chosen and rejected in one concatenated policy forward."""
-        prompts = [p.prompt_ids for p in pairs] * 2
-        responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-        ids, mask = pad_right([a + b for a, b in zip(prompts, responses)], self.tokenizer.pad_token_id, self.device)
-        target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], self.device)
+        """Preference loss on queued pairs: chosen and rejected in one policy forward, sharing their prompt."""
+        chosen, rejected = [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
         with self.policy.checkpointed() if self.checkpoint_pairs else contextlib.nullcontext():
-            logps = sequence_logps(self.policy.model, ids, mask, target)
-        pi_chosen, pi_rejected = logps.chunk(2)
+            pi_chosen, pi_rejected = pair_logps(
+                self.policy.model, [p.prompt_ids for p in pairs], chosen, rejected, self.tokenizer.pad_token_id,
+                self.device,
+            )
         ref_chosen = torch.tensor([p.ref_chosen for p in pairs], device=self.device)
         ref_rejected = torch.tensor([p.ref_rejected for p in pairs], device=self.device)
         if self.preference_loss.length_normalized:  # per-token averages (TRL's IPO), the reference's too
-            n_chosen, n_rejected = torch.tensor([len(r) for r in responses], device=self.device).chunk(2)
+            n_chosen, n_rejected = torch.tensor([len(r) for r in chosen + rejected], device=self.device).chunk(2)
             pi_chosen, ref_chosen = pi_chosen / n_chosen, ref_chosen / n_chosen
             pi_rejected, ref_rejected = pi_rejected / n_rejected, ref_rejected / n_rejected
         losses, chosen_rewards, rejected_rewards = self.preference_loss(

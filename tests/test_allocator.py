@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,15 +39,20 @@ def test_freed_tensors_leave_the_process():
     assert off > 100, f"glibc's default kept only {off:.0f} MB: the probe no longer shows the problem"
 
 
-def test_it_is_opt_in(monkeypatch):
-    from emalign import allocator
+def test_the_callback_applies_it_to_a_cpu_fit_only(monkeypatch):
+    from types import SimpleNamespace
+
+    import callbacks.memory as memory
+    from callbacks import ReleaseFreedMemory
 
     calls = []
-    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.delenv(allocator.ENV, raising=False)
-    assert not allocator.configure_from_environment() and not calls
-    monkeypatch.setenv(allocator.ENV, "1")
-    assert allocator.configure_from_environment() and calls == [1]
+    monkeypatch.setattr(memory, "release_freed_memory", lambda threshold: calls.append(threshold) or True)
+    on = lambda device: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # noqa: E731
+    callback = ReleaseFreedMemory(threshold_mib=2)
+    callback.setup(on("meta"), None, "fit")
+    assert calls == [] and not callback.applied
+    callback.setup(on("cpu"), None, "fit")
+    assert calls == [2 << 20] and callback.applied
 
 
 def test_a_threshold_the_user_set_is_kept(monkeypatch):

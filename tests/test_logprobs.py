@@ -8,8 +8,9 @@ import transformers
 
 from emalign.conscience import Conscience
 from emalign.logprobs import (
-    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, project, sequence_logps, token_logps,
+    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, pair_logps, project, sequence_logps, token_logps,
 )
+from emalign import logprobs
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 # Each head setting is set far from its default so that leaving it out changes the log-probs (the
@@ -180,3 +181,54 @@ def test_checkpointed_pairs_give_the_same_loss_and_gradients_and_keep_less(tiny_
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads))
     assert ckpt_saved < plain_saved / 2
     assert not any(getattr(m, "gradient_checkpointing", False) for m in policy.model.modules())  # restored
+
+
+def _separate_rows(model, prompts, chosen, rejected, pad_id):
+    """The plain way: prompt + chosen and prompt + rejected as right-padded rows of their own."""
+    seqs = [p + r for p, r in zip(prompts * 2, chosen + rejected)]
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id)
+    mask, target = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, seq) in enumerate(zip(prompts * 2, seqs)):
+        ids[i, : len(seq)], mask[i, : len(seq)], target[i, len(p) : len(seq)] = torch.tensor(seq), 1, True
+    return sequence_logps(model, ids, mask, target).chunk(2)
+
+
+# Gemma 2 caps its attention scores, which sdpa cannot: transformers runs it eagerly.
+SHARED = [(a, "sdpa") for a in ARCHITECTURES if a != "gemma2"] + [("llama", "eager"), ("gemma2", "eager")]
+
+
+@pytest.mark.parametrize("arch,attention", SHARED)
+def test_shared_prompt_pairs_equal_separate_rows_in_values_and_gradients(arch, attention):
+    model = tiny(arch, 64).train()
+    model.config._attn_implementation = attention
+    model.config.sliding_window = None if arch not in ("gemma2", "gemma3") else 64  # longer than any row here
+    torch.manual_seed(2)
+    draw = lambda n: torch.randint(1, 64, (n,)).tolist()  # noqa: E731
+    prompts, chosen, rejected = [draw(7), draw(3), draw(12)], [draw(5), draw(9), draw(1)], [draw(8), draw(2), draw(6)]
+    assert logprobs._takes_shared_prompt(model, 30)  # the shared path runs, not the fallback
+    got = pair_logps(model, prompts, chosen, rejected, pad_id=0)
+    want = _separate_rows(model, prompts, chosen, rejected, pad_id=0)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5, rtol=0), (g, w)
+    params = [p for p in model.parameters()]
+    got_grads = torch.autograd.grad((got[0] - 2 * got[1]).sum(), params, allow_unused=True)
+    want_grads = torch.autograd.grad((want[0] - 2 * want[1]).sum(), params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)
+        assert g is None or (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item()), (g - w).abs().max()
+
+
+def test_shared_prompt_falls_back_to_separate_rows_where_a_mask_would_be_overridden():
+    model = tiny("gemma2", 64)
+    model.config.sliding_window = 4  # a row of 20 tokens would need the sliding-window mask
+    assert not logprobs._takes_shared_prompt(model, 20)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert not logprobs._takes_shared_prompt(model, 20)
+    model.config._attn_implementation = "eager"
+    model.config.sliding_window = 4
+    torch.manual_seed(3)
+    prompts, chosen, rejected = [[5, 6, 7, 8, 9]], [[10, 11, 12]], [[13, 14, 15, 16, 17, 18]]
+    got = pair_logps(model, prompts, chosen, rejected, pad_id=0)
+    want = _separate_rows(model, prompts, chosen, rejected, pad_id=0)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
