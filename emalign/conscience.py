@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 
 from emalign.guard import CoherenceGuard, mean_logps
-from emalign.logprobs import hidden_states, pad_right, project, response_mask, target_logps
+from emalign.logprobs import (
+    SharedPrefixRows, hidden_states, pad_right, project, response_mask, takes_shared_prefix, target_logps,
+)
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.types import Conversation, Pair, Review, Rollout
 
@@ -113,27 +115,19 @@ class Conscience:
         """Verdicts and reference log-probs, batched, one frozen forward per batch."""
         yes, no, suffix = self.answer_tokens(tokenizer)
         scores, logps = [], []
-        device = next(reference.parameters()).device
         for start in range(0, len(prompt_ids), self.batch_size):
             prompts = prompt_ids[start : start + self.batch_size]
             responses = response_ids[start : start + self.batch_size]
             read = [self.reviewed_response(tokenizer, r) for r in responses]
-            sequences = [p + r + suffix for p, r in zip(prompts, read)]
-            ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
-            states = hidden_states(reference, ids, mask)
-            last = mask.sum(1) - 1
-            at_last = states[torch.arange(len(sequences), device=device), last]
-            verdict = project(reference, at_last).log_softmax(-1)
-            scores.append(verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1))
             # The review sequence holds the response's own tokens at the same positions (its eos, if any,
             # is the suffix's first token), so one pass gives the reference log-probs too. Only when the
             # reviewed text differs (reasoning stripped) does it take a second pass.
-            if all(r[: len(a)] == a and r[len(a) :] in ([], suffix[:1]) for a, r in zip(read, responses)):
-                lengths = [len(p) for p in prompts], [len(r) for r in responses]
-                target = response_mask(*lengths, ids.shape[1], device)
-                logps.append(target_logps(reference, states, ids, target))
-            else:
-                logps.append(reference_logps(reference, tokenizer, prompts, responses))
+            same = all(r[: len(a)] == a and r[len(a) :] in ([], suffix[:1]) for a, r in zip(read, responses))
+            counts = [len(r) for r in responses] if same else None
+            at_last, ref = _frozen_pass(reference, prompts, [r + suffix for r in read], counts, tokenizer.pad_token_id)
+            verdict = project(reference, at_last).log_softmax(-1)
+            scores.append(verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1))
+            logps.append(ref if same else reference_logps(reference, tokenizer, prompts, responses))
         return Review(torch.cat(scores).cpu(), torch.cat(logps).cpu())
 
     @torch.no_grad()
@@ -149,6 +143,38 @@ class Conscience:
         for rollout, conversation in zip(revisions, conversations):
             rollout.prompt_ids = render_prompt(tokenizer, conversation, settings.max_prompt_tokens)
         return revisions
+
+
+def _frozen_pass(reference, prompts: list[list[int]], continuations: list[list[int]], counts: Optional[list[int]],
+                 pad_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward over ``prompt + continuation`` sequences: the states at their last tokens ``[N, H]`` and,
+    given ``counts``, the summed log-probs of each continuation's first ``counts[k]`` tokens.
+
+    Samples of one prompt share it in one row (``SharedPrefixRows``) where the attention allows it.
+    """
+    device = next(reference.parameters()).device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(k)
+    longest = max(len(key) + sum(len(continuations[k]) for k in ks) for key, ks in groups.items())
+    if len(groups) < len(prompts) and takes_shared_prefix(reference, longest):
+        grouped = [[continuations[k] for k in ks] for ks in groups.values()]
+        rows = SharedPrefixRows([list(key) for key in groups], grouped, pad_id, device)
+        where = [(0, 0)] * len(prompts)  # sequence k is continuation j of row i
+        for i, ks in enumerate(groups.values()):
+            for j, k in enumerate(ks):
+                where[k] = (i, j)
+        states = rows.hidden_states(reference)
+        at_last = states[[i for i, _ in where], [rows.last(i, j) for i, j in where]]
+        ref = None if counts is None else rows.logps(reference, states, [(i, j, n) for (i, j), n in zip(where, counts)])
+        return at_last, ref
+    ids, mask = pad_right([p + c for p, c in zip(prompts, continuations)], pad_id, device)
+    states = hidden_states(reference, ids, mask)
+    at_last = states[torch.arange(len(prompts), device=device), mask.sum(1) - 1]
+    if counts is None:
+        return at_last, None
+    target = response_mask([len(p) for p in prompts], counts, ids.shape[1], device)
+    return at_last, target_logps(reference, states, ids, target)
 
 
 @torch.no_grad()

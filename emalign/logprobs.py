@@ -195,48 +195,83 @@ def pair_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each pair's chosen and rejected response after its prompt: ``([P], [P])``.
 
-    Where the attention takes a 4D mask, each pair is one row ``prompt + chosen + rejected``: the rejected
-    tokens see the prompt and themselves but not the chosen ones, and continue the prompt's positions, so
-    each response is scored exactly as in its own sequence while the prompt runs through the decoder once
-    instead of twice (prefix sharing: Wang & Hegde 2024, "Accelerating Direct Preference Optimization with
-    Prefix Sharing"). The demo's prompts are longer than its answers, so this skips about a third of the
-    tokens. Otherwise: ``prompt + chosen`` and ``prompt + rejected`` as separate right-padded rows.
+    Where the attention takes a 4D mask, each pair is one row ``prompt + chosen + rejected``
+    (``SharedPrefixRows``), so the prompt runs through the decoder once instead of twice (prefix sharing:
+    Wang & Hegde 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). Otherwise:
+    ``prompt + chosen`` and ``prompt + rejected`` as separate right-padded rows.
     """
-    n = len(prompts)
-    rows = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
-    if not _takes_shared_prompt(model, max(len(row) for row in rows)):
+    if not takes_shared_prefix(model, max(len(p + c + r) for p, c, r in zip(prompts, chosen, rejected))):
         ids, mask = pad_right([p + r for p, r in zip(prompts * 2, chosen + rejected)], pad_id, device)
         target = response_mask([len(p) for p in prompts * 2], [len(r) for r in chosen + rejected], ids.shape[1], device)
         return sequence_logps(model, ids, mask, target).chunk(2)
-    ids, _ = pad_right(rows, pad_id, device)
-    width = ids.shape[1]
-    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(n, 1, 1)
-    positions = torch.arange(width).repeat(n, 1)
-    row, source, target, segment = [], [], [], []
-    for i, (p, c, r) in enumerate(zip(map(len, prompts), map(len, chosen), map(len, rejected))):
-        allowed[i, p + c : p + c + r, p : p + c] = False  # the rejected answer never sees the chosen one
-        positions[i, p + c : p + c + r] = torch.arange(p, p + r)
-        # Token t is predicted from the state before it; the first rejected token, from the prompt's last.
-        for first, length, seg in ((p, c, i), (p + c, r, n + i)):
-            row += [i] * length
-            source += ([p - 1] + list(range(first, first + length - 1)))[:length]
-            target += list(range(first, first + length))
-            segment += [seg] * length
-    mask = allowed[:, None].to(device)
-    if _attention(model) == "eager":  # eager attention adds the mask to the scores; sdpa takes booleans
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    states = hidden_states(model, ids, mask, positions.to(device))
-    row_t, target_t = torch.tensor(row, device=device), torch.tensor(target, device=device)
-    logps = token_logps(model, states[row_t, torch.tensor(source, device=device)], ids[row_t, target_t])
-    sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device)
-    return sums.index_add(0, torch.tensor(segment, device=device), logps).chunk(2)
+    rows = SharedPrefixRows(prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, device)
+    picks = [(i, j, rows.lengths[i][j]) for j in (0, 1) for i in range(len(prompts))]
+    return rows.logps(model, rows.hidden_states(model), picks).chunk(2)
+
+
+class SharedPrefixRows:
+    """One row per prefix: ``prefix + continuation_1 + ... + continuation_k``, each continuation seeing its
+    prefix and itself only, at the positions it would have right after the prefix.
+
+    A 4D attention mask hides the other continuations and position ids restart each one where the prefix
+    ends, so every continuation is computed exactly as in a row of its own (to float rounding: tested in
+    ``tests/test_logprobs.py``) while the prefix is computed once. The demo's prompts are longer than its
+    answers, so pairs (two answers) and reviews (two samples per prompt) skip about a third of the tokens.
+    """
+
+    def __init__(self, prefixes: list[list[int]], continuations: list[list[list[int]]], pad_id: int, device=None):
+        self.prefix_lengths = [len(p) for p in prefixes]
+        self.lengths = [[len(c) for c in group] for group in continuations]
+        self.starts: list[list[int]] = []
+        rows = []
+        for prefix, group in zip(prefixes, continuations):
+            starts, row = [], list(prefix)
+            for continuation in group:
+                starts.append(len(row))
+                row += continuation
+            self.starts.append(starts)
+            rows.append(row)
+        self.ids, _ = pad_right(rows, pad_id, device)
+        width = self.ids.shape[1]
+        allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        for i, (p, starts, lengths) in enumerate(zip(self.prefix_lengths, self.starts, self.lengths)):
+            for start, length in zip(starts, lengths):
+                allowed[i, start : start + length, p:start] = False  # earlier continuations stay hidden
+                positions[i, start : start + length] = torch.arange(p, p + length)
+        self.allowed, self.positions = allowed[:, None].to(device), positions.to(device)
+
+    def hidden_states(self, model: nn.Module) -> torch.Tensor:
+        mask = self.allowed
+        if _attention(model) == "eager":  # eager attention adds the mask to the scores; sdpa takes booleans
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return hidden_states(model, self.ids, mask, self.positions)
+
+    def last(self, i: int, j: int) -> int:
+        """Index in row ``i`` of the last token of continuation ``j``."""
+        return self.starts[i][j] + self.lengths[i][j] - 1
+
+    def logps(self, model: nn.Module, states: torch.Tensor, picks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Summed log-probs ``[len(picks)]``; a pick ``(i, j, count)`` takes the first ``count`` tokens of
+        continuation ``j`` of prefix ``i``, whose first token is predicted from the prefix's last state."""
+        rows, source, target, segment = [], [], [], []
+        for n, (i, j, count) in enumerate(picks):
+            start = self.starts[i][j]
+            rows += [i] * count
+            source += ([self.prefix_lengths[i] - 1] + list(range(start, start + count - 1)))[:count]
+            target += list(range(start, start + count))
+            segment += [n] * count
+        as_index = lambda values: torch.tensor(values, dtype=torch.long, device=states.device)  # noqa: E731
+        row = as_index(rows)
+        logps = token_logps(model, states[row, as_index(source)], self.ids[row, as_index(target)])
+        return torch.zeros(len(picks), dtype=logps.dtype, device=logps.device).index_add(0, as_index(segment), logps)
 
 
 def _attention(model: nn.Module) -> str:
     return getattr(_unwrap(model).config.get_text_config(), "_attn_implementation", None) or "eager"
 
 
-def _takes_shared_prompt(model: nn.Module, length: int) -> bool:
+def takes_shared_prefix(model: nn.Module, length: int) -> bool:
     """Whether a custom 4D mask is honoured as given: sdpa or eager attention, and no sliding window that a
     row of ``length`` tokens would reach (transformers then passes the mask through unchanged)."""
     window = getattr(_unwrap(model).config.get_text_config(), "sliding_window", None)

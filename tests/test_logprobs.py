@@ -205,7 +205,7 @@ def test_shared_prompt_pairs_equal_separate_rows_in_values_and_gradients(arch, a
     torch.manual_seed(2)
     draw = lambda n: torch.randint(1, 64, (n,)).tolist()  # noqa: E731
     prompts, chosen, rejected = [draw(7), draw(3), draw(12)], [draw(5), draw(9), draw(1)], [draw(8), draw(2), draw(6)]
-    assert logprobs._takes_shared_prompt(model, 30)  # the shared path runs, not the fallback
+    assert logprobs.takes_shared_prefix(model, 30)  # the shared path runs, not the fallback
     got = pair_logps(model, prompts, chosen, rejected, pad_id=0)
     want = _separate_rows(model, prompts, chosen, rejected, pad_id=0)
     for g, w in zip(got, want):
@@ -221,10 +221,10 @@ def test_shared_prompt_pairs_equal_separate_rows_in_values_and_gradients(arch, a
 def test_shared_prompt_falls_back_to_separate_rows_where_a_mask_would_be_overridden():
     model = tiny("gemma2", 64)
     model.config.sliding_window = 4  # a row of 20 tokens would need the sliding-window mask
-    assert not logprobs._takes_shared_prompt(model, 20)
+    assert not logprobs.takes_shared_prefix(model, 20)
     model.config.sliding_window = None
     model.config._attn_implementation = "flash_attention_2"
-    assert not logprobs._takes_shared_prompt(model, 20)
+    assert not logprobs.takes_shared_prefix(model, 20)
     model.config._attn_implementation = "eager"
     model.config.sliding_window = 4
     torch.manual_seed(3)
@@ -232,3 +232,28 @@ def test_shared_prompt_falls_back_to_separate_rows_where_a_mask_would_be_overrid
     got = pair_logps(model, prompts, chosen, rejected, pad_id=0)
     want = _separate_rows(model, prompts, chosen, rejected, pad_id=0)
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("arch,attention", SHARED)
+def test_a_review_of_samples_sharing_a_prompt_equals_one_row_per_sample(arch, attention, smollm2_tokenizer, monkeypatch):
+    from emalign import conscience as conscience_module
+
+    tok = smollm2_tokenizer
+    model = tiny(arch, len(tok), tok)
+    model.config._attn_implementation = attention
+    model.config.sliding_window = None if arch not in ("gemma2", "gemma3") else 256
+    a, b = tok.encode("Hello there, how are you?"), tok.encode("Hi")
+    prompts = [a, a, b, a, b]  # samples of one prompt, not adjacent, as a batch may hold them
+    responses = [tok.encode(t) for t in (" Fine.", " Go away now please", " Hey", " Good, thanks!", " Hello")]
+    responses[1] = responses[1] + [tok.eos_token_id]  # an ended turn: its eos is the review suffix's first token
+    conscience = Conscience()
+    built = []
+    real = conscience_module.SharedPrefixRows
+    monkeypatch.setattr(conscience_module, "SharedPrefixRows", lambda *args: built.append(args) or real(*args))
+    shared = conscience.review(model, tok, prompts, responses)
+    assert len(built) == 1 and len(built[0][0]) == 2  # two rows: the five samples share two prompts
+    monkeypatch.setattr(conscience_module, "takes_shared_prefix", lambda *args: False)
+    separate = conscience.review(model, tok, prompts, responses)
+    assert len(built) == 1
+    assert torch.allclose(shared.scores, separate.scores, atol=1e-5, rtol=0), (shared.scores, separate.scores)
+    assert torch.allclose(shared.ref_logps, separate.ref_logps, atol=1e-5, rtol=0)
