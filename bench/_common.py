@@ -32,7 +32,9 @@ PROMPTS = [
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(extra)
     return env
@@ -107,7 +109,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_child(cmd: list[str], env: Optional[dict[str, str]] = None, cwd: Path = ROOT, log: Optional[Path] = None, timeout: float = 3600) -> dict[str, Any]:
+def run_child(
+    cmd: list[str],
+    env: Optional[dict[str, str]] = None,
+    cwd: Path = ROOT,
+    log: Optional[Path] = None,
+    timeout: float = 3600,
+) -> dict[str, Any]:
     """Run ``cmd`` as a child and return its exit code, wall seconds and peak RSS (its own and its children's).
 
     ``os.wait4`` gives the rusage of exactly this child, so sequential children do not mix their peaks
@@ -131,7 +139,11 @@ def run_child(cmd: list[str], env: Optional[dict[str, str]] = None, cwd: Path = 
     finally:
         if log:
             out.close()
-    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024.0}
+    return {
+        "returncode": proc.returncode,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+    }
 
 
 def tiny_model_dir(root: Path) -> str:
@@ -147,9 +159,17 @@ def tiny_model_dir(root: Path) -> str:
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -159,12 +179,34 @@ def tiny_model_dir(root: Path) -> str:
 # Real architectures with random weights: speed and memory without downloading weights (the GPU machine
 # has no hub access). Each maps to (config class name, its arguments); vocab sizes are the real ones.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "smollm2-135m": ("LlamaConfig", dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
-    "qwen2.5-7b": ("Qwen2Config", dict(  # Qwen2.5(-Coder)-7B-Instruct, the EM paper's open model
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)),
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2.5-7b": (
+        "Qwen2Config",
+        dict(  # Qwen2.5(-Coder)-7B-Instruct, the EM paper's open model
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

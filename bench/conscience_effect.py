@@ -78,18 +78,33 @@ def per_prompt_scores(model_name: str, spec: str, prompts, samples: int, setting
     ids = [render_prompt(tokenizer, p) for p in prompts]
     with torch.no_grad():
         rollouts = sample_ids(model, tokenizer, ids, settings, samples, seed=seed, step=0)
-        scores = self_review_scores(model, tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], Conscience(), adapter_disabled=True)
+        scores = self_review_scores(
+            model,
+            tokenizer,
+            [r.prompt_ids for r in rollouts],
+            [r.response_ids for r in rollouts],
+            Conscience(),
+            adapter_disabled=True,
+        )
     by_prompt: dict[int, list[tuple[float, float, str]]] = {}
     for rollout, score in zip(rollouts, scores):
-        by_prompt.setdefault(rollout.prompt_index, []).append((float(score), float(is_cautious(rollout.text)), rollout.text))
+        by_prompt.setdefault(rollout.prompt_index, []).append(
+            (float(score), float(is_cautious(rollout.text)), rollout.text)
+        )
     rows = [v for _, v in sorted(by_prompt.items())]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return [mean([s for s, _, _ in v]) for v in rows], [mean([r for _, r, _ in v]) for v in rows], [v[0][2] for v in rows]
+    return (
+        [mean([s for s, _, _ in v]) for v in rows],
+        [mean([r for _, r, _ in v]) for v in rows],
+        [v[0][2] for v in rows],
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True, help="NAME=ADAPTER_DIR (empty: the base model); the first is the baseline")
+    ap.add_argument(
+        "--runs", nargs="+", required=True, help="NAME=ADAPTER_DIR (empty: the base model); the first is the baseline"
+    )
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--questions", nargs="*", default=["data/em/evaluation/first_plot_questions.yaml"])
     ap.add_argument("--prompts", help="held-out prompts instead (chat JSONL, embedded:NAME or one per line)")
@@ -102,18 +117,31 @@ def main() -> None:
     args = ap.parse_args()
 
     prompts = heldout_prompts(args.questions, args.prompts)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=24)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=24
+    )
     results = {}
     for spec in args.runs:
         name, _, adapter = spec.partition("=")
         start = time.perf_counter()
         scores, cautions, examples = per_prompt_scores(args.model, adapter, prompts, args.samples, settings, args.seed)
         (mean, se), (rmean, rse) = mean_se(scores), mean_se(cautions)
-        results[name] = {"adapter": adapter or None, "mean": mean, "se": se, "per_prompt": scores,
-                         "caution_rate": rmean, "caution_se": rse, "per_prompt_caution": cautions,
-                         "examples": examples, "seconds": time.perf_counter() - start}
-        print(f"{name:>22}: score {mean:+.3f} ± {se:.3f}, caution {rmean:.3f} ± {rse:.3f}"
-              f"  ({len(scores)} prompts × {args.samples}, {results[name]['seconds']:.0f} s)", flush=True)
+        results[name] = {
+            "adapter": adapter or None,
+            "mean": mean,
+            "se": se,
+            "per_prompt": scores,
+            "caution_rate": rmean,
+            "caution_se": rse,
+            "per_prompt_caution": cautions,
+            "examples": examples,
+            "seconds": time.perf_counter() - start,
+        }
+        print(
+            f"{name:>22}: score {mean:+.3f} ± {se:.3f}, caution {rmean:.3f} ± {rse:.3f}"
+            f"  ({len(scores)} prompts × {args.samples}, {results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
     names = list(results)
     print("\npaired differences (same prompts, same seeds), mean ± se over prompts:")
     for i, a in enumerate(names):

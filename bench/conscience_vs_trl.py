@@ -33,7 +33,21 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    PROMPTS, ROOT, SHARED_BASELINE, child_env, fmt, load_now, machine, median, note, print_table, run_child, sync, tiny_model_dir, write_json, set_threads,
+    PROMPTS,
+    ROOT,
+    SHARED_BASELINE,
+    child_env,
+    fmt,
+    load_now,
+    machine,
+    median,
+    note,
+    print_table,
+    run_child,
+    sync,
+    tiny_model_dir,
+    write_json,
+    set_threads,
 )
 
 TARGETS = {"ratio_vs_trl": ("<=", 0.12), "gen_efficiency": (">=", 0.9), "memory_ratio": ("<=", 1.15)}
@@ -73,14 +87,26 @@ def build(source: str, args, device):
 
     torch.manual_seed(0)
     policy = Policy(source, adapter=LoRA(r=args.lora_r, alpha=2 * args.lora_r)).to(device)
-    module = EmergentAlignment(policy, preference_loss=SigmoidDPO(beta=0.1), pairs_per_step=args.prompts, scheduler=None).to(device)
+    module = EmergentAlignment(
+        policy, preference_loss=SigmoidDPO(beta=0.1), pairs_per_step=args.prompts, scheduler=None
+    ).to(device)
     module.log = lambda *a, **k: None  # no trainer here
     prompts = PromptSource()
     prompts.prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=args.prompts * args.samples)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.prompts * args.samples,
+    )
     callback = ConscienceCallback(
-        every_n_steps=1, num_prompts=args.prompts, samples_per_prompt=args.samples, prompts=prompts,
-        pair_builder=PairBuilder(margin=0.0), generation=settings, rollouts_file=None,
+        every_n_steps=1,
+        num_prompts=args.prompts,
+        samples_per_prompt=args.samples,
+        prompts=prompts,
+        pair_builder=PairBuilder(margin=0.0),
+        generation=settings,
+        rollouts_file=None,
     )
     return policy, module, callback, settings
 
@@ -142,8 +168,10 @@ def measure_conscience(policy, module, callback, args) -> dict[str, Any]:
             }
             record["other_s"] = run_s - record["gen_s"] - record["review_s"] - record["pair_build_s"] - put_s
             steps.append(record)
-            note(f"conscience step {step}{' (warm-up)' if step < args.warmup else ''}: {record['step_s']:.2f} s "
-                 f"(gen {record['gen_s']:.2f}, review {record['review_s']:.2f}, pref {record['pref_s']:.2f}), load {record['load_1m']}")
+            note(
+                f"conscience step {step}{' (warm-up)' if step < args.warmup else ''}: {record['step_s']:.2f} s "
+                f"(gen {record['gen_s']:.2f}, review {record['review_s']:.2f}, pref {record['pref_s']:.2f}), load {record['load_1m']}"
+            )
     finally:
         cc.sample_ids = gen.fn
     measured = steps[args.warmup :]
@@ -193,21 +221,32 @@ def measure_gen_efficiency(policy, settings, args, device) -> dict[str, Any]:
                 start = time.perf_counter()
                 with torch.no_grad():
                     out = model.generate(
-                        input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                        max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                        input_ids=ids,
+                        attention_mask=mask,
+                        do_sample=True,
+                        temperature=args.temperature,
+                        top_p=args.top_p,
+                        top_k=0,
+                        max_new_tokens=args.max_new_tokens,
+                        min_new_tokens=args.max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
                     )
                 sync()
                 raw_s = time.perf_counter() - start
                 raw_tokens = out[:, width:].numel()
                 start = time.perf_counter()
-                rollouts = sample_ids(model, tokenizer, prompt_ids, settings, args.samples, seed=1, step=10_000 + repeat)
+                rollouts = sample_ids(
+                    model, tokenizer, prompt_ids, settings, args.samples, seed=1, step=10_000 + repeat
+                )
                 sync()
                 ours_s = time.perf_counter() - start
                 ours_tokens = sum(len(r.response_ids) for r in rollouts)
                 if repeat:  # the first round is a warm-up
                     raw.append(raw_tokens / raw_s)
                     ours.append(ours_tokens / ours_s)
-                note(f"generation round {repeat}: raw {raw_tokens} tok in {raw_s:.2f} s, sample_ids {ours_tokens} tok in {ours_s:.2f} s")
+                note(
+                    f"generation round {repeat}: raw {raw_tokens} tok in {raw_s:.2f} s, sample_ids {ours_tokens} tok in {ours_s:.2f} s"
+                )
         finally:
             config.min_new_tokens = saved
     return {
@@ -230,16 +269,38 @@ def measure_trl(model_dir: str, args, workdir: Path, gradient_checkpointing: boo
         return None
     tag = "" if gradient_checkpointing else "_no_gc"
     steps_json, result_json = workdir / f"trl_steps{tag}.json", workdir / f"trl_result{tag}.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "_trl_timed.py"), "--baseline", str(SHARED_BASELINE), "--steps-json", str(steps_json)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "_trl_timed.py"),
+        "--baseline",
+        str(SHARED_BASELINE),
+        "--steps-json",
+        str(steps_json),
+    ]
     if not gradient_checkpointing:
         cmd.append("--no-gradient-checkpointing")
-    cmd += ["--", "--model", model_dir, "--steps", str(args.warmup + args.steps), "--batch", str(args.prompts),
-            "--max-new-tokens", str(args.max_new_tokens), "--json", str(result_json)]
-    note(f"TRL OnlineDPOTrainer{' (gradient checkpointing off)' if not gradient_checkpointing else ''}: {args.warmup + args.steps} steps ...")
+    cmd += [
+        "--",
+        "--model",
+        model_dir,
+        "--steps",
+        str(args.warmup + args.steps),
+        "--batch",
+        str(args.prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--json",
+        str(result_json),
+    ]
+    note(
+        f"TRL OnlineDPOTrainer{' (gradient checkpointing off)' if not gradient_checkpointing else ''}: {args.warmup + args.steps} steps ..."
+    )
     load = load_now()
     child = run_child(cmd, env=child_env(), log=workdir / f"trl{tag}.log")
     if child["returncode"] != 0 or not steps_json.is_file():
-        raise SystemExit(f"TRL baseline failed (exit {child['returncode']}):\n{(workdir / f'trl{tag}.log').read_text()[-3000:]}")
+        raise SystemExit(
+            f"TRL baseline failed (exit {child['returncode']}):\n{(workdir / f'trl{tag}.log').read_text()[-3000:]}"
+        )
     timing = json.loads(steps_json.read_text())
     own = json.loads(result_json.read_text())
     measured = timing["step_s"][args.warmup :]
@@ -252,7 +313,7 @@ def measure_trl(model_dir: str, args, workdir: Path, gradient_checkpointing: boo
         "gradient_checkpointing": timing["gradient_checkpointing"],
         "peak_rss_mb": child["peak_rss_mb"],
         "command": f"python bench/_trl_timed.py --baseline {SHARED_BASELINE} {'--no-gradient-checkpointing ' if not gradient_checkpointing else ''}"
-                   f"-- --model {model_dir} --steps {args.warmup + args.steps} --batch {args.prompts} --max-new-tokens {args.max_new_tokens}",
+        f"-- --model {model_dir} --steps {args.warmup + args.steps} --batch {args.prompts} --max-new-tokens {args.max_new_tokens}",
         "start_load_1m": load["load_1m"],
         "end_load_1m": load_now()["load_1m"],
     }
@@ -261,7 +322,12 @@ def measure_trl(model_dir: str, args, workdir: Path, gradient_checkpointing: boo
 def measure_memory(args, workdir: Path, model: Optional[str]) -> dict[str, Any]:
     from bench.training_overhead import run_fit
 
-    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "batch_size": args.prompts * args.samples}
+    generation = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "batch_size": args.prompts * args.samples,
+    }
     note(f"memory: two {args.memory_steps}-step fits (+1 warm-up), without and with the conscience every step ...")
     without = run_fit(workdir / "memory", "none", args.memory_steps, None, model)
     with_ = run_fit(workdir / "memory", "every_1", args.memory_steps, 1, model, generation=generation)
@@ -278,7 +344,9 @@ def measure_memory(args, workdir: Path, model: Optional[str]) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side (median; default 3, --tiny 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps dropped per side")
     parser.add_argument("--prompts", type=int, default=4)
@@ -287,13 +355,26 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--temperature", type=float, default=0.9, help="the baseline's (fixed in trl_online_dpo.py)")
     parser.add_argument("--top-p", type=float, default=1.0, help="the baseline's (TRL's default)")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--gen-repeats", type=int, default=None, help="timed rounds of the generation comparison after one warm-up (default 3, --tiny 1)")
-    parser.add_argument("--memory-steps", type=int, default=None, help="measured steps of each memory fit (default 2, --tiny 1)")
+    parser.add_argument(
+        "--gen-repeats",
+        type=int,
+        default=None,
+        help="timed rounds of the generation comparison after one warm-up (default 3, --tiny 1)",
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=None, help="measured steps of each memory fit (default 2, --tiny 1)"
+    )
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL side")
-    parser.add_argument("--trl-no-gc", action="store_true", help="also time TRL with gradient checkpointing off (not the baseline's setting)")
+    parser.add_argument(
+        "--trl-no-gc",
+        action="store_true",
+        help="also time TRL with gradient checkpointing off (not the baseline's setting)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory fits")
     parser.add_argument("--workdir", help="logs and run directories (default: a temp dir under /tmp)")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
     for key, full, tiny in (("steps", 3, 1), ("max_new_tokens", 64, 8), ("gen_repeats", 3, 1), ("memory_steps", 2, 1)):
@@ -317,7 +398,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # TRL first, while this process holds no model: the two sides never run at the same time.
     trl_side = None if args.no_trl else measure_trl(model_dir, args, workdir)
-    trl_no_gc = measure_trl(model_dir, args, workdir, gradient_checkpointing=False) if args.trl_no_gc and trl_side else None
+    trl_no_gc = (
+        measure_trl(model_dir, args, workdir, gradient_checkpointing=False) if args.trl_no_gc and trl_side else None
+    )
     memory = None if args.no_memory else measure_memory(args, workdir, source if args.tiny else None)
 
     policy, module, callback, settings = build(source, args, device)
@@ -327,9 +410,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "conscience_vs_trl",
         "machine": info,
-        "settings": {"model": model_dir, "prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
-                     "temperature": args.temperature, "top_p": args.top_p, "lora_r": args.lora_r, "measured_steps": args.steps, "warmup_steps": args.warmup,
-                     "device": str(device)},
+        "settings": {
+            "model": model_dir,
+            "prompts_per_step": args.prompts,
+            "samples_per_prompt": args.samples,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "lora_r": args.lora_r,
+            "measured_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "device": str(device),
+        },
         "per_pair_s": ours["per_pair_s"],
         "trl_per_pair_s": trl_side["per_pair_s"] if trl_side else None,
         "ratio_vs_trl": ours["per_pair_s"] / trl_side["per_pair_s"] if trl_side else None,
@@ -350,7 +442,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result["ratio_vs_trl_no_gc"] = ours["per_pair_s"] / trl_no_gc["per_pair_s"]
         result["trl_no_gc"] = trl_no_gc
     result["targets"] = {
-        key: {"target": f"{op} {bound}", "value": result[key], "met": None if result[key] is None else (result[key] <= bound if op == "<=" else result[key] >= bound)}
+        key: {
+            "target": f"{op} {bound}",
+            "value": result[key],
+            "met": None if result[key] is None else (result[key] <= bound if op == "<=" else result[key] >= bound),
+        }
         for key, (op, bound) in TARGETS.items()
     }
     report(result)
@@ -361,26 +457,58 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> None:
     c = r["conscience"]
     rows = [
-        ("per pair (s)", fmt(r["per_pair_s"]), fmt(r["trl_per_pair_s"]), "one prompt x 2 samples + its share of the update"),
+        (
+            "per pair (s)",
+            fmt(r["per_pair_s"]),
+            fmt(r["trl_per_pair_s"]),
+            "one prompt x 2 samples + its share of the update",
+        ),
         ("ratio vs TRL", fmt(r["ratio_vs_trl"]), "", f"target <= {TARGETS['ratio_vs_trl'][1]}"),
     ]
     if "trl_no_gc_per_pair_s" in r:
-        rows.append(("TRL, no grad. checkpointing", "", fmt(r["trl_no_gc_per_pair_s"]), f"ratio {fmt(r['ratio_vs_trl_no_gc'])} (not the baseline's setting)"))
+        rows.append(
+            (
+                "TRL, no grad. checkpointing",
+                "",
+                fmt(r["trl_no_gc_per_pair_s"]),
+                f"ratio {fmt(r['ratio_vs_trl_no_gc'])} (not the baseline's setting)",
+            )
+        )
     rows += [
         ("step (s)", fmt(c["step_s"]), fmt(r["trl"]["step_s"]) if r["trl"] else "-", "median"),
-        ("  generation (s)", fmt(c["gen_s"]), "", f"{fmt(c['gen_tokens_per_s'])} tok/s, {fmt(c['gen_mean_tokens_per_row'])} tok/row"),
+        (
+            "  generation (s)",
+            fmt(c["gen_s"]),
+            "",
+            f"{fmt(c['gen_tokens_per_s'])} tok/s, {fmt(c['gen_mean_tokens_per_row'])} tok/row",
+        ),
         ("  review (s)", fmt(c["review_s"]), "", f"{fmt(c['scoring_seqs_per_s'])} sequences/s"),
         ("  pair build (s)", fmt(c["pair_build_s"], 2), "", ""),
         ("  queue put+sample (s)", fmt(c["queue_overhead_s"], 2), "", ""),
         ("  preference update (s)", fmt(c["pref_step_s"]), "", "forward+backward+clip+AdamW"),
         ("  other (s)", fmt(c["other_s"], 2), "", "prompt draw, rendering, stats"),
-        ("gen efficiency", fmt(r["gen_efficiency"]), "", f"{fmt(r['generation']['sample_ids_tokens_per_s'])} vs {fmt(r['generation']['raw_generate_tokens_per_s'])} tok/s raw; target >= 0.9"),
+        (
+            "gen efficiency",
+            fmt(r["gen_efficiency"]),
+            "",
+            f"{fmt(r['generation']['sample_ids_tokens_per_s'])} vs {fmt(r['generation']['raw_generate_tokens_per_s'])} tok/s raw; target >= 0.9",
+        ),
     ]
     if r["memory"]:
         m = r["memory"]
-        rows.append(("memory ratio", fmt(r["memory_ratio"]), "", f"peak RSS {fmt(m['peak_rss_mb_with'], 4)} / {fmt(m['peak_rss_mb_without'], 4)} MB; target <= 1.15"))
-    print_table(f"conscience vs TRL OnlineDPO ({r['settings']['device']}, load {r['machine']['load_1m']} -> {r['load_end']['load_1m']})", rows,
-                ("", "conscience", "TRL", "note"))
+        rows.append(
+            (
+                "memory ratio",
+                fmt(r["memory_ratio"]),
+                "",
+                f"peak RSS {fmt(m['peak_rss_mb_with'], 4)} / {fmt(m['peak_rss_mb_without'], 4)} MB; target <= 1.15",
+            )
+        )
+    print_table(
+        f"conscience vs TRL OnlineDPO ({r['settings']['device']}, load {r['machine']['load_1m']} -> {r['load_end']['load_1m']})",
+        rows,
+        ("", "conscience", "TRL", "note"),
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from bench._common import SHAPES, random_model_dir, set_threads, ROOT, child_env, fmt, load_now, machine, median, note, print_table, run_child, tiny_model_dir, write_json  # noqa: E402
+from bench._common import (
+    SHAPES,
+    random_model_dir,
+    set_threads,
+    ROOT,
+    child_env,
+    fmt,
+    load_now,
+    machine,
+    median,
+    note,
+    print_table,
+    run_child,
+    tiny_model_dir,
+    write_json,
+)  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -108,7 +123,17 @@ def run_fit(
         "fit_wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_cuda_mb": timing.get("peak_cuda_mb"),
-        "command": " ".join(["python", "cli.py", "fit", *(_relative(a) for a in config_args), "--config", f"<{name}/variant.yaml>", *extra]),
+        "command": " ".join(
+            [
+                "python",
+                "cli.py",
+                "fit",
+                *(_relative(a) for a in config_args),
+                "--config",
+                f"<{name}/variant.yaml>",
+                *extra,
+            ]
+        ),
         "variant_yaml": variant,
         **{f"start_{k}": v for k, v in load.items()},
         **{f"end_{k}": v for k, v in load_now().items()},
@@ -124,15 +149,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (one warm-up step is added)")
-    parser.add_argument("--every", type=int, nargs="+", default=[1, 4, 16], help="conscience periods N to compare with no conscience")
-    parser.add_argument("--config", action="append", type=Path, help="fit config(s), in order (default: configs/demo.yaml)")
-    parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this real architecture instead of the config's model")
+    parser.add_argument(
+        "--every", type=int, nargs="+", default=[1, 4, 16], help="conscience periods N to compare with no conscience"
+    )
+    parser.add_argument(
+        "--config", action="append", type=Path, help="fit config(s), in order (default: configs/demo.yaml)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)"
+    )
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), help="random weights of this real architecture instead of the config's model"
+    )
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer source for --shape models")
-    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="extra CLI override for every fit (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="--KEY=VALUE",
+        help="extra CLI override for every fit (repeatable)",
+    )
     parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when CUDA is available)")
     parser.add_argument("--workdir", help="run directories (default: a temp dir under /tmp)")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
@@ -144,33 +185,72 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     config_conscience(configs)  # fail on a config without a conscience before building a (7B) model
     if args.tokenizer and Path(args.tokenizer).exists():
         args.tokenizer = str(Path(args.tokenizer).resolve())
-    model = tiny_model_dir(workdir) if args.tiny else random_model_dir(workdir, args.shape, args.tokenizer) if args.shape else None
+    model = (
+        tiny_model_dir(workdir)
+        if args.tiny
+        else random_model_dir(workdir, args.shape, args.tokenizer)
+        if args.shape
+        else None
+    )
     info = machine()
-    note(f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}")
+    note(
+        f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}"
+    )
     variants: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "benchmark": "training_overhead",
         "machine": info,
-        "settings": {"model": args.shape or model or "config's", "measured_steps": args.steps, "every": args.every, "accelerator": accelerator,
-                     "conscience": config_conscience(configs), "configs": [_relative(str(c)) for c in configs], "overrides": args.set},
+        "settings": {
+            "model": args.shape or model or "config's",
+            "measured_steps": args.steps,
+            "every": args.every,
+            "accelerator": accelerator,
+            "conscience": config_conscience(configs),
+            "configs": [_relative(str(c)) for c in configs],
+            "overrides": args.set,
+        },
         "variants": variants,
     }
     for every in [None, *args.every]:
         name = "none" if every is None else f"every_{every}"
         note(f"fit {name} ...")
-        variants.append(run_fit(workdir, name, args.steps, every, model, accelerator=accelerator, extra=tuple(args.set), configs=configs))
+        variants.append(
+            run_fit(
+                workdir, name, args.steps, every, model, accelerator=accelerator, extra=tuple(args.set), configs=configs
+            )
+        )
         v = variants[-1]
         note(f"  {name}: {v['steps_per_s']:.4f} steps/s, peak RSS {v['peak_rss_mb']:.0f} MB, load {v['end_load_1m']}")
         summarise(result)
         write_json(args.json, result)  # after every variant: a stopped run keeps what it measured
     base = variants[0]
     rows = [
-        (v["name"], fmt(v["steps_per_s"], 4), fmt(v["step_s_median"]), str(v["conscience_runs"]), fmt(base["steps_per_s"] / v["steps_per_s"]),
-         fmt(v["peak_rss_mb"], 4), fmt(v["peak_cuda_mb"], 4), f"{v['start_load_1m']}/{v['end_load_1m']}")
+        (
+            v["name"],
+            fmt(v["steps_per_s"], 4),
+            fmt(v["step_s_median"]),
+            str(v["conscience_runs"]),
+            fmt(base["steps_per_s"] / v["steps_per_s"]),
+            fmt(v["peak_rss_mb"], 4),
+            fmt(v["peak_cuda_mb"], 4),
+            f"{v['start_load_1m']}/{v['end_load_1m']}",
+        )
         for v in variants
     ]
-    print_table(f"training overhead ({info['cpu_count']} CPU, {accelerator}, {args.steps} measured steps)", rows,
-                ("variant", "steps/s", "median step s", "conscience runs", "slowdown", "peak RSS MB", "peak CUDA MB", "load start/end"))
+    print_table(
+        f"training overhead ({info['cpu_count']} CPU, {accelerator}, {args.steps} measured steps)",
+        rows,
+        (
+            "variant",
+            "steps/s",
+            "median step s",
+            "conscience runs",
+            "slowdown",
+            "peak RSS MB",
+            "peak CUDA MB",
+            "load start/end",
+        ),
+    )
     write_json(args.json, result)
     return result
 
