@@ -4,13 +4,15 @@
 
 The policy and its frozen reference live in ``Policy``; pairs arrive in ``pair_queue`` from the
 ``ConscienceCallback`` with their reference log-probs already computed, so a training step needs
-no reference forward. Chosen and rejected go through the policy in one concatenated forward.
+no reference forward. Each pair goes through the policy as one row, prompt + chosen + rejected, the
+prompt shared (``emalign.logprobs.pair_logps``).
 Checkpoints hold only what trains (adapter weights, the snapshot adapter) plus the pair queue and
 the global RNG states, so a resumed fit continues exactly. A non-finite loss or gradient skips the
 update on every rank (see docs/reliability.md).
 
 Supports: LoRA, QLoRA (4-bit NF4 base), full fine-tuning; DDP and FSDP strategies; pure-conscience
-runs without task data. Not supported: pipeline parallelism, multiple-adapter training, packing.
+runs without task data. Not supported: pipeline parallelism, multiple-adapter training, packing of
+the task data.
 """
 
 from __future__ import annotations
