@@ -200,7 +200,7 @@ def pair_logps(
     Wang & Hegde 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). Otherwise:
     ``prompt + chosen`` and ``prompt + rejected`` as separate right-padded rows.
     """
-    if not takes_shared_prefix(model, max(len(p + c + r) for p, c, r in zip(prompts, chosen, rejected))):
+    if not takes_shared_prefix(model, max(map(sum, zip(map(len, prompts), map(len, chosen), map(len, rejected))))):
         ids, mask = pad_right([p + r for p, r in zip(prompts * 2, chosen + rejected)], pad_id, device)
         target = response_mask([len(p) for p in prompts * 2], [len(r) for r in chosen + rejected], ids.shape[1], device)
         return sequence_logps(model, ids, mask, target).chunk(2)
