@@ -21,7 +21,8 @@ import torch
 
 from emalign.guard import CoherenceGuard, mean_logps
 from emalign.logprobs import (
-    SharedPrefixRows, hidden_states, pad_right, project, response_mask, takes_shared_prefix, target_logps,
+    SharedPrefixRows, hidden_states, pad_right, project, response_logps, response_mask, takes_shared_prefix,
+    target_logps,
 )
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.types import Conversation, Pair, Review, Rollout
@@ -181,9 +182,7 @@ def _frozen_pass(reference, prompts: list[list[int]], continuations: list[list[i
 def reference_logps(reference, tokenizer, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     """Summed log-probs of each response given its prompt."""
     device = next(reference.parameters()).device
-    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id, device)
-    target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], ids.device)
-    return target_logps(reference, hidden_states(reference, ids, mask), ids, target).cpu()
+    return response_logps(reference, prompts, responses, tokenizer.pad_token_id, device).cpu()
 
 
 @dataclass

@@ -185,6 +185,15 @@ def response_mask(prompt_lengths: list[int], response_lengths: list[int], width:
     return mask.to(device)
 
 
+def response_logps(
+    model: nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None
+) -> torch.Tensor:
+    """Summed log-probs of each response given its prompt, ``prompt + response`` as right-padded rows."""
+    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], pad_id, device)
+    target = response_mask([len(p) for p in prompts], [len(r) for r in responses], ids.shape[1], device)
+    return sequence_logps(model, ids, mask, target)
+
+
 def pair_logps(
     model: nn.Module,
     prompts: list[list[int]],
@@ -201,9 +210,7 @@ def pair_logps(
     ``prompt + chosen`` and ``prompt + rejected`` as separate right-padded rows.
     """
     if not takes_shared_prefix(model, max(map(sum, zip(map(len, prompts), map(len, chosen), map(len, rejected))))):
-        ids, mask = pad_right([p + r for p, r in zip(prompts * 2, chosen + rejected)], pad_id, device)
-        target = response_mask([len(p) for p in prompts * 2], [len(r) for r in chosen + rejected], ids.shape[1], device)
-        return sequence_logps(model, ids, mask, target).chunk(2)
+        return response_logps(model, prompts * 2, chosen + rejected, pad_id, device).chunk(2)
     rows = SharedPrefixRows(prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, device)
     picks = [(i, j, rows.lengths[i][j]) for j in (0, 1) for i in range(len(prompts))]
     return rows.logps(model, rows.hidden_states(model), picks).chunk(2)
