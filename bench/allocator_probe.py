@@ -2,6 +2,7 @@
 
     python bench/allocator_probe.py --json bench/results/allocator_probe.json
     python bench/allocator_probe.py --modes default thresh --steps 4 --json /tmp/a.json
+    python bench/allocator_probe.py --tiny --steps 2 --json /tmp/a.json                  # smoke mode
 
 Each mode runs in its own process, one after the other: 8 steps of SFT forward and backward on 4 x 256
 random tokens; every odd step adds a checkpointed pair forward over 8 rows of 90-300 tokens (the
@@ -21,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +31,7 @@ ENVS = {"thresh_thp": {"THP_MEM_ALLOC_ENABLE": "1"}, "arena1": {"MALLOC_ARENA_MA
 MODES = ["default", "thresh", "thresh4", "thresh_thp", "trim", "arena1"]
 
 
-def child(mode: str, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT))
+def child(mode: str, steps: int, model: str) -> dict:
     from emalign import allocator
 
     if mode.startswith("thresh"):
@@ -41,7 +42,7 @@ def child(mode: str, steps: int) -> dict:
     from emalign.models import LoRA, Policy
 
     torch.manual_seed(0)
-    policy = Policy(adapter=LoRA(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    policy = Policy(model, adapter=LoRA(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     policy.model.train()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -76,21 +77,32 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke mode)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every child")
+    parser.add_argument("--workdir", default=None, help="where the tiny model is written")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench._common import set_threads, tiny_model_dir
+
+    set_threads(args.threads)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.steps, args.model)), flush=True)
         return
+    model = tiny_model_dir(Path(args.workdir or tempfile.mkdtemp(prefix="emalign-alloc-"))) if args.tiny else args.model
     results = {}
     for mode in args.modes:
         env = {**os.environ, **ENVS.get(mode, {})}
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps)], env=env,
+        command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--model", model]
+        out = subprocess.run(command + (["--threads", str(args.threads)] if args.threads else []), env=env,
                              capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         pair = [r["seconds"] for r in results[mode]["steps"] if r["pair"]]
         print(f"{mode}: pair steps {[round(s, 1) for s in pair]} s, peak {results[mode]['maxrss_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"benchmark": "allocator_probe", "modes": results}, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"benchmark": "allocator_probe", "model": model, "modes": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def build(source: str, args, device):
         temperature=args.temperature,
         top_p=args.top_p,
         batch_size=args.prompts * args.samples,
+        merge_lora=True,  # as configs/demo.yaml: the same tokens through merged LoRA layers (sampling_weights.py)
     )
     callback = ConscienceCallback(
         every_n_steps=1,

@@ -14,13 +14,14 @@ one per vocabulary entry as Gumbel-max needs: see bench/README.md for the measur
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
 from emalign.logprobs import pad_right
+from emalign.merge import merged_adapter
 from emalign.seeds import sample_seed
 from emalign.types import Rollout
 
@@ -47,6 +48,10 @@ class GenerationSettings:
     with other jobs: there a descheduled thread stalls every one of decoding's many small ops. On a
     quiet 2-core machine 1 thread decoded SmolLM2 0.8x as fast as 2 (``bench/optimisations.py``,
     row ``cpu_threads_decoding``), so the default keeps the process's."""
+    merge_lora: bool = False
+    """Decode through each LoRA layer merged into one linear (``emalign.merge``; the same tokens, to float
+    rounding), for a transient copy of the adapted weights. On CPU it decoded SmolLM2 faster
+    (``bench/sampling_weights.py``); not for 4-bit or sharded models."""
 
 
 MODERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
@@ -164,7 +169,8 @@ def sample_ids(
     rollouts: list[Rollout] = []
     batch_size = max(settings.batch_size, num_samples)
     start = 0
-    with _threads(settings.cpu_threads if device.type == "cpu" else None):
+    merged = merged_adapter(model) if settings.merge_lora else nullcontext()
+    with _threads(settings.cpu_threads if device.type == "cpu" else None), merged:
         while start < len(prompt_ids):
             per_call = max(1, batch_size // num_samples)
             chunk = prompt_ids[start : start + per_call]

@@ -66,6 +66,24 @@ def test_optimisations_tiny(tmp_path):
         assert_finite(data["rows"][row], ["before_s", "after_s"])
 
 
+def test_allocator_probe_tiny(tmp_path):
+    data = run_bench("allocator_probe.py", tmp_path / "alloc.json", "--steps", "2", "--modes", "default", "thresh")
+    assert set(data["modes"]) == {"default", "thresh"}
+    for mode in data["modes"].values():
+        assert [r["pair"] for r in mode["steps"]] == [False, True]
+        for row in mode["steps"]:
+            assert_finite(row, ["seconds", "rss_mb", "maxrss_mb"])
+
+
+def test_sampling_weights_tiny(tmp_path):
+    data = run_bench("sampling_weights.py", tmp_path / "sw.json", "--repeats", "1", "--max-new-tokens", "6")
+    assert set(data["variants"]) == {"separate", "merged", "int8"}
+    for row in data["variants"].values():
+        assert_finite(row, ["seconds", "tokens_per_s", "speedup_paired_median", "kl_per_token", "nll_under_separate_mean"])
+    merged = data["variants"]["merged"]
+    assert merged["identical_rows"] == data["settings"]["rows"] == 8 and merged["kl_per_token"] < 1e-6
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
     """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
