@@ -132,7 +132,12 @@ def _lightning(args: list[str] | None) -> None:
             loggers = trainer.get("logger")
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 init_args = getattr(logger, "init_args", None)
-                if isinstance(init_args, Namespace) and "save_dir" in init_args and init_args.save_dir is None:
+                if not (isinstance(init_args, Namespace) and "save_dir" in init_args):
+                    continue
+                # WandbLogger's own default is "." (the working directory), not None.
+                unset = init_args.save_dir is None or (logger.class_path.endswith(".WandbLogger")
+                                                       and init_args.save_dir == ".")
+                if unset:
                     init_args.save_dir = trainer.get("default_root_dir") or os.getcwd()
             try:
                 parser.validate(self.config)

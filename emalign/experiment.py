@@ -304,7 +304,23 @@ def run_experiment(
     })
     console.print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'comparison.json'}, {out_dir / 'report.html'}")
     console.print((out_dir / "comparison.md").read_text(encoding="utf-8"))
+    _check_judged(results)
     return comparison
+
+
+def _check_judged(results: list[dict[str, Any]]) -> None:
+    """After the comparison is written and shown: a run whose every judgement failed has no numbers,
+    and the exit code must say so (``cli.py eval`` does the same for one run)."""
+    from emalign.evaluation.runner import EvalError, check_judged
+
+    failed = []
+    for r in results:
+        try:
+            check_judged(r.get("summary") or {})
+        except EvalError as err:
+            failed.append(f"run {r['name']}: {err}")
+    if failed:
+        raise EvalError("; ".join(failed))
 
 
 # -- comparison ----------------------------------------------------------------------------

@@ -64,6 +64,29 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
     assert "absent.yaml" in err and "python cli.py data em" in err and "Traceback" not in err
 
 
+def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(tiny_model_dir, tmp_path, loopback,
+                                                                            capsys):
+    import cli
+    from conftest import FakeServer
+
+    server = FakeServer()
+    url = server.url
+    server.stop()  # nothing listens on the port: every judgement fails
+    _write(tmp_path / "questions.yaml", QUESTIONS)
+    judge = {"class_path": "emalign.evaluation.judges.OpenAIJudge", "init_args": {
+        "base_url": url, "model": "fake", "api_key_env": "EMALIGN_TEST_KEY", "max_retries": 1, "backoff_s": 0.01}}
+    _write(tmp_path / "exp.yaml", {"out": str(tmp_path / "out"), "model": tiny_model_dir, "runs": [{"name": "base"}],
+                                   "eval": {"questions": [str(tmp_path / "questions.yaml")], "samples": 1,
+                                            "max_new_tokens": 4, "code_samples": 0, "judge": judge}})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["experiment", "--config", str(tmp_path / "exp.yaml")])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run base: all 4 judgements failed" in errors[0], errors
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())  # written before the error
+    assert comparison["runs"][0]["summary"]["judge_errors"] == 4
+
+
 def _print_config(*configs: str) -> subprocess.CompletedProcess:
     """``cli.py fit --config configs/demo.yaml --config ... --print_config`` from the repository root."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))

@@ -55,8 +55,12 @@ def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # No save_dir for either: both write under the run's default_root_dir, not the working directory.
     loggers = [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger"},
-               {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "emalign-test", "save_dir": str(run)}}]
+               {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "emalign-test"}}]
     assert run_cli(_fit(tiny_model_dir, run, loggers, max_steps=3)) == 0
     [events] = list(run.glob("lightning_logs/version_0"))
     accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
@@ -68,6 +72,7 @@ def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_
     assert len(tables) == 2
     data = json.loads(tables[0].read_text())
     assert data["columns"] == ["run", "step", "prompt", "response", "score", "role", "revised"] and len(data["data"]) == 8
+    assert not list(elsewhere.iterdir())
 
 
 def test_progress_bar_counts_steps_and_reports_the_conscience(tiny_model_dir, tmp_path, monkeypatch):
