@@ -1,7 +1,7 @@
 """Decoding through LoRA layers merged into plain linears, out of place.
 
-While decoding, each of a LoRA layer's three matrix products (base, A, B) multiplies only a few rows,
-so the two small adapter products cost nearly as much per call as the base one. ``merged_adapter``
+While decoding, a LoRA layer runs three matrix products (base, A, B) and an add on a few rows per call;
+the two small products are per-call overhead, not arithmetic. ``merged_adapter``
 swaps every LoRA layer for one ``nn.Linear`` holding ``W + scale * B A`` and puts the LoRA layers
 back on exit. The merge is computed into a new tensor: peft's in-place ``merge_adapter`` followed by
 ``unmerge_adapter`` does not give back the same floats, and the base weights are also the frozen
@@ -9,7 +9,8 @@ reference. A layer whose adapter is off (the reference generating) is swapped fo
 with no copy. Layers that are not a plain sum (a 4-bit base, DoRA) and sharded models decode as they are.
 
 The cost is a copy of the adapted weights while generation runs (about 0.4 GB for SmolLM2 with
-adapters on every projection). Measured in ``bench/sampling_weights.py``.
+adapters on every projection). ``bench/sampling_weights.py``: 1.09x faster decoding of SmolLM2 on CPU,
+the same tokens.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ class GenerationSettings:
     row ``cpu_threads_decoding``), so the default keeps the process's."""
     merge_lora: bool = False
     """Decode through each LoRA layer merged into one linear (``emalign.merge``; the same tokens, to float
-    rounding), for a transient copy of the adapted weights. On CPU it decoded SmolLM2 faster
-    (``bench/sampling_weights.py``); not for 4-bit or sharded models."""
+    rounding), for a transient copy of the adapted weights: SmolLM2 on CPU decoded 1.09x faster
+    (``bench/sampling_weights.py``). 4-bit layers and sharded models decode as they are."""
 
 
 MODERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
