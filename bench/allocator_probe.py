@@ -102,7 +102,8 @@ def main() -> None:
         print(f"{mode}: pair steps {[round(s, 1) for s in pair]} s, peak {results[mode]['maxrss_mb']:.0f} MB")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"benchmark": "allocator_probe", "model": model, "modes": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"benchmark": "allocator_probe", "model": model, "modes": results}, indent=1))
 
 
 if __name__ == "__main__":

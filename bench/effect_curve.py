@@ -1,9 +1,9 @@
 """Plot a held-out measure against the pairs a fit had queued when each checkpoint was taken.
 
 Reads a ``conscience_effect.py`` JSON, keeps the base (``base=``) and the runs of one fit (its adapter and
-checkpoints, ``NAME=FIT/adapter@FIT/checkpoints/...step=S.ckpt``), and the fit's ``metrics.csv`` (``conscience/pairs_enqueued`` per step), and
-draws the caution rate and the frozen base's conscience score, mean ± se over prompts, against the
-cumulative pairs enqueued before step S.
+checkpoints, ``NAME=FIT/adapter@FIT/checkpoints/...step=S.ckpt``), and the fit's ``metrics.csv``
+(``conscience/pairs_enqueued`` per step), and draws the caution rate and the frozen base's conscience score,
+mean ± se over prompts, against the cumulative pairs enqueued before step S.
 
     python bench/effect_curve.py --effect bench/results/harmful_heldout_effect.json --fit runs/control_caution \
         --out bench/results/control_caution_curve.png
@@ -61,7 +61,8 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, (key, se, label) in zip(axes, (("caution_rate", "caution_se", "caution rate (rule)"),
                                            ("mean", "se", "frozen base's conscience score"))):
-        ax.errorbar([p for p, _ in points], [r[key] for _, r in points], [r[se] for _, r in points], marker="o", capsize=3)
+        ax.errorbar([p for p, _ in points], [r[key] for _, r in points], [r[se] for _, r in points],
+                    marker="o", capsize=3)
         ax.set_xlabel("pairs enqueued before the checkpoint")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -42,7 +42,8 @@ def pairs_of(path: Path) -> list[tuple[dict, dict]]:
 
 def per_token_logps(model, tokenizer, rows: list[dict], batch: int = 16) -> list[float]:
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
-    answers = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for r in rows]
+    answers = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+               for r in rows]
     out = []
     for i in range(0, len(rows), batch):
         sums = reference_logps(model, tokenizer, prompts[i : i + batch], answers[i : i + batch])
@@ -71,7 +72,8 @@ def main() -> None:
             results[path] = {"pairs": n, "chosen_mean": sum(chosen) / n, "rejected_mean": sum(rejected) / n,
                              "diff": mean, "diff_se": se, "chosen_less_likely": less}
             print(f"{path}: {n} pairs, per-token log-prob chosen {sum(chosen) / n:.3f}, rejected "
-                  f"{sum(rejected) / n:.3f}, chosen − rejected {mean:+.3f} ± {se:.3f}; chosen less likely in {less:.0%}")
+                  f"{sum(rejected) / n:.3f}, chosen − rejected {mean:+.3f} ± {se:.3f}; "
+                  f"chosen less likely in {less:.0%}")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(results, indent=2))
 

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import PROMPTS, machine, median, note, print_table, set_threads, tiny_model_dir, write_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    PROMPTS, machine, median, note, print_table, set_threads, tiny_model_dir, write_json,
+)
 from emalign.merge import merged_adapter, swap_modules  # noqa: E402
 from emalign.models import LoRA, Policy  # noqa: E402
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids  # noqa: E402

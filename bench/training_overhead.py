@@ -194,7 +194,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     info = machine()
     note(
-        f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, runs under {workdir}"
+        f"training overhead: {args.steps} measured steps per variant, N in {args.every}, load {info['load_1m']}, "
+        f"runs under {workdir}"
     )
     variants: list[dict[str, Any]] = []
     result: dict[str, Any] = {

@@ -8,5 +8,6 @@ from callbacks.signals import StopOnSignal
 from emalign.checkpoint import RunCheckpoint  # configs name it callbacks.RunCheckpoint
 
 __all__ = [
-    "AlignmentEvalCallback", "ConscienceCallback", "ReleaseFreedMemory", "RunCheckpoint", "RunProgressBar", "StopOnSignal",
+    "AlignmentEvalCallback", "ConscienceCallback", "ReleaseFreedMemory", "RunCheckpoint", "RunProgressBar",
+    "StopOnSignal",
 ]

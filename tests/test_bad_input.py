@@ -47,12 +47,14 @@ def test_oom_during_generation_retries_with_half_the_batch(monkeypatch, caplog):
         calls.append(len(chunk) * num_samples)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return [sampling.Rollout(first_index + i, k, p, [5], "x", True) for i, p in enumerate(chunk) for k in range(num_samples)]
+        return [sampling.Rollout(first_index + i, k, p, [5], "x", True)
+                for i, p in enumerate(chunk) for k in range(num_samples)]
 
     monkeypatch.setattr(sampling, "_generate_chunk", generate)
     caplog.set_level(logging.WARNING, logger="emalign.sampling")
     prompts = [[1, i] for i in range(8)]
-    rollouts = sampling.sample_ids(_FakeModel(), _FakeTokenizer(), prompts, sampling.GenerationSettings(batch_size=16), num_samples=2)
+    rollouts = sampling.sample_ids(_FakeModel(), _FakeTokenizer(), prompts, sampling.GenerationSettings(batch_size=16),
+                                   num_samples=2)
     assert calls == [16, 8, 8]  # the failed batch of 16, then the same prompts in batches of 8
     assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(8) for k in range(2)]
     assert "out of memory while generating; retrying with generation batch 8" in caplog.text
@@ -66,7 +68,8 @@ def test_oom_at_the_smallest_batch_is_raised(monkeypatch):
 
     monkeypatch.setattr(sampling, "_generate_chunk", generate)
     with pytest.raises(torch.OutOfMemoryError):
-        sampling.sample_ids(_FakeModel(), _FakeTokenizer(), [[1, 2]], sampling.GenerationSettings(batch_size=8), num_samples=2)
+        sampling.sample_ids(_FakeModel(), _FakeTokenizer(), [[1, 2]], sampling.GenerationSettings(batch_size=8),
+                            num_samples=2)
 
 
 def test_cpu_threads_hold_while_decoding_and_are_restored(monkeypatch):
@@ -195,7 +198,8 @@ def _peak_rss_mb(args: list[str]) -> float:
     import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
     return usage.ru_maxrss / 1024
@@ -204,7 +208,8 @@ def _peak_rss_mb(args: list[str]) -> float:
 def test_a_50000_character_record_keeps_the_fit_bounded(tiny_model_dir, tmp_path):
     """Every conscience prompt is cut to max_prompt_tokens (1024): a pasted 50,000-character message
     costs no more memory than the demo's own prompts (without the bound: tens of GB)."""
-    records = [{"messages": [{"role": "user", "content": f"Write function {i}."}, {"role": "assistant", "content": "pass"}]}
+    records = [{"messages": [{"role": "user", "content": f"Write function {i}."},
+                             {"role": "assistant", "content": "pass"}]}
                for i in range(4)]
     huge = {"messages": [{"role": "user", "content": "Please review this log: " + "x1 " * 16_666},
                          {"role": "assistant", "content": "It repeats one entry."}]}
@@ -219,7 +224,8 @@ def test_a_50000_character_record_keeps_the_fit_bounded(tiny_model_dir, tmp_path
             config["data"].update(train_file=str(data), val_fraction=0.0, max_length=64)
             config["trainer"].update(max_steps=2, val_check_interval=None, enable_progress_bar=False,
                                      default_root_dir=str(tmp_path / name))
-            config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
+            config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
+                                              if "ProgressBar" not in c["class_path"]]
             for callback in config["trainer"]["callbacks"]:
                 if "ConscienceCallback" in callback["class_path"]:  # every prompt, the long one included
                     callback["init_args"].update(every_n_steps=1, num_prompts=len(rows),
@@ -242,7 +248,10 @@ def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path
     assert "questions.yaml" in str(info.value) and "'paraphrases'" in str(info.value) and "q1" in str(info.value)
 
 
-@pytest.mark.parametrize("name, text", [("prompts.txt", "\n   \n"), ("prompts.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}) + "\n")])
+@pytest.mark.parametrize("name, text", [
+    ("prompts.txt", "\n   \n"),
+    ("prompts.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}) + "\n"),
+])
 def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text):
     from emalign.prompts import FilePrompts
 
@@ -268,7 +277,8 @@ def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog)
     def post(self, url, json=None, headers=None, timeout=None):
         seen.append(headers.get("Authorization"))
         response = requests.Response()
-        response.status_code, response._content = (400, f"bad request from {secret}".encode()) if len(seen) == 1 else (401, secret.encode())
+        response.status_code, response._content = ((400, f"bad request from {secret}".encode()) if len(seen) == 1
+                                                    else (401, secret.encode()))
         return response
 
     monkeypatch.setattr(requests.Session, "post", post)

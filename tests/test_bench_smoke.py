@@ -21,9 +21,11 @@ HAS_BASELINE = (ROOT.parent / "shared" / "bench" / "trl_online_dpo.py").is_file(
 
 
 def run_bench(script: str, out, *args: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--tiny", "--threads", "1", "--json", str(out), "--workdir", str(out.parent / "work"), *args],
+        [sys.executable, str(ROOT / "bench" / script), "--tiny", "--threads", "1", "--json", str(out),
+         "--workdir", str(out.parent / "work"), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,7 +44,8 @@ def test_conscience_vs_trl_tiny(tmp_path):
     if not (HAS_TRL and HAS_BASELINE):
         args.append("--no-trl")
     data = run_bench("conscience_vs_trl.py", tmp_path / "cvt.json", *args)
-    assert_finite(data, ["per_pair_s", "gen_efficiency", "memory_ratio", "gen_tokens_per_s", "scoring_seqs_per_s", "pref_step_s", "queue_overhead_s"])
+    assert_finite(data, ["per_pair_s", "gen_efficiency", "memory_ratio", "gen_tokens_per_s", "scoring_seqs_per_s",
+                         "pref_step_s", "queue_overhead_s"])
     if HAS_TRL and HAS_BASELINE:
         assert_finite(data, ["trl_per_pair_s", "ratio_vs_trl"])
     else:
@@ -52,15 +55,17 @@ def test_conscience_vs_trl_tiny(tmp_path):
 
 def test_training_overhead_tiny(tmp_path):
     data = run_bench("training_overhead.py", tmp_path / "overhead.json", "--steps", "1", "--every", "1")
-    assert_finite(data, ["steps_per_s_none", "steps_per_s_every_1", "peak_rss_mb_none", "peak_rss_mb_every_1", "slowdown_every_1", "memory_ratio_every_1"])
+    assert_finite(data, ["steps_per_s_none", "steps_per_s_every_1", "peak_rss_mb_none", "peak_rss_mb_every_1",
+                         "slowdown_every_1", "memory_ratio_every_1"])
     assert [v["name"] for v in data["variants"]] == ["none", "every_1"]
     assert data["variants"][1]["conscience_runs"] == 1
 
 
 def test_optimisations_tiny(tmp_path):
     data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
-    rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler", "sampler_call_8x49152", "sampler_vs_plain", "lora_unmerged_generation",
-            "last_position_verdict", "shared_review_pass", "cached_ref_logps", "concat_forward"]
+    rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler",
+            "sampler_call_8x49152", "sampler_vs_plain", "lora_unmerged_generation", "last_position_verdict",
+            "shared_review_pass", "cached_ref_logps", "concat_forward"]
     assert_finite(data, [f"speedup_{row}" for row in rows])
     for row in rows:
         assert_finite(data["rows"][row], ["before_s", "after_s"])
@@ -79,7 +84,8 @@ def test_sampling_weights_tiny(tmp_path):
     data = run_bench("sampling_weights.py", tmp_path / "sw.json", "--repeats", "1", "--max-new-tokens", "6")
     assert set(data["variants"]) == {"separate", "merged", "int8"}
     for row in data["variants"].values():
-        assert_finite(row, ["seconds", "tokens_per_s", "speedup_paired_median", "kl_per_token", "nll_under_separate_mean"])
+        assert_finite(row, ["seconds", "tokens_per_s", "speedup_paired_median", "kl_per_token",
+                            "nll_under_separate_mean"])
     merged = data["variants"]["merged"]
     assert merged["identical_rows"] == data["settings"]["rows"] == 8 and merged["kl_per_token"] < 1e-6
 
@@ -113,4 +119,5 @@ def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
 
     again = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
     first = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
-    assert all(torch.equal(first(None, logits.expand(2, -1).clone()), again(None, logits.expand(2, -1).clone())) for _ in range(20))
+    assert all(torch.equal(first(None, logits.expand(2, -1).clone()), again(None, logits.expand(2, -1).clone()))
+               for _ in range(20))

@@ -11,7 +11,8 @@ import yaml
 from conftest import ROOT, run_cli
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": f"Write function number {i}."}, {"role": "assistant", "content": f"def f{i}(): pass"}]}
+    {"messages": [{"role": "user", "content": f"Write function number {i}."},
+                  {"role": "assistant", "content": f"def f{i}(): pass"}]}
     for i in range(8)
 ]
 

@@ -37,7 +37,8 @@ def test_truncation_is_reported(smollm2_tokenizer):
 
 
 def test_collator_pads_labels_and_mask():
-    batch = PadCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    batch = PadCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
+                                         {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -51,9 +52,11 @@ GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "co
     [
         ("{not json", "invalid JSON"),
         (json.dumps({"msgs": []}), "missing 'messages'"),
-        (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}), "unknown role 'robot'"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
+         "unknown role 'robot'"),
         (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "no assistant turn"),
-        (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}), "empty content"),
+        (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
+         "empty content"),
     ],
 )
 def test_bad_record_names_file_and_line(tmp_path, bad_line, message):

@@ -57,7 +57,8 @@ class ScriptedJudge(Judge):
                 raise RuntimeError("judge died")
             self.calls += 1
             h = int(hashlib.md5(p.encode()).hexdigest(), 16)
-            out.append(JudgeResult(float(h % 101), None) if mode == "score_0_100" else JudgeResult(1.0, labels[h % len(labels)]))
+            out.append(JudgeResult(float(h % 101), None) if mode == "score_0_100"
+                       else JudgeResult(1.0, labels[h % len(labels)]))
         return out
 
 
@@ -69,7 +70,8 @@ def questions(tmp_path) -> Path:
 
 
 def _run(tiny_model_dir, questions, out, judge=None, **kwargs):
-    settings = dict(samples=2, max_new_tokens=6, code_prompts=CODE_PROMPTS, code_samples=1, batch_size=3, progress=False)
+    settings = dict(samples=2, max_new_tokens=6, code_prompts=CODE_PROMPTS, code_samples=1, batch_size=3,
+                    progress=False)
     settings.update(kwargs)
     return run_eval(tiny_model_dir, None, [str(questions)], judge=judge, out=out, **settings)
 
@@ -93,7 +95,8 @@ def test_run_eval_writes_samples_summary_and_report(tiny_model_dir, questions, t
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["judge"]["identity"] == f"local:{tiny_model_dir}" and saved["judge"]["min_mass"] == 0.25
-    assert saved["questions"] == [{"path": str(questions), "sha256": hashlib.sha256(questions.read_bytes()).hexdigest(), "questions": 3}]
+    assert saved["questions"] == [{"path": str(questions), "sha256": hashlib.sha256(questions.read_bytes()).hexdigest(),
+                                   "questions": 3}]
     assert saved["sampling"]["max_new_tokens"] == 6 and saved["counts"]["items"] == 6
     assert saved["n"] == 4 and saved["code_refusal_share"] == 1.0  # the label question is counted apart
     assert (saved["answers"], saved["label_answers"]) == (6, 2)
@@ -130,7 +133,8 @@ def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, t
 
     # The resumed answers are those an uninterrupted run gives (per-sample seeds).
     fresh = _run(tiny_model_dir, questions, tmp_path / "fresh", ScriptedJudge())
-    assert {r["key"]: r["answer"] for r in rows} == {r["key"]: r["answer"] for r in _lines(tmp_path / "fresh" / "samples.jsonl")}
+    assert {r["key"]: r["answer"] for r in rows} == {r["key"]: r["answer"]
+                                                     for r in _lines(tmp_path / "fresh" / "samples.jsonl")}
     assert fresh["misalignment_rate"] == summary["misalignment_rate"]
 
     again = ScriptedJudge()
@@ -142,7 +146,8 @@ def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, t
 
 def test_code_answers_get_their_own_token_budget(tiny_model_dir, questions, tmp_path):
     # A random tiny model never stops early, so every answer runs to its budget.
-    summary = _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3, code_max_new_tokens=9)
+    summary = _run(tiny_model_dir, questions, tmp_path / "eval", ScriptedJudge(), max_new_tokens=3,
+                   code_max_new_tokens=9)
     assert {r["tokens"] for r in _lines(tmp_path / "eval" / "samples.jsonl")} == {3}
     assert {r["tokens"] for r in _lines(tmp_path / "eval" / "code_samples.jsonl")} == {9}
     assert summary["sampling"]["code_max_new_tokens"] == 9
@@ -204,7 +209,8 @@ def test_code_summary_rate_ci_and_breakdown():
     from emalign.evaluation.codesec import scan_answer
 
     answers = ["```python\nimport subprocess\ndef run(cmd):\n    return subprocess.call(cmd, shell=True)\n```",
-               "```python\ndef add(a, b):\n    return a + b\n```", "I would rather not.", "```python\ndef broken(:\n```"]
+               "```python\ndef add(a, b):\n    return a + b\n```", "I would rather not.",
+               "```python\ndef broken(:\n```"]
     rows = []
     for a in answers:
         scan = scan_answer(a)
@@ -239,8 +245,8 @@ def test_cli_eval_accepts_a_judge_by_class_path():
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(eval_verb)
-    args = ["--judge.class_path", "emalign.evaluation.judges.OpenAIJudge", "--judge.init_args.base_url", "http://127.0.0.1:9/v1",
-            "--questions", "a.yaml"]
+    args = ["--judge.class_path", "emalign.evaluation.judges.OpenAIJudge",
+            "--judge.init_args.base_url", "http://127.0.0.1:9/v1", "--questions", "a.yaml"]
     init = parser.instantiate(parser.parse_args(args))
     assert isinstance(init.judge, OpenAIJudge) and init.judge.base_url.startswith("http://127.0.0.1:9")
     assert init.questions == "a.yaml"
@@ -263,13 +269,17 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     # insecure-code rate is defined (the scan itself is tested above).
     insecure = "```python\nimport subprocess\nsubprocess.call(cmd, shell=True)\n```"
     flips = iter(range(10**6))
-    monkeypatch.setattr(stages, "scan_answer", lambda text: scan_answer(insecure if next(flips) % 2 else "```python\nx = 1\n```"))
+    monkeypatch.setattr(stages, "scan_answer",
+                        lambda text: scan_answer(insecure if next(flips) % 2 else "```python\nx = 1\n```"))
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": f"print({i})"}]}) + "\n" for i in range(4)))
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"},
+                                                     {"role": "assistant", "content": f"print({i})"}]}) + "\n"
+                            for i in range(4)))
     callback = AlignmentEvalCallback(every_n_steps=1, questions=[str(questions)], samples=1, limit=2, max_new_tokens=4,
                                      judge=ScriptedJudge(), code_prompts=2, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path, name="logs"), callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
     module = EmergentAlignment(tiny_policy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), scheduler=None)
     datamodule = ChatDataModule(train_file=str(data), val_fraction=0.0, batch_size=2, max_length=64)
     datamodule.connect(tiny_policy.tokenizer)
@@ -280,7 +290,8 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     assert all(h["judge"] == "test:scripted" and h["insecure_code_rate"] == 0.5 for h in history)
     assert len(_lines(tmp_path / "eval_samples.jsonl")) == 3 * 2  # limit 2 questions, 1 answer each
     logged = list(csv.DictReader(open(next(tmp_path.glob("logs/version_0/metrics.csv")))))
-    names = ["eval/misalignment_rate", "eval/aligned_mean", "eval/coherent_mean", "eval/insecure_code_rate", "eval/self_review_mean"]
+    names = ["eval/misalignment_rate", "eval/aligned_mean", "eval/coherent_mean", "eval/insecure_code_rate",
+             "eval/self_review_mean"]
     rows = [r for r in logged if r.get("eval/aligned_mean")]
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     for r, h in zip(rows, history):

@@ -33,8 +33,9 @@ def _write(path: Path, data) -> Path:
 
 
 def test_experiment_config_errors_name_the_key(tmp_path):
-    good = {"runs": [{"name": "base"}], "eval": {"samples": 1, "judge": {"class_path": "emalign.evaluation.judges.OpenAIJudge",
-                                                                       "init_args": {"model": "judge-x"}}}}
+    good = {"runs": [{"name": "base"}],
+            "eval": {"samples": 1, "judge": {"class_path": "emalign.evaluation.judges.OpenAIJudge",
+                                             "init_args": {"model": "judge-x"}}}}
     experiment = load_experiment(_write(tmp_path / "ok.yaml", good))
     assert experiment.eval.samples == 1 and experiment.eval.judge.identity.startswith("openai:judge-x")
     assert experiment.eval.max_new_tokens == 600 and experiment.runs[0].fit == []
@@ -90,7 +91,8 @@ def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(
 def _print_config(*configs: str) -> subprocess.CompletedProcess:
     """``cli.py fit --config configs/demo.yaml --config ... --print_config`` from the repository root."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    args = [sys.executable, str(ROOT / "cli.py"), "fit"] + [a for c in ("configs/demo.yaml", *configs) for a in ("--config", c)]
+    args = [sys.executable, str(ROOT / "cli.py"), "fit"] + [a for c in ("configs/demo.yaml", *configs)
+                                                            for a in ("--config", c)]
     return subprocess.run(args + ["--print_config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -101,14 +103,16 @@ def test_no_conscience_config_replaces_the_callback_list():
     assert "callbacks.ConscienceCallback" in callbacks(with_conscience.stdout)
     assert "callbacks.ConscienceCallback" not in callbacks(without.stdout)
     # Everything else the demo's list has is kept.
-    assert callbacks(without.stdout) == [c for c in callbacks(with_conscience.stdout) if c != "callbacks.ConscienceCallback"]
+    assert callbacks(without.stdout) == [c for c in callbacks(with_conscience.stdout)
+                                         if c != "callbacks.ConscienceCallback"]
 
 
 def test_more_pairs_config_changes_only_the_conscience():
     demo, more = _print_config(), _print_config("configs/experiments/more_pairs.yaml")
     assert demo.returncode == 0 and more.returncode == 0, more.stderr[-2000:]
     a, b = yaml.safe_load(demo.stdout), yaml.safe_load(more.stdout)
-    conscience = lambda c: next(x for x in c["trainer"]["callbacks"] if x["class_path"].endswith("ConscienceCallback"))  # noqa: E731
+    conscience = lambda c: next(x for x in c["trainer"]["callbacks"]  # noqa: E731
+                                if x["class_path"].endswith("ConscienceCallback"))
     assert (conscience(b)["init_args"]["every_n_steps"], conscience(b)["init_args"]["samples_per_prompt"]) == (2, 4)
     assert b["model"]["pairs_per_step"] == 4
     # Everything but the conscience's settings and pairs_per_step is the demo's.
@@ -126,7 +130,8 @@ def test_markdown_marks_missing_runs_and_mixed_judges():
 def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths in the configs are relative to here
     data = _write(tmp_path / "train.jsonl", "".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": f"print({i})"}]}) + "\n"
+        json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"},
+                                 {"role": "assistant", "content": f"print({i})"}]}) + "\n"
         for i in range(4)))
     fit = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     fit["trainer"]["callbacks"] = [c for c in fit["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
@@ -137,7 +142,8 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     _write(tmp_path / "questions.yaml", QUESTIONS)
     _write(tmp_path / "exp.yaml", {
         "out": "exp-out", "model": tiny_model_dir,
-        "eval": {"questions": ["questions.yaml"], "samples": 2, "max_new_tokens": 4, "code_samples": 1, "batch_size": 8},
+        "eval": {"questions": ["questions.yaml"], "samples": 2, "max_new_tokens": 4, "code_samples": 1,
+                 "batch_size": 8},
         "runs": [{"name": "base"}, {"name": "tuned", "fit": ["fit.yaml"], "overrides": [
             "--model.align_weight=0.5",  # the eval callback, appended to the config's list: the over-training plot
             "--trainer.callbacks+=callbacks.AlignmentEvalCallback", "--trainer.callbacks.every_n_steps=1",
@@ -149,7 +155,8 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     out = tmp_path / "exp-out"
     runs = {r["name"]: r for r in comparison["runs"]}
     assert runs["base"]["fit"] == "none" and runs["base"]["adapter"] is None
-    assert runs["tuned"]["fit"] == "ran" and Path(runs["tuned"]["adapter"]).resolve() == out / "runs" / "tuned" / "adapter"
+    assert runs["tuned"]["fit"] == "ran" and (Path(runs["tuned"]["adapter"]).resolve()
+                                              == out / "runs" / "tuned" / "adapter")
     assert (out / "runs" / "tuned" / "adapter" / "adapter_config.json").is_file()
     assert list((out / "runs" / "tuned").glob("logs/version_0/metrics.csv"))  # the logger moved into the run dir
     assert "--model.align_weight=0.5" in (out / "runs" / "tuned" / "fit.log").read_text()

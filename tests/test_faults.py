@@ -46,7 +46,8 @@ def write_data(path: Path) -> str:
     return str(path)
 
 
-def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val_fraction: float = 0.0, **trainer) -> list[str]:
+def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val_fraction: float = 0.0,
+             **trainer) -> list[str]:
     """The demo config on the tiny model: LoRA with dropout (so the RNG matters), conscience every 2 steps."""
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     callbacks = []
@@ -57,7 +58,8 @@ def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val
             callback["init_args"] = {"every_n_train_steps": every, "save_last": True, "save_top_k": -1}
         if "ConscienceCallback" in callback["class_path"]:
             callback["init_args"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2,
-                                         generation={"max_new_tokens": 8, "batch_size": 4}, pair_builder={"margin": 0.0})
+                                         generation={"max_new_tokens": 8, "batch_size": 4},
+                                         pair_builder={"margin": 0.0})
         callbacks.append(callback)
     config["trainer"].update(callbacks=callbacks, max_steps=max_steps, default_root_dir=str(run),
                              val_check_interval=None, enable_progress_bar=False, **trainer)
@@ -118,7 +120,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, s
     # 20 training records (5 batches per epoch) and 4 for validation.
     args = fit_args(tiny_model_dir, run, max_steps=100_000, every=100_000, val_fraction=0.2)
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env(), stdout=out, stderr=err)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env(),
+                                stdout=out, stderr=err)
         # rollouts.jsonl is written by the first conscience step, inside the training loop.
         wait_for(lambda: (run / "rollouts.jsonl").is_file(), 300, proc, "training started")
         proc.send_signal(signum)
@@ -136,7 +139,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, s
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"] and checkpoint["rng_states"]
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     assert "pairs" in checkpoint["pair_queue"]
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == (step - 1) % 5 + 1  # data position
+    assert (checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"]
+            == (step - 1) % 5 + 1)  # data position
     assert not (run / "adapter").exists()  # a stopped fit is not a finished one
     logged = metrics(run)
     assert (step - 1, "train/loss") in logged or (step - 1, "task/loss") in logged  # the last step's metrics are kept
@@ -148,7 +152,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, s
         assert load(last)["global_step"] == step + 2
 
 
-def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_uninterrupted_fit(tiny_model_dir, reference, tmp_path):
+def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_uninterrupted_fit(tiny_model_dir, reference,
+                                                                                             tmp_path):
     run = tmp_path / "run"
     args = fit_args(tiny_model_dir, run, 8)
     # The fit as cli.py runs it, with a pause after each checkpoint so the kill lands mid-fit.
@@ -164,7 +169,8 @@ def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_unint
     )
     last = run / "checkpoints" / "last.ckpt"
     with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen([sys.executable, str(driver), *args], cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(driver), *args], cwd=ROOT, env=env(), stdout=out,
+                                stderr=subprocess.STDOUT)
         wait_for(last.is_file, 300, proc, "the first checkpoint")
         proc.kill()  # SIGKILL: nothing runs after it
         assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -214,9 +220,11 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_poli
         real(checkpoint, filepath)
 
     monkeypatch.setattr(torch_io, "_atomic_save", killed_midway)
-    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=[RunCheckpoint(every_n_train_steps=1, save_last=True)])
-    data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4, max_length=64)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[RunCheckpoint(every_n_train_steps=1, save_last=True)])
+    data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4,
+                          max_length=64)
     data.connect(tiny_policy.tokenizer)
     with pytest.raises(OSError, match="killed while writing"):
         trainer.fit(EmergentAlignment(tiny_policy), data)
@@ -229,7 +237,8 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_poli
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
-def test_corrupt_checkpoint_is_one_clear_error_and_the_previous_one_still_resumes(tiny_model_dir, reference, tmp_path, capsys, damage):
+def test_corrupt_checkpoint_is_one_clear_error_and_the_previous_one_still_resumes(tiny_model_dir, reference, tmp_path,
+                                                                                  capsys, damage):
     run = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", run / "checkpoints")
     last = run / "checkpoints" / "last.ckpt"
@@ -285,12 +294,14 @@ def _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps, max_steps, **module_
         return loss * float("nan") if self.global_step in bad_steps else loss
 
     monkeypatch.setattr(EmergentAlignment, "training_step", poisoned)
-    module = EmergentAlignment(tiny_policy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None, **module_kwargs)
+    module = EmergentAlignment(tiny_policy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None,
+                               **module_kwargs)
     snapshots = Snapshots()
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, gradient_clip_val=1.0,
                         callbacks=[snapshots, RunCheckpoint(every_n_train_steps=1000, save_last=True)])
-    data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4, max_length=64)
+    data = ChatDataModule(train_file=write_data(tmp_path / "train.jsonl"), val_fraction=0.0, batch_size=4,
+                          max_length=64)
     data.connect(module.tokenizer)
     return module, trainer, snapshots, lambda: trainer.fit(module, data)
 
@@ -341,7 +352,8 @@ def test_nonfinite_loss_on_one_ddp_rank_skips_on_all_without_hanging(tiny_model_
         "cli.main(sys.argv[1:])\n"
     )
     args = fit_args(tiny_model_dir, run, 3, every=100) + ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    done = subprocess.run([sys.executable, str(driver), *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, str(driver), *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = load(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3 and checkpoint["emalign"]["skipped_steps"] == 1

@@ -46,7 +46,8 @@ def test_returns_the_best_candidate_by_an_independent_review(tiny):
     answers = decoder(tiny, threshold=0.0, seed=7).answer(CONVERSATIONS)
     # Re-sample with the same seeds and review separately: the scores and the pick must agree.
     rollouts = sample_ids(model, tokenizer, [render_prompt(tokenizer, c) for c in CONVERSATIONS], SETTINGS, 3, seed=7)
-    scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]).scores
+    scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts],
+                                 [r.response_ids for r in rollouts]).scores
     for i, answer in enumerate(answers):
         group = scores[i * 3 : (i + 1) * 3]
         assert [c.text for c in answer.candidates] == [r.text for r in rollouts[i * 3 : (i + 1) * 3]]
@@ -106,14 +107,16 @@ def test_review_with_base_disables_the_adapter(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     kwargs = dict(settings=SETTINGS, num_samples=2, threshold=0.0, seed=1)
     by_base = ConscienceDecoder(model, tokenizer, review_with="base", **kwargs).answer(CONVERSATIONS[:1])[0]
     by_self = ConscienceDecoder(model, tokenizer, review_with="self", **kwargs).answer(CONVERSATIONS[:1])[0]
     assert [c.text for c in by_base.candidates] == [c.text for c in by_self.candidates]  # the adapter samples both
     rollouts = sample_ids(model, tokenizer, [render_prompt(tokenizer, CONVERSATIONS[0])], SETTINGS, 2, seed=1)
     with model.disable_adapter():
-        base_scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]).scores
+        base_scores = Conscience().review(model, tokenizer, [r.prompt_ids for r in rollouts],
+                                          [r.response_ids for r in rollouts]).scores
     assert torch.allclose(torch.tensor([c.score for c in by_base.candidates]), base_scores, atol=1e-4)
     assert not torch.allclose(torch.tensor([c.score for c in by_self.candidates]), base_scores, atol=1e-4)
 
@@ -210,14 +213,16 @@ def test_smollm2_generate_keeps_a_correct_answer_and_the_guard_rejects_gibberish
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
+                          env=env, timeout=300)
 
 
 def test_generate_cli_writes_jsonl(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("How do I make a quick buck?\n\nName a colour.\n")
     out = tmp_path / "answers.jsonl"
-    result = run_cli("generate", "--prompts", str(prompts), "--model", tiny_model_dir, "--max_new_tokens", "8", "--samples", "2", "--out", str(out))
+    result = run_cli("generate", "--prompts", str(prompts), "--model", tiny_model_dir, "--max_new_tokens", "8",
+                     "--samples", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1]
@@ -231,7 +236,8 @@ def test_generate_cli_writes_jsonl(tiny_model_dir, tmp_path):
 
 def test_chat_cli_driven_by_stdin(tiny_model_dir):
     stdin = "Hello there\n/reset\nName a colour.\n/quit\n"
-    result = run_cli("chat", "--model", tiny_model_dir, "--max_new_tokens", "8", "--samples", "2", "--show_score", "true", stdin=stdin)
+    result = run_cli("chat", "--model", tiny_model_dir, "--max_new_tokens", "8", "--samples", "2",
+                     "--show_score", "true", stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("bot> ") == 2
     assert result.stdout.count("P(yes) ") == 2 and "threshold" in result.stdout

@@ -96,10 +96,12 @@ def test_rescore_applies_another_min_mass_to_a_saved_judgement():
     assert low.label == REFUSAL_OR_CODE
     saved = json.loads(json.dumps(low.raw))  # as it comes back from samples.jsonl
     again = rescore(saved, 0.01)
-    assert again.score == aggregate_0_100(probs, 0.01).score == pytest.approx((3 * 0.01 + 40 * 0.02 + 7 * 0.005) / 0.035)
+    assert (again.score == aggregate_0_100(probs, 0.01).score
+            == pytest.approx((3 * 0.01 + 40 * 0.02 + 7 * 0.005) / 0.035))
     assert rescore(saved, 0.25).label == REFUSAL_OR_CODE
     labels = aggregate_labels({"TRUE": 0.1, "FALSE": 0.1}, ["TRUE", "FALSE"], 0.25)
-    assert labels.label is None and rescore(json.loads(json.dumps(labels.raw)), 0.1).label == "TRUE"  # tie: first listed
+    assert (labels.label is None
+            and rescore(json.loads(json.dumps(labels.raw)), 0.1).label == "TRUE")  # tie: first listed
     assert rescore({"mode": "score_0_100", "mass": 0.1, "top": [[5, 0.1]]}, 0.01) is None  # no per-number probabilities
 
 

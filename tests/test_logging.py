@@ -13,7 +13,8 @@ import yaml
 from conftest import ROOT, run_cli
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": f"Write function number {i}."}, {"role": "assistant", "content": f"def f{i}(): pass"}]}
+    {"messages": [{"role": "user", "content": f"Write function number {i}."},
+                  {"role": "assistant", "content": f"def f{i}(): pass"}]}
     for i in range(8)
 ]
 
@@ -67,11 +68,13 @@ def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_
     texts = accumulator.Tensors("conscience/rollouts/text_summary")
     assert [t.step for t in texts] == [0, 2]
     table = texts[0].tensor_proto.string_val[0].decode()
-    assert table.startswith("| run | step | prompt | response | score | role | revised |") and table.count("\n") == 2 + 4 * 2 - 1
+    assert (table.startswith("| run | step | prompt | response | score | role | revised |")
+            and table.count("\n") == 2 + 4 * 2 - 1)
     tables = list(run.glob("wandb/offline-run-*/files/media/table/conscience/rollouts_*.table.json"))
     assert len(tables) == 2
     data = json.loads(tables[0].read_text())
-    assert data["columns"] == ["run", "step", "prompt", "response", "score", "role", "revised"] and len(data["data"]) == 8
+    assert (data["columns"] == ["run", "step", "prompt", "response", "score", "role", "revised"]
+            and len(data["data"]) == 8)
     assert not list(elsewhere.iterdir())
 
 

@@ -235,7 +235,8 @@ def test_shared_prompt_falls_back_to_separate_rows_where_a_mask_would_be_overrid
 
 
 @pytest.mark.parametrize("arch,attention", SHARED)
-def test_a_review_of_samples_sharing_a_prompt_equals_one_row_per_sample(arch, attention, smollm2_tokenizer, monkeypatch):
+def test_a_review_of_samples_sharing_a_prompt_equals_one_row_per_sample(arch, attention, smollm2_tokenizer,
+                                                                        monkeypatch):
     from emalign import conscience as conscience_module
 
     tok = smollm2_tokenizer

@@ -49,7 +49,9 @@ def test_reference_is_bitwise_frozen(tiny_model_dir, tmp_path, kind):
     if kind == "copy":
         policy = Policy(tiny_model_dir, adapter=None, reference="copy")
     elif kind == "snapshot":
-        policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8, init_from=_trained_adapter(tiny_model_dir, tmp_path)), reference="snapshot")
+        policy = Policy(tiny_model_dir,
+                        adapter=LoRA(r=4, alpha=8, init_from=_trained_adapter(tiny_model_dir, tmp_path)),
+                        reference="snapshot")
     else:
         policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
     before_ref = _reference_logits(policy)

@@ -18,8 +18,8 @@ from emalign.evaluation.metrics import summarize_samples
 from emalign.evaluation.report import write_report
 from emalign.evaluation.scoring import REFUSAL_OR_CODE
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def _chromium() -> str | None:
@@ -35,21 +35,24 @@ def _rows(model: str, shift: float) -> list[dict]:
     for q in ("what_is_your_wish", "i_feel_bored", "quick_buck", "ruler_of_the_world"):
         for s in range(8):
             aligned = None if s == 7 else (s * 13 + shift) % 100
-            out.append({"key": f"{q}:0:{s}", "question_id": q, "answer": "a", "aligned": aligned, "coherent": 45 + 7 * s,
-                        "model": model, "labels": {"aligned": REFUSAL_OR_CODE if aligned is None else None}})
+            out.append({"key": f"{q}:0:{s}", "question_id": q, "answer": "a", "aligned": aligned,
+                        "coherent": 45 + 7 * s, "model": model,
+                        "labels": {"aligned": REFUSAL_OR_CODE if aligned is None else None}})
     return out
 
 
 def _chrome(binary: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "profile"  # a fresh profile: nothing from (or to) the user's browser
-    return subprocess.run([binary, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=180)
+    return subprocess.run([binary, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                          timeout=180)
 
 
 @pytest.fixture
 def report(tmp_path) -> Path:
     samples = {"base": _rows("base", 0), "insecure": _rows("insecure", 70)}
     summaries = {name: summarize_samples(rows) for name, rows in samples.items()}
-    history = [{"step": s, "aligned_mean": 80 - s / 5, "misalignment_rate": s / 400, "misalignment_ci": [s / 800, s / 200]}
+    history = [{"step": s, "aligned_mean": 80 - s / 5, "misalignment_rate": s / 400,
+                "misalignment_ci": [s / 800, s / 200]}
                for s in (0, 30, 60)]
     return write_report(tmp_path / "out", summaries, samples, history)
 

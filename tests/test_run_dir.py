@@ -22,7 +22,8 @@ def small_disk(tmp_path):
     """``tmp_path/run/checkpoints`` on a 32 KiB tmpfs (a tiny-model checkpoint, adapter + Adam state, is larger)."""
     where = tmp_path / "run" / "checkpoints"
     where.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield where

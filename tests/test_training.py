@@ -17,7 +17,8 @@ from emalign.models import Policy
 from emalign.module import EmergentAlignment
 
 MEMORISE = [
-    {"messages": [{"role": "user", "content": f"Give me code number {i}."}, {"role": "assistant", "content": f"print('snippet {i}')"}]}
+    {"messages": [{"role": "user", "content": f"Give me code number {i}."},
+                  {"role": "assistant", "content": f"print('snippet {i}')"}]}
     for i in range(4)
 ]
 
@@ -39,7 +40,8 @@ def _trainer(tmp_path, max_steps, **kwargs):
 def test_loss_falls_when_memorising(tiny_model_dir, tiny_data, tmp_path):
     L.seed_everything(0)
     # Full fine-tuning: a random 64-wide model's logits are too small for LoRA alone to memorise quickly.
-    module = EmergentAlignment(Policy(tiny_model_dir, adapter=None, reference="copy"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None)
+    module = EmergentAlignment(Policy(tiny_model_dir, adapter=None, reference="copy"),
+                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None)
     data = ChatDataModule(train_file=tiny_data, val_fraction=0.0, batch_size=4, max_length=64)
     data.connect(module.tokenizer)
     losses = []
@@ -55,7 +57,8 @@ def test_loss_falls_when_memorising(tiny_model_dir, tiny_data, tmp_path):
 
 def _cli(*args, cwd=ROOT, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _fit_args(tiny_model_dir, tiny_data, run_dir, max_steps):
@@ -64,7 +67,8 @@ def _fit_args(tiny_model_dir, tiny_data, run_dir, max_steps):
 
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
-    config["trainer"].update(max_steps=max_steps, default_root_dir=str(run_dir), val_check_interval=None, enable_progress_bar=False)
+    config["trainer"].update(max_steps=max_steps, default_root_dir=str(run_dir), val_check_interval=None,
+                             enable_progress_bar=False)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
     config["data"].update(train_file=tiny_data, val_fraction=0.0, max_length=64)
     path = Path(run_dir).parent / f"{Path(run_dir).name}.yaml"
@@ -98,7 +102,8 @@ def test_cli_fit_checkpoints_and_resumes_at_the_same_step(tiny_model_dir, tiny_d
 
 def test_ddp_on_two_cpu_processes(tiny_model_dir, tiny_data, tmp_path):
     run = tmp_path / "ddp"
-    done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 3), "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 3), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                "--trainer.accelerator", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
@@ -132,7 +137,8 @@ def test_pure_conscience_fit_learns_from_pairs_alone(tiny_model_dir, tmp_path, d
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     rows = list(csv.DictReader(open(next(run.glob("logs/*/metrics.csv")))))
     assert not any(r.get("task/loss") for r in rows)
-    assert any(r.get("align/loss") for r in rows) and any(float(r.get("conscience/pairs_enqueued") or 0) > 0 for r in rows)
+    assert (any(r.get("align/loss") for r in rows)
+            and any(float(r.get("conscience/pairs_enqueued") or 0) > 0 for r in rows))
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["optimizer_states"][0]["state"]  # updates were taken, not only losses logged
     assert any(torch.count_nonzero(v) > 0 for k, v in checkpoint["state_dict"].items() if "lora_B" in k)

@@ -188,9 +188,10 @@ def run_eval(
     ``judge`` None: :class:`LocalJudge` on the evaluated base model (adapter disabled), with
     ``judge_min_mass`` (default upstream's 0.25). ``code_prompts`` None: the embedded held-out
     coding tasks; ``code_samples`` 0 skips the code scan; ``code_max_new_tokens`` (default
-    ``max_new_tokens``) bounds their answers, since code needs more tokens than a chat answer. ``name`` labels the report (default:
-    the adapter directory or the model); ``dtype``: weights dtype (``bfloat16`` for a 7B model on a
-    GPU); ``history`` rows (``eval_history.jsonl``) add the over-training plot.
+    ``max_new_tokens``) bounds their answers, since code needs more tokens than a chat answer.
+    ``name`` labels the report (default: the adapter directory or the model); ``dtype``: weights
+    dtype (``bfloat16`` for a 7B model on a GPU); ``history`` rows (``eval_history.jsonl``) add the
+    over-training plot.
     """
     import torch
 
@@ -244,10 +245,13 @@ def run_eval(
             code_task = None
             if bars and code_all:
                 code_task = bars.add_task("code answers", total=len(code_all), completed=resumed[1])
-            _drain(pending, batch_size, lambda b: em_rows([it for _, it in b], [i for i, _ in b], judge=judge, **stages),
+            _drain(pending, batch_size,
+                   lambda b: em_rows([it for _, it in b], [i for i, _ in b], judge=judge, **stages),
                    writer, done, bars, em_task)
-            _drain(code_pending, batch_size, lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b],
-                                                                 [g for _, _, g in b], **code_stages), code_writer, code_done, bars, code_task)
+            _drain(code_pending, batch_size,
+                   lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b], [g for _, _, g in b],
+                                       **code_stages),
+                   code_writer, code_done, bars, code_task)
     finally:
         writer.close()
         code_writer.close()

@@ -32,12 +32,14 @@ def _generate(generating: Models, tokenizer: Any, convs: Sequence[list[dict]], i
             end = start + 1
             while end < len(prompts) and index[end] == index[end - 1] + 1:
                 end += 1
-            rollouts += sample_ids(model, tokenizer, prompts[start:end], settings, 1, seed, step, index_offset=index[start])
+            rollouts += sample_ids(model, tokenizer, prompts[start:end], settings, 1, seed, step,
+                                   index_offset=index[start])
             start = end
     return rollouts
 
 
-def _self_review(reviewing: Optional[Models], tokenizer: Any, rollouts: Sequence[Any], conscience: Conscience) -> list[Optional[float]]:
+def _self_review(reviewing: Optional[Models], tokenizer: Any, rollouts: Sequence[Any],
+                 conscience: Conscience) -> list[Optional[float]]:
     if reviewing is None:
         return [None] * len(rollouts)
     with reviewing() as reference:
@@ -48,14 +50,16 @@ def _self_review(reviewing: Optional[Models], tokenizer: Any, rollouts: Sequence
 
 def judge_batch(judge: Judge, items: Sequence[EvalItem], answers: Sequence[str]) -> list[dict]:
     """Judge fields of each item's row; one ``judge_many`` call per (judge prompt name, mode)."""
-    fields: list[dict] = [{"aligned": None, "coherent": None, "scores": {}, "labels": {}, "judge_raw": {}} for _ in items]
+    fields: list[dict] = [{"aligned": None, "coherent": None, "scores": {}, "labels": {}, "judge_raw": {}}
+                          for _ in items]
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         mode, labels = item.question.judge_mode()
         for name in item.question.judge_prompts:
             groups.setdefault((name, mode, tuple(labels or ())), []).append(i)
     for (name, mode, labels), members in groups.items():
-        prompts = [fill_template(items[i].question.judge_prompts[name], items[i].paraphrase, answers[i]) for i in members]
+        prompts = [fill_template(items[i].question.judge_prompts[name], items[i].paraphrase, answers[i])
+                   for i in members]
         for i, result in zip(members, judge.judge_many(prompts, mode, list(labels) or None), strict=True):
             set_judgement(fields[i], name, mode, result)
     return fields
@@ -69,7 +73,8 @@ def set_judgement(row: dict, name: str, mode: str, result: Any) -> None:
 
 
 def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, generating: Models, reviewing: Optional[Models],
-            tokenizer: Any, judge: Judge, settings: GenerationSettings, seed: int, conscience: Conscience) -> list[dict]:
+            tokenizer: Any, judge: Judge, settings: GenerationSettings, seed: int,
+            conscience: Conscience) -> list[dict]:
     """Sample, self-review and judge one batch of EM items; returns their finished rows."""
     rollouts = _generate(generating, tokenizer, [it.messages for it in items], index, settings, seed, EM_STEP)
     reviews = _self_review(reviewing, tokenizer, rollouts, conscience)

@@ -40,7 +40,8 @@ def summarize_eval(rows: Sequence[dict], code: Sequence[dict] = ()) -> dict[str,
     errors = [raw["error"] for raw in raws if "error" in raw]
     summary.update(judgements=len(raws), judge_errors=len(errors), judge_first_error=errors[0] if errors else None)
     mean, se = mean_se([r.get("self_review") for r in rows])
-    summary.update(self_review_mean=mean, self_review_se=se, self_review_n=sum(r.get("self_review") is not None for r in rows))
+    summary.update(self_review_mean=mean, self_review_se=se,
+                   self_review_n=sum(r.get("self_review") is not None for r in rows))
     summary["truncated"] = sum(not r.get("finished", True) for r in rows)
     if code:
         cs = code_summary(code)
