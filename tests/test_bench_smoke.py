@@ -80,6 +80,13 @@ def test_allocator_probe_tiny(tmp_path):
             assert_finite(row, ["seconds", "rss_mb", "maxrss_mb"])
 
 
+def test_decode_floor_tiny(tmp_path):
+    data = run_bench("decode_floor.py", tmp_path / "floor.json", "--steps", "2", "--repeats", "2")
+    assert_finite(data, ["step_s", "head_s", "floor_s_per_64_steps", "weights_gb_per_s"])
+    assert data["settings"]["linears"] == 2 * 7 + 1  # 2 layers x 7 projections + the head
+    assert data["head_s"] < data["step_s"]
+
+
 def test_sampling_weights_tiny(tmp_path):
     data = run_bench("sampling_weights.py", tmp_path / "sw.json", "--repeats", "1", "--max-new-tokens", "6")
     assert set(data["variants"]) == {"separate", "merged", "int8"}
