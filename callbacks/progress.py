@@ -6,7 +6,8 @@
 
 - A step-based fit (``max_steps``) shows ``step 12/30`` and seconds per step, not "Epoch 1/-2" and
   a rate that reads "0.00it/s" when a step takes longer than rich's speed window.
-- Metric names are folded onto the next line when the terminal is narrow, never cut to "conscience/approv…".
+- Metric names are folded onto the next line when the terminal is narrow, never cut to "conscience/approv…";
+  output to a file or pipe is drawn 160 columns wide, so a log keeps them whole.
 - A conscience run gets its own line: what it is doing while it runs (sampling and reviewing M x K
   rollouts) and what it made afterwards (rollouts generated and reviewed, pairs, seconds), so a slow
   step says why it is slow.
@@ -14,6 +15,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -42,7 +45,10 @@ class RunProgressBar(RichBar):
             refresh_rate: redraws per second.
             leave: keep the finished bar on screen.
         """
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        # Written to a file or pipe, rich assumes 80 columns and folds the metrics down to one character
+        # per line beside a long conscience line; a log has room for a wider table.
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs={"width": 160} if wide else None)
         self._conscience_task: Optional[Any] = None
         self._conscience_started = 0.0
 

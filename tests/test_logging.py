@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,19 @@ def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_
     assert (data["columns"] == ["run", "step", "prompt", "response", "score", "role", "revised"]
             and len(data["data"]) == 8)
     assert not list(elsewhere.iterdir())
+
+
+def test_progress_bar_written_to_a_pipe_keeps_its_lines_whole(tiny_model_dir, tmp_path):
+    """Redirected (``cli.py fit ... > log``), the bar once folded its metrics one character per line."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = _fit(tiny_model_dir, tmp_path / "run", [{"class_path": "lightning.pytorch.loggers.CSVLogger"}], bar=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bar = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert any("conscience (step 4): 8 rollouts generated and reviewed" in line for line in bar), proc.stdout
+    assert any("v_num" in line for line in bar), proc.stdout
+    assert not [line for line in bar if len(line.strip()) == 1], proc.stdout
 
 
 def test_progress_bar_counts_steps_and_reports_the_conscience(tiny_model_dir, tmp_path, monkeypatch):
