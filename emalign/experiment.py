@@ -125,7 +125,8 @@ def load_experiment(path: str | Path) -> Experiment:
     parser = ArgumentParser(exit_on_error=False)
     # The same arguments as the verb: eval_commands.experiment(runs, eval, model, out).
     hints = typing.get_type_hints(Experiment)
-    parser.add_argument("--runs", type=Optional[hints["runs"]], default=None)
+    runs = hints["runs"]  # a name, not Optional[hints["runs"]]: linters read a string there as an annotation
+    parser.add_argument("--runs", type=Optional[runs], default=None)
     parser.add_argument("--eval", type=hints["eval"], default=EvalSettings())
     parser.add_argument("--model", type=str, default=Experiment.model)
     parser.add_argument("--out", type=Optional[str], default=None)

@@ -1,0 +1,71 @@
+"""Shared prefill (``GenerationSettings.share_prefill``): each prompt runs once, its samples decode the same tokens.
+
+    pytest tests/test_sampling.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+
+# Different lengths, so the rows are left-padded by different amounts.
+CONTENTS = ("Name a colour.", "Say hi to the people in the next room, then tell me about your day in detail.")
+
+
+@pytest.fixture
+def adapted(tiny_policy):
+    torch.manual_seed(3)
+    for name, param in tiny_policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.05)
+    return tiny_policy
+
+
+def _embedded_tokens(model) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Counts the tokens every forward embeds (prefill and decode steps alike)."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("merge_lora", [False, True])
+def test_shared_prefill_gives_the_same_tokens_and_runs_each_prompt_once(adapted, merge_lora):
+    tok = adapted.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in CONTENTS]
+    assert len(prompts[0]) != len(prompts[1])
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.0, merge_lora=merge_lora)
+    k = 3
+    with adapted.generating() as model:
+        seen, handle = _embedded_tokens(model)
+        try:
+            apart = sample_ids(model, tok, prompts, dataclasses.replace(settings, share_prefill=False), k, seed=4)
+            apart_tokens = seen[0]  # generate's own prefill: every prompt k times, padded to the longest
+            seen.clear()
+            shared = sample_ids(model, tok, prompts, settings, k, seed=4)
+        finally:
+            handle.remove()
+    assert [r.response_ids for r in shared] == [r.response_ids for r in apart]
+    assert len({tuple(r.response_ids) for r in apart}) > 1  # sampled, not a constant
+    width = max(map(len, prompts))
+    assert apart_tokens == len(prompts) * k * width
+    assert seen[:2] == [len(prompts) * (width - 1), len(prompts) * k]  # each prompt once, then its last token per row
+
+
+def test_one_sample_per_prompt_and_one_token_prompts_are_generated_as_before(adapted):
+    tok = adapted.tokenizer
+    settings = GenerationSettings(max_new_tokens=4, temperature=1.0)
+    with adapted.generating() as model:
+        seen, handle = _embedded_tokens(model)
+        try:
+            sample_ids(model, tok, [[5, 6, 7]], settings, num_samples=1)
+            assert seen[0] == 3  # no separate prefill
+            seen.clear()
+            rollouts = sample_ids(model, tok, [[5]], settings, num_samples=2)  # nothing to share before the last token
+            assert seen[0] == 2
+        finally:
+            handle.remove()
+    assert len(rollouts) == 2
