@@ -88,6 +88,20 @@ def test_decode_floor_tiny(tmp_path):
     assert data["floor_s_per_64_steps"] == pytest.approx(64 * data["step_s"], rel=0.05)  # JSON rounds to 4 digits
 
 
+def test_step_profile_tiny(tmp_path):
+    data = run_bench("step_profile.py", tmp_path / "profile.json", "--steps", "1", "--trl-step-s", "100")
+    phases = ["gen", "review", "update_forward", "update_backward", "optimizer"]
+    assert set(data["phases"]) == {*phases, "update_no_recompute"}
+    for name in phases:
+        assert_finite(data["phases"][name], ["wall", "matmul", "attention", "other_ops", "outside_ops"])
+        parts = sum(data["phases"][name][k] for k in ("matmul", "attention", "other_ops", "outside_ops"))
+        assert parts == pytest.approx(data["phases"][name]["wall"], abs=2e-3)  # the kinds split the wall time
+    assert data["phases"]["gen"]["matmul"] > 0 and data["phases"]["update_backward"]["matmul"] > 0
+    assert data["step"]["wall"] == pytest.approx(sum(data["phases"][n]["wall"] for n in phases), abs=2e-3)
+    assert data["budget_s"] == pytest.approx(12.0) and data["trl_step_source"] is None
+    assert len(data["steps"]) == 2  # the warm-up step is kept in the JSON, left out of the medians
+
+
 def test_sampling_weights_tiny(tmp_path):
     data = run_bench("sampling_weights.py", tmp_path / "sw.json", "--repeats", "1", "--max-new-tokens", "6")
     assert set(data["variants"]) == {"separate", "merged", "int8"}
