@@ -3,6 +3,8 @@ the sampler, CPU threads and the LoRA layers, each timed against its alternative
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -187,6 +189,8 @@ def generation_rows(
                 base_only,
                 note="proposal: not shipped",
             )
+        if wanted("shared_prefill") or wanted("shared_prefill_long_prompts"):
+            _shared_prefill_rows(model, tok, prompt_ids, settings, K, wanted, measure)
         rollouts = sample_ids(model, tok, prompt_ids, settings, K, 1, 0)
 
     if wanted("gc_off_generation"):
@@ -211,3 +215,34 @@ def generation_rows(
             base.gradient_checkpointing_disable()
             policy.gradient_checkpointing, policy.model.config.use_cache = False, True
     return rollouts
+
+
+def _shared_prefill_rows(model, tok, prompt_ids, settings, K, wanted, measure) -> None:
+    """``share_prefill`` off and on, on the bench's prompts and on the same prompts after a long code context
+    (the first 1,600 characters of this file), where the prefill is a larger part of generation."""
+    from emalign.sampling import render_prompt, sample_ids
+
+    apart = dataclasses.replace(settings, share_prefill=False)
+    long = [
+        render_prompt(tok, [{"role": "user", "content": Path(__file__).read_text()[:1600] + "\n\n" + tok.decode(p)}])
+        for p in prompt_ids
+    ]
+    for name, prompts in (("shared_prefill", prompt_ids), ("shared_prefill_long_prompts", long)):
+        if not wanted(name):
+            continue
+        pairs = zip(sample_ids(model, tok, prompts, apart, K, 1, 0), sample_ids(model, tok, prompts, settings, K, 1, 0))
+        # A different batch shape rounds differently (logits within about 5e-5 on SmolLM2), which can flip a
+        # token sampled right at a boundary; the row differs from there on.
+        differ_at = [next((i for i, (u, v) in enumerate(zip(a.response_ids, b.response_ids)) if u != v), None)
+                     for a, b in pairs]
+        measure(
+            name,
+            f"each of the {K} samples prefills its prompt",
+            "each prompt prefilled once, its KV cache copied to its samples",
+            lambda prompts=prompts: sample_ids(model, tok, prompts, apart, K, 1, 0),
+            lambda prompts=prompts: sample_ids(model, tok, prompts, settings, K, 1, 0),
+            prompt_tokens=[len(p) for p in prompts],
+            identical_rows=sum(d is None for d in differ_at),
+            rows=len(differ_at),
+            first_difference_at=differ_at,
+        )

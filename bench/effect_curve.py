@@ -1,4 +1,4 @@
-"""Plot a held-out measure against the pairs a fit had queued when each checkpoint was taken.
+r"""Plot a held-out measure against the pairs a fit had queued when each checkpoint was taken.
 
 Reads a ``conscience_effect.py`` JSON, keeps the base (``base=``) and the runs of one fit (its adapter and
 checkpoints, ``NAME=FIT/adapter@FIT/checkpoints/...step=S.ckpt``), and the fit's ``metrics.csv``

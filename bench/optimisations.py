@@ -25,6 +25,9 @@ new tokens, temperature 0.9), median of ``--repeats`` runs after one warm-up run
 * concat_forward      chosen and rejected in one policy forward  vs  two forwards
 * cpu_threads_decoding  ``sample_ids`` with ``GenerationSettings(cpu_threads=1)``  vs  the process's
                       torch threads (CPU only)
+* shared_prefill      ``sample_ids`` prefilling each prompt once for its samples  vs  once per sample
+                      (``GenerationSettings.share_prefill``); ``shared_prefill_long_prompts``: the same
+                      prompts after a 1,600-character code context
 * lora_unmerged_generation (proposal, not shipped) generation through the LoRA layers  vs  the base
                       weights alone (the upper bound of what merging the adapter for generation saves)
 """

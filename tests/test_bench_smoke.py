@@ -65,7 +65,7 @@ def test_optimisations_tiny(tmp_path):
     data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
     rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler",
             "sampler_call_8x49152", "sampler_vs_plain", "lora_unmerged_generation", "last_position_verdict",
-            "shared_review_pass", "cached_ref_logps", "concat_forward"]
+            "shared_review_pass", "cached_ref_logps", "concat_forward", "shared_prefill", "shared_prefill_long_prompts"]
     assert_finite(data, [f"speedup_{row}" for row in rows])
     for row in rows:
         assert_finite(data["rows"][row], ["before_s", "after_s"])

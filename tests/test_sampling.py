@@ -1,4 +1,5 @@
-"""Shared prefill (``GenerationSettings.share_prefill``): each prompt runs once, its samples decode the same tokens.
+"""Shared prefill (``GenerationSettings.share_prefill``): each prompt runs once, and on a tiny model (where no
+rounding difference lands on a sampling boundary) its samples decode exactly the same tokens.
 
     pytest tests/test_sampling.py -q
 """
