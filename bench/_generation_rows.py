@@ -223,10 +223,8 @@ def _shared_prefill_rows(model, tok, prompt_ids, settings, K, wanted, measure) -
     from emalign.sampling import render_prompt, sample_ids
 
     apart = dataclasses.replace(settings, share_prefill=False)
-    long = [
-        render_prompt(tok, [{"role": "user", "content": Path(__file__).read_text()[:1600] + "\n\n" + tok.decode(p)}])
-        for p in prompt_ids
-    ]
+    context = Path(__file__).read_text()[:1600]
+    long = [render_prompt(tok, [{"role": "user", "content": context + "\n\n" + tok.decode(p)}]) for p in prompt_ids]
     for name, prompts in (("shared_prefill", prompt_ids), ("shared_prefill_long_prompts", long)):
         if not wanted(name):
             continue

@@ -15,7 +15,7 @@ update's forward (``alignment_loss``) and backward, and the optimizer step. Each
 * ``outside_ops``: wall time no operator accounts for (Python, HF ``generate``'s loop, the profiler).
 
 The same pairs then go through the update once more with ``checkpoint_pairs`` off, so the price of
-recomputing the pairs' layers in backward shows on its own (``update_backward_no_recompute``).
+recomputing the pairs' layers in backward shows on its own (``update_no_recompute``).
 
 ``matmul`` summed over a step is a floor for it on this machine at these settings: the products are
 what the step computes, and they run in MKL already. Against the budget ``ratio_vs_trl`` <= 0.12 gives
@@ -103,12 +103,12 @@ def profile_step(module, callback, optimizer, params, step: int) -> dict[str, di
 
     _, phases["optimizer"] = profiled(optimizer_step)
     optimizer.zero_grad(set_to_none=True)
-    module.checkpoint_pairs = False  # the same pairs again, activations kept: the recompute's price alone
+    checkpointing, module.checkpoint_pairs = module.checkpoint_pairs, False  # the same pairs, activations kept
     try:
         loss, forward = profiled(module.alignment_loss, pairs)
         _, backward = profiled(loss.backward)
     finally:
-        module.checkpoint_pairs = True
+        module.checkpoint_pairs = checkpointing
         optimizer.zero_grad(set_to_none=True)
     phases["update_no_recompute"] = {k: forward[k] + backward[k] for k in forward}
     return phases
@@ -133,7 +133,7 @@ def main() -> None:
     source = tiny_model_dir(workdir) if args.tiny else "smollm2-135m-instruct"
     settings = types.SimpleNamespace(lora_r=16, prompts=4, samples=2, max_new_tokens=8 if args.tiny else 64,
                                      temperature=0.9, top_p=1.0)
-    policy, module, callback, _ = build(source, settings, torch.device("cpu"))
+    _, module, callback, _ = build(source, settings, torch.device("cpu"))
     params = [p for p in module.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5)
     module.train()

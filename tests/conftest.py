@@ -45,6 +45,17 @@ def tiny_policy(tiny_model_dir):
     return Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
 
 
+@pytest.fixture
+def trained_policy(tiny_policy):
+    """A policy whose adapter changes the model, as a trained one does (a fresh adapter is zero)."""
+    torch.manual_seed(1)
+    for name, param in tiny_policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.05)
+    tiny_policy.model.eval()
+    return tiny_policy
+
+
 def run_cli(args: list[str]) -> int:
     """``cli.py`` in this process (no model import cost); returns the exit code."""
     import sys

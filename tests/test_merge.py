@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
@@ -19,24 +18,13 @@ from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 IDS = torch.tensor([[1, 5, 9, 200, 31, 7, 64, 12]])
 
 
-@pytest.fixture
-def trained(tiny_policy):
-    """A policy whose adapter changes the model, as a trained one does (a fresh adapter is zero)."""
-    torch.manual_seed(1)
-    for name, param in tiny_policy.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.05)
-    tiny_policy.model.eval()
-    return tiny_policy
-
-
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
 
-def test_merged_layers_compute_the_lora_model_and_leave_it_as_it_was(trained):
-    model = trained.model
+def test_merged_layers_compute_the_lora_model_and_leave_it_as_it_was(trained_policy):
+    model = trained_policy.model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     expected = logits(model)
     with model.disable_adapter():
@@ -51,8 +39,8 @@ def test_merged_layers_compute_the_lora_model_and_leave_it_as_it_was(trained):
     torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)
 
 
-def test_reference_generating_uses_the_base_layers_without_a_copy(trained):
-    model = trained.model
+def test_reference_generating_uses_the_base_layers_without_a_copy(trained_policy):
+    model = trained_policy.model
     with model.disable_adapter():
         base = logits(model)
         with merged_adapter(model):
@@ -62,11 +50,11 @@ def test_reference_generating_uses_the_base_layers_without_a_copy(trained):
     assert {id(m.base_layer) for m in layers} <= {id(m) for m in bases}
 
 
-def test_merged_sampling_gives_the_same_tokens(trained):
-    tok = trained.tokenizer
+def test_merged_sampling_gives_the_same_tokens(trained_policy):
+    tok = trained_policy.tokenizer
     prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in ("Name a colour.", "Say hi.")]
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0)
-    with trained.generating() as model:
+    with trained_policy.generating() as model:
         separate = sample_ids(model, tok, prompts, settings, num_samples=3, seed=5)
         merged = sample_ids(model, tok, prompts, dataclasses.replace(settings, merge_lora=True), 3, seed=5)
     assert [r.response_ids for r in merged] == [r.response_ids for r in separate]

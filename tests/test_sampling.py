@@ -7,9 +7,10 @@ rounding difference lands on a sampling boundary) its samples decode exactly the
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
-import torch
 
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 
@@ -17,38 +18,29 @@ from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 CONTENTS = ("Name a colour.", "Say hi to the people in the next room, then tell me about your day in detail.")
 
 
-@pytest.fixture
-def adapted(tiny_policy):
-    torch.manual_seed(3)
-    for name, param in tiny_policy.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.05)
-    return tiny_policy
-
-
-def _embedded_tokens(model) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    """Counts the tokens every forward embeds (prefill and decode steps alike)."""
-    seen = []
+@contextmanager
+def embedded_tokens(model) -> Iterator[list[int]]:
+    """The number of tokens each forward embeds (prefill and decode steps alike), while inside."""
+    seen: list[int] = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
-    return seen, handle
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("merge_lora", [False, True])
-def test_shared_prefill_gives_the_same_tokens_and_runs_each_prompt_once(adapted, merge_lora):
-    tok = adapted.tokenizer
+def test_shared_prefill_gives_the_same_tokens_and_runs_each_prompt_once(trained_policy, merge_lora):
+    tok = trained_policy.tokenizer
     prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in CONTENTS]
     assert len(prompts[0]) != len(prompts[1])
     settings = GenerationSettings(max_new_tokens=10, temperature=1.0, merge_lora=merge_lora)
     k = 3
-    with adapted.generating() as model:
-        seen, handle = _embedded_tokens(model)
-        try:
-            apart = sample_ids(model, tok, prompts, dataclasses.replace(settings, share_prefill=False), k, seed=4)
-            apart_tokens = seen[0]  # generate's own prefill: every prompt k times, padded to the longest
-            seen.clear()
-            shared = sample_ids(model, tok, prompts, settings, k, seed=4)
-        finally:
-            handle.remove()
+    with trained_policy.generating() as model, embedded_tokens(model) as seen:
+        apart = sample_ids(model, tok, prompts, dataclasses.replace(settings, share_prefill=False), k, seed=4)
+        apart_tokens = seen[0]  # generate's own prefill: every prompt k times, padded to the longest
+        seen.clear()
+        shared = sample_ids(model, tok, prompts, settings, k, seed=4)
     assert [r.response_ids for r in shared] == [r.response_ids for r in apart]
     assert len({tuple(r.response_ids) for r in apart}) > 1  # sampled, not a constant
     width = max(map(len, prompts))
@@ -56,17 +48,13 @@ def test_shared_prefill_gives_the_same_tokens_and_runs_each_prompt_once(adapted,
     assert seen[:2] == [len(prompts) * (width - 1), len(prompts) * k]  # each prompt once, then its last token per row
 
 
-def test_one_sample_per_prompt_and_one_token_prompts_are_generated_as_before(adapted):
-    tok = adapted.tokenizer
+def test_one_sample_per_prompt_and_one_token_prompts_are_generated_as_before(trained_policy):
+    tok = trained_policy.tokenizer
     settings = GenerationSettings(max_new_tokens=4, temperature=1.0)
-    with adapted.generating() as model:
-        seen, handle = _embedded_tokens(model)
-        try:
-            sample_ids(model, tok, [[5, 6, 7]], settings, num_samples=1)
-            assert seen[0] == 3  # no separate prefill
-            seen.clear()
-            rollouts = sample_ids(model, tok, [[5]], settings, num_samples=2)  # nothing to share before the last token
-            assert seen[0] == 2
-        finally:
-            handle.remove()
+    with trained_policy.generating() as model, embedded_tokens(model) as seen:
+        sample_ids(model, tok, [[5, 6, 7]], settings, num_samples=1)
+        assert seen[0] == 3  # no separate prefill
+        seen.clear()
+        rollouts = sample_ids(model, tok, [[5]], settings, num_samples=2)  # nothing to share before the last token
+        assert seen[0] == 2
     assert len(rollouts) == 2
