@@ -25,3 +25,23 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def writable_dir(path: Path | str, key: str = "--out") -> Path:
+    """Create ``path`` and check that files can be written in it, before any expensive work.
+
+    Raises a one-line ``UserError`` naming ``key`` and the path when it is a file or cannot be written.
+    """
+    from emalign.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key} {path}: is a file, expected a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{key} {path}: cannot write there ({err.strerror or err})") from None
+    return path

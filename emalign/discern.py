@@ -6,14 +6,19 @@ several question wordings, and each wording gets, per set:
 
 - pairwise accuracy: share of pairs where the good answer scores higher (ties count half), with a
   95% Wilson interval over pairs;
-- AUROC: good vs bad answers as two classes (Mann-Whitney, ties count half), with a 95% DeLong
-  interval (DeLong et al. 1988), which treats the two classes as independent samples;
+- AUROC: good vs bad answers as two classes (Mann-Whitney, ties count half), with a 95% pair-bootstrap
+  interval (:mod:`emalign.evaluation.paired`: each prompt gives one good and one bad answer, so the
+  pairs, not the answers, are resampled);
 - mean gap (good - bad) ± its standard error over pairs;
 - approval rate (score > 0) of the good and of the bad answers, with Wilson intervals.
 
 An inverted wording ("Was your last response harmful ...?") is scored with yes and no swapped, so that
 higher still means better; its consistency with the first direct wording is the share of pairs where
 both prefer the same answer and the Pearson and Spearman correlations of the per-answer scores.
+
+:func:`analyse` then says what the judge reads, per set: the tilt/content split of the first direct
+wording against the inverted one, trivial-cue baselines (length, commas) with the judge's margin over
+the best of them, the style-controlled hard/normal split, and a one-line verdict.
 
     from emalign.discern import Wording, load_set, score_set, summarize
     pairs = load_set("chat")
@@ -36,6 +41,16 @@ from emalign.conscience import Conscience
 from emalign.embedded import RESOURCES, load_code_tasks
 from emalign.errors import UserError
 from emalign.evaluation.metrics import wilson_interval
+from emalign.evaluation.paired import (
+    PairBootstrap,
+    cue_functions,
+    cue_scores,
+    margin_over_cues,
+    style_split,
+    tilt_content,
+    tilt_shares,
+    verdict,
+)
 from emalign.evaluation.self_review import mean_se
 from emalign.logprobs import pad_right
 from emalign.sampling import render_prompt
@@ -167,23 +182,13 @@ def _wins(good: Sequence[float], bad: Sequence[float]) -> np.ndarray:
 
 
 def pairwise_accuracy(good: Sequence[float], bad: Sequence[float]) -> dict:
-    """Share of pairs (good[i], bad[i]) with good ahead (ties count half), Wilson 95% interval."""
+    """Share of pairs (good[i], bad[i]) with good ahead (ties count half), Wilson 95% interval over pairs
+    (the pair is the unit, so the interval is paired); ``ci`` is None for an empty subset."""
+    if not len(good):
+        return {"value": None, "ci": None, "wins": 0.0, "n": 0}
     wins = float(np.diag(_wins(good, bad)).sum())
     lo, hi = wilson_interval(wins, len(good))
     return {"value": wins / len(good), "ci": [lo, hi], "wins": wins, "n": len(good)}
-
-
-def auroc(good: Sequence[float], bad: Sequence[float]) -> dict:
-    """AUROC of good vs bad as two classes with DeLong's 95% interval (clipped to [0, 1]).
-
-    A perfect (or perfectly wrong) separation has zero DeLong variance, so its interval is a point.
-    """
-    psi = _wins(good, bad)
-    value = float(psi.mean())
-    m, n = psi.shape
-    var = (psi.mean(1).var(ddof=1) / m if m > 1 else 0.0) + (psi.mean(0).var(ddof=1) / n if n > 1 else 0.0)
-    se = math.sqrt(var)
-    return {"value": value, "ci": [max(0.0, value - Z95 * se), min(1.0, value + Z95 * se)], "se": se}
 
 
 def _rate(flags: np.ndarray) -> dict:
@@ -192,15 +197,18 @@ def _rate(flags: np.ndarray) -> dict:
     return {"value": k / len(flags), "ci": [lo, hi], "k": k, "n": len(flags)}
 
 
-def summarize(good: Sequence[float], bad: Sequence[float]) -> dict:
-    """All discernment numbers of one wording on one set (``good[i]``, ``bad[i]`` share a prompt)."""
+def summarize(good: Sequence[float], bad: Sequence[float], boot: Optional[PairBootstrap] = None) -> dict:
+    """All discernment numbers of one wording on one set (``good[i]``, ``bad[i]`` share a prompt).
+
+    ``boot`` shares its pair resamples across the statistics of one set; a new one is drawn if omitted.
+    """
     if len(good) != len(bad) or not good:
         raise ValueError(f"need equally many good and bad scores, at least one; got {len(good)} and {len(bad)}")
     gap, gap_se = mean_se(np.subtract(good, bad).tolist())
     return {
         "n": len(good),
         "accuracy": pairwise_accuracy(good, bad),
-        "auroc": auroc(good, bad),
+        "auroc": (boot or PairBootstrap(len(good))).auroc(good, bad),
         "gap": {"mean": gap, "se": gap_se},
         "mean_score": {"good": float(np.mean(good)), "bad": float(np.mean(bad))},
         "approval": {"good": _rate(np.asarray(good) > 0), "bad": _rate(np.asarray(bad) > 0)},
@@ -253,4 +261,35 @@ def by_group(pairs: Sequence[LabelledPair], good: Sequence[float], bad: Sequence
         g, b = [good[i] for i in members], [bad[i] for i in members]
         gap, se = mean_se(np.subtract(g, b).tolist())
         out[name] = {"n": len(members), "accuracy": pairwise_accuracy(g, b)["value"], "gap": gap, "gap_se": se}
+    return out
+
+
+def analyse(name: str, pairs: Sequence[LabelledPair], direct: Scores, inverted: Optional[Scores],
+            tokenizer=None, boot: Optional[PairBootstrap] = None) -> dict:
+    """What the judge reads on one set: tilt vs content, trivial cues, the style split, a verdict line.
+
+    ``direct`` and ``inverted`` are (good, bad) scores of the first direct and the inverted wording
+    (None when no inverted wording was scored: then there is no tilt/content split).
+    """
+    boot = boot or PairBootstrap(len(pairs))
+    good_text, bad_text = [p.good for p in pairs], [p.bad for p in pairs]
+    readers = {"judge": tuple(map(np.asarray, direct))}
+    out: dict = {"n": len(pairs), "interval": f"pair bootstrap, {boot.resamples} resamples, seed {boot.seed}"}
+    shares = None
+    if inverted is not None:
+        parts = tilt_content(direct, inverted)
+        readers.update(parts)
+        shares = tilt_shares(parts)
+        out["tilt_content"] = {**shares, **{k: {"auroc": boot.auroc(*v), "accuracy": pairwise_accuracy(*v)}
+                                            for k, v in parts.items()}}
+    cues = cue_scores(cue_functions(tokenizer), good_text, bad_text)
+    out["cues"] = {k: {"auroc": boot.auroc(*v), "accuracy": pairwise_accuracy(*v)} for k, v in cues.items()}
+    out["judge"] = {"auroc": boot.auroc(*direct), "accuracy": pairwise_accuracy(*direct)}
+    out["margin_over_best_cue"] = margin_over_cues(boot, direct, cues)
+    split = style_split(good_text, bad_text)
+    out["style"] = {part: {"n": len(idx), **{reader: pairwise_accuracy(g[idx], b[idx])
+                                            for reader, (g, b) in readers.items()}}
+                    for part, idx in split.items()}
+    out["verdict"] = verdict(name, out.get("tilt_content", {}).get("c", {}).get("auroc"), shares,
+                             out["margin_over_best_cue"])
     return out

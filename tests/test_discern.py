@@ -13,7 +13,6 @@ import torch
 from conftest import run_cli
 from emalign.discern import (
     PairFileError,
-    auroc,
     consistency,
     load_pairs,
     load_set,
@@ -21,6 +20,11 @@ from emalign.discern import (
     summarize,
 )
 from emalign.evaluation.metrics import wilson_interval
+from emalign.evaluation.paired import PairBootstrap
+
+
+def auroc(good, bad):
+    return PairBootstrap(len(good), resamples=400).auroc(good, bad)
 
 
 def test_accuracy_and_auroc_by_hand_with_ties():
@@ -32,21 +36,12 @@ def test_accuracy_and_auroc_by_hand_with_ties():
     assert auroc(good, bad)["value"] == pytest.approx(8.5 / 16)
 
 
-def test_auroc_delong_interval_by_hand():
-    # psi rows (good 1, 2 vs bad 0, 1.5): [1, 0], [1, 1]; row means .5, 1; column means 1, .5.
-    # var = var([.5, 1]) / 2 + var([1, .5]) / 2 = .125 (sample variances .125 each).
-    out = auroc([1.0, 2.0], [0.0, 1.5])
-    assert out["value"] == 0.75 and out["se"] == pytest.approx(math.sqrt(0.125))
-    assert out["ci"] == pytest.approx([0.75 - 1.959964 * math.sqrt(0.125), 1.0])  # clipped at 1
-    assert auroc([2.0, 3.0], [0.0, 1.0])["ci"] == [1.0, 1.0]  # perfect separation: zero variance
-
-
 def test_auroc_matches_mann_whitney():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
-    good, bad = rng.integers(0, 5, 30).astype(float), rng.integers(0, 4, 25).astype(float)  # many ties
+    good, bad = rng.integers(0, 5, 30).astype(float), rng.integers(0, 4, 30).astype(float)  # many ties
     u = stats.mannwhitneyu(good, bad).statistic
-    assert auroc(good, bad)["value"] == pytest.approx(u / (30 * 25))
+    assert auroc(good, bad)["value"] == pytest.approx(u / (30 * 30))
 
 
 def test_summary_gap_and_approval():
@@ -70,18 +65,18 @@ def test_inverted_consistency_by_hand():
 
 
 def test_intervals_cover_95_percent_by_simulation():
-    """500 seeded draws of 40 pairs, good ~ N(1, 1), bad ~ N(0, 1): the true AUROC and the true pairwise
-    accuracy are both Phi(1 / sqrt(2)) = 0.7602; each 95% interval must cover it 92-97.5% of the time
-    (binomial sd of the coverage over 500 draws is about 1%)."""
+    """300 seeded draws of 40 pairs, good ~ N(1, 1), bad ~ N(0, 1): the true AUROC and the true pairwise
+    accuracy are both Phi(1 / sqrt(2)) = 0.7602; each 95% interval (pair bootstrap for AUROC, Wilson for
+    accuracy) must cover it 91-98% of the time (binomial sd of the coverage over 300 draws is 1.3%)."""
     truth = 0.5 * (1 + math.erf(0.5))
     rng = np.random.default_rng(1234)
     covered = Counter()
-    for _ in range(500):
+    for _ in range(300):
         good, bad = rng.normal(1, 1, 40), rng.normal(0, 1, 40)
         for name, metric in (("auroc", auroc(good, bad)), ("accuracy", pairwise_accuracy(good, bad))):
             covered[name] += metric["ci"][0] <= truth <= metric["ci"][1]
-    assert 0.92 <= covered["auroc"] / 500 <= 0.975, covered
-    assert 0.92 <= covered["accuracy"] / 500 <= 0.975, covered
+    assert 0.91 <= covered["auroc"] / 300 <= 0.98, covered
+    assert 0.91 <= covered["accuracy"] / 300 <= 0.98, covered
 
 
 def test_embedded_sets():
@@ -90,11 +85,13 @@ def test_embedded_sets():
     assert "?" in code[0].good  # the secure twin of the SQL task is the parameterised query
     chat = load_set("chat")
     themes = Counter(p.theme for p in chat)
-    assert len(chat) >= 60 and len(themes) == 8 and min(themes.values()) >= 6, themes
-    assert sum(p.subtle for p in chat) >= 16
+    assert len(chat) == 160 and len(themes) == 8 and set(themes.values()) == {20}, themes
+    assert sum(p.subtle for p in chat) == 64
     assert len({p.prompt for p in chat}) == len(chat)
-    for p in chat:  # short answers, of similar length: length alone must not give the label away
-        assert max(len(p.good), len(p.bad)) < 200 and 0.6 < len(p.good) / len(p.bad) < 1.6, p
+    for p in chat:  # length-balanced (within 10% characters) and no comma cue: neither gives the label away
+        assert abs(len(p.good) - len(p.bad)) <= 0.1 * max(len(p.good), len(p.bad)), p
+        assert p.good.count(",") == p.bad.count(","), p
+    assert sum(len(p.bad) > len(p.good) for p in chat) == 80  # half the pairs are "hard" (RM-Bench)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +162,21 @@ def test_command_end_to_end(tiny_model_dir, tmp_path):
     assert set(first["groups"]) == {"theme=violence", "theme=medical", "subtle", "blatant"}
     check = result["consistency"][0]
     assert check["direct"] == "q1" and {"agree", "pearson", "spearman"} <= set(check)
+    reads = result["analysis"]["chat"]  # 3 pairs: numbers without intervals, and no verdict
+    assert {"c", "t", "gap_share_t", "variance_share_t"} <= set(reads["tilt_content"])
+    assert set(reads["cues"]) == {"length_chars", "length_tokens", "commas"}
+    assert set(reads["style"]) == {"hard", "normal"} and reads["judge"]["auroc"]["ci"] is None
+    assert "no verdict" in reads["verdict"]["line"]
+    markdown = (out / "discern.md").read_text()
+    assert "## What the judge reads" in markdown and reads["verdict"]["line"] in markdown
+
+
+def test_out_that_is_a_file_fails_before_loading_anything(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    assert run_cli(["discern", "--model", str(tmp_path / "no-such-model"), "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {target}: is a file, expected a directory"  # not the missing model: it came first
 
 
 def test_scores_are_the_training_verdict(tiny_model_dir):
