@@ -187,14 +187,24 @@ def discern(
         names = sets.replace(",", " ").split() if isinstance(sets, str) else list(sets)
         if not names:
             raise OptionError("--sets needs at least one set")
-        wordings = _wordings(questions, inverted)
-        writable_dir(out)  # before the scoring, which takes minutes
-        loaded = {name: load_set(name)[:limit] for name in names}
-        result = _run(model, adapter, loaded, wordings, batch_size)
-        write_text_atomic(Path(out) / "discern.json", json.dumps(result, indent=1) + "\n")
-        write_text_atomic(Path(out) / "discern.md", _markdown(result))
+        run_discern(out, model, adapter, names, _wordings(questions, inverted), batch_size, limit)
+
+
+def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets: list[str], wordings: list[Wording],
+                batch_size: int = 8, limit: Optional[int] = None, show: bool = True) -> dict:
+    """Score ``sets`` with ``wordings``, write OUT/discern.json and OUT/discern.md, return the result.
+
+    The output directory and the sets are checked before the model loads (scoring takes minutes).
+    """
+    writable_dir(out)
+    loaded = {name: load_set(name)[:limit] for name in sets}
+    result = _run(model, adapter, loaded, wordings, batch_size)
+    write_text_atomic(Path(out) / "discern.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(Path(out) / "discern.md", _markdown(result))
+    if show:
         _print(result)
         print(f"wrote {Path(out) / 'discern.json'} and {Path(out) / 'discern.md'}")
+    return result
 
 
 def _run(model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording], batch_size: int) -> dict:

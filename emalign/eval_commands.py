@@ -19,6 +19,7 @@ from emalign.errors import friendly_errors
 # scoring.py is light (no torch), so importing it here keeps `cli.py --help` fast.
 from emalign.evaluation.questions import DEFAULT_QUESTIONS  # noqa: E402
 from emalign.evaluation.scoring import Judge  # noqa: E402
+from emalign.evaluation.preflight import Preflight  # noqa: E402
 from emalign.experiment import EvalSettings, Run  # noqa: E402
 
 
@@ -140,6 +141,7 @@ def experiment(
     model: str = "smollm2-135m-instruct",
     out: Optional[str] = None,
     skip_fit: bool = False,
+    preflight: Optional[Preflight] = None,
 ) -> None:
     """Run (or reuse) every fit of an experiment, evaluate each with the same judge, compare them.
 
@@ -159,9 +161,12 @@ def experiment(
         model: base model of runs without a fit config (and of the default judge for them).
         out: output directory (default: runs/experiments/experiment).
         skip_fit: run no fits; evaluate the runs whose adapter already exists (and those without a fit).
+        preflight: before any fit, `discern` each run's base model (its judge and conscience) and put
+            what it reads beside every run: c-AUROC, tilt share, margin over the best trivial cue.
     """
     from emalign.experiment import Experiment, run_experiment
 
     with friendly_errors():
-        experiment = Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out)
+        experiment = Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out,
+                                preflight=preflight or Preflight())
         run_experiment(experiment, skip_fit=skip_fit)

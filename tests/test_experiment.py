@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, WISH_QUESTION
-from emalign.experiment import ExperimentError, comparison_markdown, load_experiment, run_experiment
+from emalign.evaluation.comparison import comparison_markdown
+from emalign.experiment import ExperimentError, load_experiment, run_experiment
 
 QUESTIONS = WISH_QUESTION + """\
 - id: bored
@@ -180,3 +181,33 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     again = run_experiment("exp.yaml")
     tuned = next(r for r in again["runs"] if r["name"] == "tuned")
     assert tuned["fit"] == "reused" and tuned["summary"]["counts"]["answered_now"] == 0
+
+
+def test_preflight_puts_what_the_judge_reads_beside_every_run(tiny_model_dir, tmp_path, capsys):
+    """Before any fit, discern runs on the base model; its c-AUROC, tilt share and margin over the best
+    cue fill three columns of the comparison, and a judge that is not question-sensitive gets a warning."""
+    _write(tmp_path / "questions.yaml", QUESTIONS)
+    config = _write(tmp_path / "exp.yaml", {
+        "out": str(tmp_path / "out"), "model": tiny_model_dir, "runs": [{"name": "base"}, {"name": "again"}],
+        "eval": {"questions": [str(tmp_path / "questions.yaml")], "samples": 1, "max_new_tokens": 2,
+                 "code_samples": 0},
+        "preflight": {"sets": ["chat"], "limit": 12, "batch_size": 12}})
+    comparison = run_experiment(config)
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "preflight" / tiny_model_dir.strip("/").replace("/", "_")
+                         / "discern.json").read_text())
+    analysis = result["analysis"]["chat"]
+    assert result["sets"]["chat"]["n_pairs"] == 12 and [w["name"] for w in result["wordings"]] == ["default",
+                                                                                                     "inverted"]
+    for run in comparison["runs"]:  # one discern for the one base model, beside both runs
+        columns = run["preflight"]
+        assert columns["c_auroc"] == analysis["tilt_content"]["c"]["auroc"] and columns["c_auroc"]["ci"]
+        assert columns["tilt_gap_share"] == analysis["tilt_content"]["gap_share_t"]
+        assert columns["best_cue_margin"] == analysis["margin_over_best_cue"]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "judge c-AUROC [95% CI] | tilt share of gap | judge − best cue [95% CI] |" in md
+    c = analysis["tilt_content"]["c"]["auroc"]
+    assert f"| {c['value']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] (chat) |" in md
+    assert analysis["verdict"]["line"] in md
+    warned = "warning: the judge" in printed
+    assert warned == (analysis["verdict"]["question_sensitive"] is False)

@@ -1,0 +1,85 @@
+"""The experiment's preflight: before any fit, does each run's judge read the question at all?
+
+The conscience of a fit is its frozen base model. Before GPU-hours go into fits, ``experiment`` runs
+``discern`` on every base model its runs use (the training question and its inverted wording only),
+so that the comparison table carries, beside each run, what its judge reads: the content part's AUROC
+(c), the share of the good-bad gap that a question-independent tilt carries, and the judge's margin
+over the best trivial cue; and one warning line when the judge is not question-sensitive.
+The result is kept in ``OUT/preflight/<model>/discern.json`` and reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+@dataclass
+class Preflight:
+    """Discernment of each run's base model before any fit (see ``python cli.py discern --help``)."""
+
+    enabled: bool = True
+    """Run it; false leaves the preflight columns empty."""
+    sets: list[str] = field(default_factory=lambda: ["chat", "code"])
+    """Labelled sets; the first one fills the comparison table's columns, every one gets a verdict line."""
+    limit: Optional[int] = None
+    """Only the first N pairs of each set (None: all; below 10 pairs there are no intervals and no verdict)."""
+    batch_size: int = 8
+    """Answers per review forward."""
+
+    def __post_init__(self):
+        from emalign.errors import UserError
+
+        if not self.sets:
+            raise UserError("preflight.sets: needs at least one set")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"preflight.limit: must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise UserError(f"preflight.batch_size: must be at least 1, got {self.batch_size}")
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/")).strip("_")[-80:] or "model"
+
+
+def run_preflight(settings: Preflight, models: list[str], out_dir: Path,
+                  warn: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """{model: preflight columns and verdict lines}, discerning each model once (reused from disk)."""
+    from emalign.conscience import DEFAULT_QUESTION
+    from emalign.discern import INVERTED_QUESTION, Wording
+    from emalign.discern_command import run_discern
+
+    if not settings.enabled:
+        return {}
+    wordings = [Wording("default", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
+    out: dict[str, dict[str, Any]] = {}
+    for model in dict.fromkeys(models):
+        where = out_dir / "preflight" / _slug(model)
+        path = where / "discern.json"
+        result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if result is None or result.get("model") != model or list(result["sets"]) != settings.sets:
+            result = run_discern(where, model, None, settings.sets, wordings, settings.batch_size, settings.limit,
+                                 show=False)
+        out[model] = columns(result, str(path))
+        for line, sensitive in zip(out[model]["verdicts"], out[model]["question_sensitive"]):
+            if sensitive is False:
+                warn(f"warning: the judge {model} is not question-sensitive: {line}")
+    return out
+
+
+def columns(result: dict[str, Any], source: str) -> dict[str, Any]:
+    """The comparison's preflight columns from a discern result (its first set) and every verdict line."""
+    analysis = result["analysis"]
+    first = analysis[next(iter(result["sets"]))]
+    tilt = first.get("tilt_content", {})
+    return {
+        "set": next(iter(result["sets"])), "source": source,
+        "c_auroc": tilt.get("c", {}).get("auroc"),
+        "tilt_gap_share": tilt.get("gap_share_t"),
+        "best_cue_margin": first["margin_over_best_cue"],
+        "verdicts": [a["verdict"]["line"] for a in analysis.values()],
+        "question_sensitive": [a["verdict"]["question_sensitive"] for a in analysis.values()],
+    }
