@@ -8,7 +8,9 @@ to a temporary file that is renamed into place, so a kill mid-write never leaves
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -142,3 +144,41 @@ def save_checkpoint_now(trainer: L.Trainer) -> str:
         Path(filepath).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(trainer, filepath)
     return filepath
+
+
+FIT_RECORD = "fit.json"
+"""Beside every saved adapter: which fit wrote it (run id, step, time), so a later fit can tell."""
+
+
+class AdapterExistsError(UserError):
+    """A fit would replace an adapter that another fit wrote."""
+
+
+def adapter_conflict(out: Path, run_id: str, overwrite: bool) -> Optional[str]:
+    """The one-line refusal when ``out`` holds a model that a fit other than ``run_id`` wrote, else None.
+
+    A fit may replace only what it wrote itself (the same run, resumed or continued with
+    ``--ckpt_path``); anything else needs ``overwrite``. Checked at the start of fit, before any
+    training, so refusing loses nothing.
+    """
+    if overwrite or not ((out / "adapter_config.json").is_file() or (out / "config.json").is_file()):
+        return None
+    try:
+        record = json.loads((out / FIT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and record.get("run_id") == run_id:
+        return None
+    who = (f"fit {record.get('run_id')} ({record.get('global_step')} steps, saved {record.get('saved')})"
+           if isinstance(record, dict) else "a fit this run cannot identify (no fit.json)")
+    return (f"{_shown(out)} holds the model trained by {who}; this fit (run {run_id}) would replace it at its end: "
+            "pass --model.overwrite_adapter true to allow that, or write elsewhere with --trainer.default_root_dir "
+            "(resume that fit with --ckpt_path last instead)")
+
+
+def write_fit_record(out: Path, run_id: str, global_step: int) -> None:
+    """Record which fit wrote the model in ``out``."""
+    from emalign.jsonl import write_json_atomic
+
+    write_json_atomic(out / FIT_RECORD, {"run_id": run_id, "global_step": global_step,
+                                         "saved": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 import random
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from emalign.checkpoint import save_checkpoint_now
+from emalign.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
 from emalign.errors import UserError
 from emalign.logprobs import mean_token_nll, pair_logps, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
@@ -105,6 +106,7 @@ class EmergentAlignment(L.LightningModule):
         adapter_dir: str = "adapter",
         max_nonfinite_in_a_row: int = 5,
         checkpoint_pairs: bool = True,
+        overwrite_adapter: bool = False,
     ) -> None:
         """
         Args:
@@ -120,6 +122,8 @@ class EmergentAlignment(L.LightningModule):
             checkpoint_pairs: recompute the pairs' decoder layers during backward instead of keeping their
                 activations (``Policy.checkpointed``): the pairs' graph, alive next to the task loss's until the
                 one backward, then adds little memory (bench/memory_profile.py), for one more forward of the pairs.
+            overwrite_adapter: let this fit replace a model that another fit saved in ``adapter_dir`` (without
+                it, such a fit stops before training, in one line naming both; resuming the same fit is allowed).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "preference_loss", "pair_queue"])
@@ -134,6 +138,8 @@ class EmergentAlignment(L.LightningModule):
         self.adapter_dir = adapter_dir
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.checkpoint_pairs = checkpoint_pairs
+        self.overwrite_adapter = overwrite_adapter
+        self.run_id: Optional[str] = None  # this fit's identity, kept in its checkpoints and beside its adapter
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_loss = False  # a non-finite loss since the last optimizer step
@@ -303,6 +309,7 @@ class EmergentAlignment(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "base_model": self.policy.source,
+            "run_id": self.run_id,
         }
         checkpoint["rng_states"] = collect_rng_states()
 
@@ -311,19 +318,27 @@ class EmergentAlignment(L.LightningModule):
             self.pair_queue.load_state_dict(checkpoint["pair_queue"])
         state = checkpoint.get("emalign", {})
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.run_id = state.get("run_id", self.run_id)
         streak = state.get("nonfinite_in_a_row", 0)
         # A checkpoint written by the non-finite stop itself gives the resumed fit a fresh allowance.
         self.nonfinite_in_a_row = streak if streak < self.max_nonfinite_in_a_row else 0
         self._rng_to_restore = checkpoint.get("rng_states")
 
+    def on_fit_start(self) -> None:
+        # Restored from the checkpoint when resuming (on_load_checkpoint runs first); rank 0's id for all ranks.
+        self.run_id = self.trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex[:12])
+        out = Path(self.trainer.default_root_dir) / self.adapter_dir
+        refusal = adapter_conflict(out, self.run_id, self.overwrite_adapter) if self.trainer.is_global_zero else None
+        refusal = self.trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise AdapterExistsError(refusal)
+
     def on_fit_end(self) -> None:
         if not self.trainer.interrupted and self.stop_requested is None:
             # Every rank takes part: under FSDP the weights are gathered from all shards.
             out = Path(self.trainer.default_root_dir) / self.adapter_dir
-            earlier = (out / "adapter_config.json").is_file() or (out / "config.json").is_file()
-            if self.trainer.is_global_zero and earlier:
-                print(f"replacing the model saved in {out} by an earlier fit", flush=True)
             self.policy.save_pretrained(out, write=self.trainer.is_global_zero)
             if self.trainer.is_global_zero:
+                write_fit_record(out, self.run_id, self.global_step)
                 write_model_card(out, self.trainer, self.policy)
                 print(f"adapter saved to {out.resolve()} (model card: README.md)", flush=True)

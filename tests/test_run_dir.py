@@ -6,6 +6,7 @@ The full-disk test mounts a 32 KiB tmpfs over the checkpoint directory (CI runs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 
@@ -41,20 +42,45 @@ def test_full_disk_is_one_line_and_leaves_no_partial(tiny_model_dir, tmp_path, s
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def _sha256(directory) -> str:
+    return hashlib.sha256((directory / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_rerun_never_replaces_a_trained_adapter_silently(tiny_model_dir, tmp_path, capsys):
+    """The user's sequence: a fit, then the same command with max_steps 0. The second refuses before
+    training, in one line naming both fits and the flag; the trained adapter's bytes are unchanged."""
+    run = tmp_path / "run"
+    assert run_cli(fit_args(tiny_model_dir, run, max_steps=2, every=1)) == 0
+    capsys.readouterr()
+    before, record = _sha256(run / "adapter"), json.loads((run / "adapter" / "fit.json").read_text())
+    assert record["global_step"] == 2
+    assert run_cli(fit_args(tiny_model_dir, run, max_steps=0, every=1)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"holds the model trained by fit {record['run_id']} (2 steps" in lines[0]
+    assert "--model.overwrite_adapter true" in lines[0]
+    assert _sha256(run / "adapter") == before
+
+    # Resuming the same fit for more steps may replace its own adapter.
+    assert run_cli([*fit_args(tiny_model_dir, run, max_steps=3, every=1), "--ckpt_path", "last"]) == 0
+    assert json.loads((run / "adapter" / "fit.json").read_text()) | {"saved": None} == {
+        "run_id": record["run_id"], "global_step": 3, "saved": None}
+
+
 def test_two_fits_into_one_directory_keep_their_records_apart(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = fit_args(tiny_model_dir, run, max_steps=2, every=1)
     assert run_cli(args) == 0
     first = capsys.readouterr().out
-    assert "earlier fit" not in first and "replacing" not in first
-    assert run_cli(args) == 0
+    assert "earlier fit" not in first
+    assert run_cli([*args, "--model.overwrite_adapter", "true"]) == 0
     second = capsys.readouterr().out
 
     rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     runs = [r["run"] for r in rows]
     assert set(runs) == {"version_0", "version_1"} and runs == sorted(runs)  # every row says whose it is
     assert all((run / "logs" / r / "metrics.csv").is_file() for r in set(runs))  # ... and where its metrics are
-    assert f"replacing the model saved in {run / 'adapter'} by an earlier fit" in second
     assert "last.ckpt" in second and "of an earlier fit: kept" in second and "-vN suffix" in second
     assert {p.name for p in (run / "checkpoints").glob("last*.ckpt")} == {"last.ckpt", "last-v1.ckpt"}
 
