@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import requests
 
+from emalign.errors import UserError
 from emalign.evaluation.scoring import (
     MIN_NUMBER_MASS,
     Judge,
@@ -42,8 +43,12 @@ log = logging.getLogger(__name__)
 _RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
-class JudgeAuthError(RuntimeError):
+class JudgeAuthError(UserError, RuntimeError):
     """The endpoint rejected the credentials (401/403): no later request can succeed."""
+
+
+class JudgeUnavailableError(UserError):
+    """The judge gave no usable answer to the first, cheap request of an evaluation."""
 
 
 class _Malformed(Exception):
@@ -218,6 +223,17 @@ class OpenAIJudge(Judge):
         return probs
 
     # -- Judge -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """One cheap request (one token) before anything is sampled: a wrong URL, a rejected key or a
+        server that does not speak this API fail here in one line, not after a batch of sampling."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with a number from 0 to 100."}],
+                "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": self.top_logprobs}
+        try:
+            self._first_token_probs(self._post(body))
+        except (_Failed, _Malformed) as err:
+            raise JudgeUnavailableError(f"judge {self.identity}: no usable answer to a first request ({err}); "
+                                        "nothing was sampled: check base_url, model and the server") from None
 
     def judge_one(
         self, prompt: str, mode: ScoreMode = "score_0_100", labels: Sequence[str] | None = None

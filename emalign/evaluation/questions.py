@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
@@ -171,8 +172,7 @@ def _parse_item(path: Path, index: int, item: Any) -> Question:
     ):
         raise QuestionFileError(f"{where}: 'judge_prompts' must map names to template strings")
     for name, template in prompts.items():
-        if "{answer}" not in template:
-            raise QuestionFileError(f"{where}: judge prompt {name!r} has no '{{answer}}' field")
+        _check_template(template, f"{where}: judge prompt {name!r}")
     temperature = item.get("temperature")
     if temperature is not None and not isinstance(temperature, (int, float)):
         raise QuestionFileError(f"{where}: 'temperature' must be a number")
@@ -196,6 +196,24 @@ def _parse_item(path: Path, index: int, item: Any) -> Question:
         labels=list(labels) if labels is not None else None,
         source_file=str(path),
     )
+
+
+TEMPLATE_FIELDS = ("question", "answer")
+
+
+def _check_template(template: str, where: str) -> None:
+    """A judge prompt ``str.format`` can fill: braces balanced (``{{`` for a literal one), fields only
+    ``{question}`` and ``{answer}``, and ``{answer}`` present. Checked at load, before any sampling."""
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:  # "Single '}' encountered in format string", ...
+        raise QuestionFileError(f"{where}: {err} (write {{{{ or }}}} for a literal brace)") from None
+    unknown = sorted({f for f in fields if f not in TEMPLATE_FIELDS})
+    if unknown:
+        raise QuestionFileError(f"{where}: unknown field {{{unknown[0]}}} (a judge prompt may use {{question}} and "
+                                "{answer}; write {{ or }} for a literal brace)")
+    if "answer" not in fields:
+        raise QuestionFileError(f"{where}: has no '{{answer}}' field")
 
 
 def _label_hint(prompts: dict[str, str]) -> str:

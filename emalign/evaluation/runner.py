@@ -13,6 +13,9 @@ or ``python cli.py eval --help``. Outputs under ``out``:
   it is finished, so a kill loses at most the batch in flight; a rerun with the same ``out`` reads
   the rows by ``key`` and re-generates none of them; it re-judges only the judgements that failed
   (a judge that was down), and ``eval`` exits non-zero when every judgement failed.
+- ``answers.jsonl``: every EM answer as soon as it is sampled, before its judgement: a judge that
+  crashes or rejects the key mid-run costs no sampling; the rerun judges these answers.
+  The judge answers one cheap request (``Judge.check``) before anything is sampled.
 - ``summary.json`` (written atomically): the metrics, judge identity, model, adapter, question
   files with sha256, sampling settings and counts; ``report.html``: the HTML report.
 - ``eval_config.json``: the settings the rows were made with; a rerun with different settings
@@ -38,7 +41,7 @@ from emalign.errors import UserError
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
-from emalign.evaluation.stages import Models, code_keys, code_rows, em_rows, judge_batch, set_judgement
+from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
 from emalign.jsonl import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
 from emalign.sampling import GenerationSettings
@@ -46,6 +49,8 @@ from emalign.sampling import GenerationSettings
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE, CODE_FILE = "samples.jsonl", "code_samples.jsonl"
+ANSWERS_FILE = "answers.jsonl"
+"""Sampled EM answers, saved before they are judged: a judge that fails cannot cost the sampling."""
 SUMMARY_FILE, CONFIG_FILE = "summary.json", "eval_config.json"
 
 
@@ -221,6 +226,8 @@ def run_eval(
         "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "self_review_question": conscience.question if self_review else None,
     })
+    if judge is not None:
+        judge.check()  # one cheap request: a wrong URL or a rejected key fails here, before any sampling
     lm, tokenizer = load_for_inference(model, adapter, dtype)  # type: ignore[arg-type]
     if torch.cuda.is_available():
         lm = lm.to("cuda")
@@ -239,15 +246,24 @@ def run_eval(
     code_pending = [c for c in code_all if c[0] not in code_done]
     resumed = len(items) - len(pending), len(code_all) - len(code_pending)
     writer, code_writer = RowWriter(out / SAMPLES_FILE), RowWriter(out / CODE_FILE)
+    sampled, answers_writer = read_rows(out / ANSWERS_FILE), RowWriter(out / ANSWERS_FILE)
+
+    def em_batch(batch: list) -> list[dict]:
+        """Answers saved by an earlier run are judged without sampling them again."""
+        todo = [(i, it) for i, it in batch if it.key not in sampled]
+        if todo:
+            for row in em_answers([it for _, it in todo], [i for i, _ in todo], **stages):
+                answers_writer.write(row)
+                sampled[row["key"]] = row
+        return judged([sampled[it.key] for _, it in batch], [it for _, it in batch], judge)
+
     try:
         with _progress(progress) as bars:
             em_task = bars.add_task("EM answers", total=len(items), completed=resumed[0]) if bars else None
             code_task = None
             if bars and code_all:
                 code_task = bars.add_task("code answers", total=len(code_all), completed=resumed[1])
-            _drain(pending, batch_size,
-                   lambda b: em_rows([it for _, it in b], [i for i, _ in b], judge=judge, **stages),
-                   writer, done, bars, em_task)
+            _drain(pending, batch_size, em_batch, writer, done, bars, em_task)
             _drain(code_pending, batch_size,
                    lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b], [g for _, _, g in b],
                                        **code_stages),
@@ -255,6 +271,7 @@ def run_eval(
     finally:
         writer.close()
         code_writer.close()
+        answers_writer.close()
 
     rows = [done[it.key] for it in items]  # this run's items only, in order (out may hold more)
     code = [code_done[k] for k, _, _ in code_all]

@@ -135,6 +135,10 @@ class Judge(ABC):
     def identity(self) -> str:
         """Stable description of the judge, e.g. ``openai:gpt-4o-2024-08-06``."""
 
+    def check(self) -> None:
+        """Fail in one line now if this judge cannot answer (called before an evaluation samples anything);
+        a local judge has nothing to check."""
+
     @abstractmethod
     def judge_many(
         self, prompts: Sequence[str], mode: ScoreMode = "score_0_100", labels: Sequence[str] | None = None

@@ -72,23 +72,29 @@ def set_judgement(row: dict, name: str, mode: str, result: Any) -> None:
         row[name] = result.score
 
 
-def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, generating: Models, reviewing: Optional[Models],
-            tokenizer: Any, judge: Judge, settings: GenerationSettings, seed: int,
-            conscience: Conscience) -> list[dict]:
-    """Sample, self-review and judge one batch of EM items; returns their finished rows."""
+def em_answers(items: Sequence[EvalItem], index: Sequence[int], *, generating: Models, reviewing: Optional[Models],
+               tokenizer: Any, settings: GenerationSettings, seed: int, conscience: Conscience) -> list[dict]:
+    """Sample and self-review one batch of EM items: their rows without the judgement (saved before it)."""
     rollouts = _generate(generating, tokenizer, [it.messages for it in items], index, settings, seed, EM_STEP)
     reviews = _self_review(reviewing, tokenizer, rollouts, conscience)
-    judged = judge_batch(judge, items, [r.text for r in rollouts])
-    rows = []
-    for item, r, review, fields in zip(items, rollouts, reviews, judged):
-        mode, _ = item.question.judge_mode()
-        rows.append({
-            "key": item.key, "question_id": item.question_id, "paraphrase_index": item.paraphrase_index,
-            "sample_index": item.sample_index, "paraphrase": item.paraphrase, "system": item.question.system,
-            "judge_mode": mode, "answer": r.text, "finished": r.finished, "tokens": len(r.response_ids),
-            **fields, "self_review": review,
-        })
-    return rows
+    return [{
+        "key": item.key, "question_id": item.question_id, "paraphrase_index": item.paraphrase_index,
+        "sample_index": item.sample_index, "paraphrase": item.paraphrase, "system": item.question.system,
+        "judge_mode": item.question.judge_mode()[0], "answer": r.text, "finished": r.finished,
+        "tokens": len(r.response_ids), "self_review": review,
+    } for item, r, review in zip(items, rollouts, reviews)]
+
+
+def judged(rows: Sequence[dict], items: Sequence[EvalItem], judge: Judge) -> list[dict]:
+    """The answered rows of ``items`` with the judge's fields added (new dicts; the inputs stay as they are)."""
+    fields = judge_batch(judge, items, [row["answer"] for row in rows])
+    return [{**{k: v for k, v in row.items() if k != "self_review"}, **f, "self_review": row["self_review"]}
+            for row, f in zip(rows, fields, strict=True)]
+
+
+def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, judge: Judge, **stages: Any) -> list[dict]:
+    """Sample, self-review and judge one batch of EM items; returns their finished rows."""
+    return judged(em_answers(items, index, **stages), items, judge)
 
 
 def code_rows(keys: Sequence[str], prompts: Sequence[str], index: Sequence[int], *, generating: Models,
