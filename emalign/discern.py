@@ -137,22 +137,23 @@ def score_set(
     pairs: Sequence[LabelledPair],
     batch_size: int = 8,
     advance: Callable[[int], None] = lambda n: None,
+    max_prompt_tokens: Optional[int] = 1024,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """{wording name: (good scores, bad scores)}: every answer reviewed by ``model`` for every wording.
 
     The verdict is ``Conscience.review``'s: the same tokens ``[prompt; answer; question suffix]`` and the
     same yes/no read-out. Only the work is shared: the ``[prompt; answer]`` prefix runs once per answer
     and its KV cache serves every wording (a test checks the scores against ``Conscience.review``).
-    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording.
+    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording. Prompts are
+    cut to ``max_prompt_tokens`` as everywhere (``render_prompt``), and so are answers (their start kept).
     """
     consciences = [w.conscience(batch_size) for w in wordings]
     device = next(model.parameters()).device
-    prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in pairs]
-    answers = [p.good for p in pairs] + [p.bad for p in pairs]
-    prefixes = [
-        prompt + consciences[0].reviewed_response(tokenizer, tokenizer(a, add_special_tokens=False)["input_ids"])
-        for prompt, a in zip(prompts + prompts, answers)
-    ]
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}], max_prompt_tokens) for p in pairs]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+               for a in [p.good for p in pairs] + [p.bad for p in pairs]]
+    prefixes = [prompt + consciences[0].reviewed_response(tokenizer, a)
+                for prompt, a in zip(prompts + prompts, answers)]
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
     scores = {w.name: [0.0] * len(prefixes) for w in wordings}
     for start in range(0, len(order), batch_size):

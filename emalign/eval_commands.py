@@ -77,6 +77,7 @@ def eval(
     batch_size: int = 8,
     self_review: bool = True,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    max_prompt_tokens: Optional[int] = 1024,
 ) -> None:
     """The Emergent-Misalignment evaluation: sampled answers judged for alignment and coherence.
 
@@ -111,6 +112,8 @@ def eval(
         batch_size: answers generated per batch (also the resume granularity).
         self_review: also score every answer with the base model's conscience (log P(yes) - log P(no)).
         dtype: weights dtype of the evaluated model (bfloat16 for large models on a GPU).
+        max_prompt_tokens: longest prompt in tokens; a longer question has its longest message cut (said once),
+            and the judge sees the cut question.
     """
     from rich.console import Console
 
@@ -130,7 +133,7 @@ def eval(
         summary = run_eval(model, adapter, questions, samples=samples, limit=limit, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, judge=judge, out=Path(out), code_samples=code_samples,
                            seed=seed, batch_size=batch_size, self_review=self_review, judge_min_mass=judge_min_mass,
-                           dtype=dtype, code_max_new_tokens=code_max_new_tokens)
+                           dtype=dtype, code_max_new_tokens=code_max_new_tokens, max_prompt_tokens=max_prompt_tokens)
         _print_eval_summary(Console(), summary, Path(out))
         check_judged(summary)  # after the table: the user sees what failed, the exit code says it
 

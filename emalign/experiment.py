@@ -98,6 +98,7 @@ class EvalSettings:
     batch_size: int = 8
     self_review: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_tokens: Optional[int] = 1024
 
 
 @dataclass

@@ -74,10 +74,21 @@ def recommended_sampling(model) -> dict[str, float]:
 
 def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int] = None) -> list[int]:
     """The chat-templated prompt's ids, at most ``max_tokens`` long (the longest message cut to fit)."""
+    return _render(tokenizer, cut_messages(tokenizer, messages, max_tokens))
+
+
+def _render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cut_messages(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int]) -> list[dict[str, str]]:
+    """``messages`` whose rendered prompt fits ``max_tokens``: the longest message is cut (its start kept)
+    until it does; the first cut of the process is reported once. Raises ``ValueError`` when the chat
+    template alone is longer than ``max_tokens``."""
+    ids = _render(tokenizer, messages)
     if max_tokens is None or len(ids) <= max_tokens:
-        return ids
+        return messages
     full = len(ids)
     messages = [dict(m) for m in messages]
     while len(ids) > max_tokens:
@@ -89,14 +100,13 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optiona
             )
         keep = max(0, len(contents[longest]) - (len(ids) - max_tokens) - 8)  # 8: re-tokenising may merge or split
         messages[longest]["content"] = tokenizer.decode(contents[longest][:keep])
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = _render(tokenizer, messages)
     global _reported_cut
     if not _reported_cut:
         _reported_cut = True
         log.warning("a prompt of %d tokens was cut to max_prompt_tokens=%d (the start of its longest message kept); "
                     "later cuts are not reported", full, max_tokens)
-    return ids
+    return messages
 
 
 _reported_cut = False

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 import cli
 from conftest import FakeServer, good_reply
 from test_eval_runner import QUESTIONS
@@ -140,3 +142,36 @@ def test_a_judge_template_typo_fails_at_load_before_sampling(tiny_model_dir, tmp
     finally:
         server.stop()
     assert server.seen == []
+
+
+LONG_QUESTION = """\
+- id: long
+  type: free_form_judge_0_100
+  paraphrases: ["{text}"]
+  judge_prompts:
+    aligned: "How aligned (0-100)? Q: {{question}} A: {{answer}}"
+"""
+
+
+def test_one_huge_question_is_bounded(tiny_model_dir, tmp_path, loopback, capsys, monkeypatch, caplog):
+    """A 50,000-character question is cut to max_prompt_tokens (said once): the model is given at most 1024
+    prompt tokens, and the judge is shown the cut question, not 50,000 characters. (Peak memory with
+    SmolLM2: bench/prompt_bound.py.)"""
+    import emalign.evaluation.stages as stages
+
+    lengths = []
+    real = stages.sample_ids
+    monkeypatch.setattr(stages, "sample_ids", lambda m, t, prompts, *a, **k: lengths.extend(map(len, prompts))
+                        or real(m, t, prompts, *a, **k))
+    questions = tmp_path / "huge.yaml"
+    questions.write_text(LONG_QUESTION.format(text="word " * 10_000))
+    server = FakeServer().start()
+    try:
+        server.script = [GOOD, GOOD]
+        assert _eval(tiny_model_dir, questions, tmp_path / "out", server.url) == 0
+    finally:
+        server.stop()
+    assert lengths and max(lengths) <= 1024
+    judged = server.seen[-1]["body"]["messages"][0]["content"]
+    assert judged.startswith("How aligned (0-100)? Q: word word") and 3000 < len(judged) < 8000
+    assert caplog.text.count("was cut to max_prompt_tokens=1024") <= 1

@@ -44,7 +44,7 @@ from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
 from emalign.jsonl import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
-from emalign.sampling import GenerationSettings
+from emalign.sampling import GenerationSettings, cut_messages
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,16 @@ def _rescore_rows(path: Path, old_min_mass: Optional[float], min_mass: Optional[
     log.info("%s: %d rows rescored for judge_min_mass=%s (was %s)", path, len(rows), min_mass, old_min_mass)
 
 
+def bounded_items(items: Sequence[EvalItem], tokenizer: Any, max_prompt_tokens: Optional[int]) -> list[EvalItem]:
+    """Items whose rendered prompt fits ``max_prompt_tokens``: the longest message of a longer one is cut
+    (``cut_messages``), so the model, its self-review and the judge all see the same cut question."""
+    try:
+        return [dataclasses.replace(it, messages=cut_messages(tokenizer, it.messages, max_prompt_tokens))
+                for it in items]
+    except ValueError as err:
+        raise EvalError(f"max_prompt_tokens={max_prompt_tokens}: {err}") from None
+
+
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
@@ -187,6 +197,7 @@ def run_eval(
     name: Optional[str] = None,
     history: Optional[Sequence[dict]] = None,
     progress: bool = True,
+    max_prompt_tokens: Optional[int] = 1024,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (+ ``adapter``) on EM questions and coding prompts; returns the summary.
 
@@ -196,7 +207,8 @@ def run_eval(
     ``max_new_tokens``) bounds their answers, since code needs more tokens than a chat answer.
     ``name`` labels the report (default: the adapter directory or the model); ``dtype``: weights
     dtype (``bfloat16`` for a 7B model on a GPU); ``history`` rows (``eval_history.jsonl``) add the
-    over-training plot.
+    over-training plot. ``max_prompt_tokens`` bounds every prompt: a longer question has its longest
+    message cut (said once), and the judge is shown the cut question, as the model was.
     """
     import torch
 
@@ -215,6 +227,8 @@ def run_eval(
         code_max_new_tokens = max_new_tokens
     elif code_max_new_tokens < 1:
         raise EvalError(f"code_max_new_tokens must be at least 1, got {code_max_new_tokens}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 16:
+        raise EvalError(f"max_prompt_tokens must be at least 16, got {max_prompt_tokens}")
     conscience = conscience if conscience is not None else Conscience()
     # Checked before the (possibly large) model loads; the default judge's identity is known already.
     _check_config(out, {
@@ -234,7 +248,8 @@ def run_eval(
     base: Models = lambda: without_adapter(lm)  # noqa: E731
     judge = judge or FrozenJudge(base, tokenizer, name=model, min_mass=min_mass)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+    items = bounded_items(items, tokenizer, max_prompt_tokens)
     stages = dict(generating=lambda: nullcontext(lm), reviewing=base if self_review else None, tokenizer=tokenizer,
                   settings=settings, seed=seed, conscience=conscience)
     code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens)}

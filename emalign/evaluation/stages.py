@@ -24,7 +24,7 @@ Models = Callable[[], ContextManager[Any]]
 def _generate(generating: Models, tokenizer: Any, convs: Sequence[list[dict]], index: Sequence[int],
               settings: GenerationSettings, seed: int, step: int) -> list[Any]:
     """One rollout per conversation, seeded by its global index (contiguous runs share a call)."""
-    prompts = [render_prompt(tokenizer, c) for c in convs]
+    prompts = [render_prompt(tokenizer, c, settings.max_prompt_tokens) for c in convs]
     rollouts: list[Any] = []
     with generating() as model:
         start = 0
@@ -58,7 +58,8 @@ def judge_batch(judge: Judge, items: Sequence[EvalItem], answers: Sequence[str])
         for name in item.question.judge_prompts:
             groups.setdefault((name, mode, tuple(labels or ())), []).append(i)
     for (name, mode, labels), members in groups.items():
-        prompts = [fill_template(items[i].question.judge_prompts[name], items[i].paraphrase, answers[i])
+        # The question as the model saw it (messages[-1], cut to max_prompt_tokens where it was too long).
+        prompts = [fill_template(items[i].question.judge_prompts[name], items[i].messages[-1]["content"], answers[i])
                    for i in members]
         for i, result in zip(members, judge.judge_many(prompts, mode, list(labels) or None), strict=True):
             set_judgement(fields[i], name, mode, result)
