@@ -113,6 +113,14 @@ def test_sampling_weights_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.slow
+def test_prompt_bound_tiny(tmp_path):
+    """One 50,000-character question: eval peaks within 1.5x of a short question's eval with the bound,
+    and beyond it without (so the check can fail)."""
+    data = run_bench("prompt_bound.py", tmp_path / "prompt_bound.json")
+    assert data["ratio_bounded_vs_short"] <= 1.5 < data["ratio_unbounded_vs_short"], data
+
+
 def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
     """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
     import torch
