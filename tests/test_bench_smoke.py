@@ -112,7 +112,6 @@ def test_sampling_weights_tiny(tmp_path):
     assert merged["identical_rows"] == data["settings"]["rows"] == 8 and merged["kl_per_token"] < 1e-6
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
 @pytest.mark.slow
 def test_prompt_bound_tiny(tmp_path):
     """One 50,000-character question: eval peaks within 1.5x of a short question's eval with the bound,
@@ -121,6 +120,7 @@ def test_prompt_bound_tiny(tmp_path):
     assert data["ratio_bounded_vs_short"] <= 1.5 < data["ratio_unbounded_vs_short"], data
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
     """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
     import torch
