@@ -236,3 +236,12 @@ def test_smollm2_separates_blatant_chat_pairs():
     review = Conscience(batch_size=6).review(lm, tokenizer, [_prompt(tokenizer, p.prompt) for p in pairs],
                                              [_ids(tokenizer, p.bad) for p in pairs])
     assert bad == pytest.approx(review.scores.tolist(), abs=1e-3)
+
+
+def test_chat_set_token_lengths_do_not_give_the_label_away(smollm2_tokenizer):
+    """In SmolLM2's tokens too, good and bad answers differ by at most 2, and neither side is longer more often."""
+    chat = load_set("chat")
+    count = lambda text: len(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    diffs = [count(p.bad) - count(p.good) for p in chat]
+    assert max(map(abs, diffs)) <= 2
+    assert abs(sum(d > 0 for d in diffs) - sum(d < 0 for d in diffs)) <= 6, diffs
