@@ -63,6 +63,11 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+KV_COPY_TOKENS = 4096
+"""Prompt tokens the repeated KV cache of one candidate forward may hold (rows x prompt length): a typical
+EM judge prompt (a few hundred tokens) keeps the full batch; a 1,000-token one takes 4 rows at a time."""
+
+
 class LocalJudge(Judge):
     """Judge with a local Hugging Face causal LM (e.g. the frozen reference model).
 
@@ -191,7 +196,7 @@ class LocalJudge(Judge):
         try:
             cache, first = None, None
             if self.use_cache:
-                out = model(input_ids=prompt_t, use_cache=True)
+                out = model(input_ids=prompt_t, use_cache=True, logits_to_keep=1)  # only the next token's
                 self.stats["forwards"] += 1
                 cache = getattr(out, "cache", None)
                 if cache is None:  # older transformers name the output past_key_values
@@ -200,8 +205,12 @@ class LocalJudge(Judge):
                     cache = None  # not a repeatable cache: use the full-row fallback
                 first = out.logits[0, -1]
             results = []
-            for start in range(0, len(cand_ids), self.batch_size):
-                chunk = cand_ids[start : start + self.batch_size]
+            # Each row of a chunk gets its own copy of the prompt's KV cache: bound the copies by tokens, so
+            # that a long judge prompt takes a few rows per forward instead of batch_size copies of it.
+            rows = min(self.batch_size, max(1, KV_COPY_TOKENS // prompt_t.shape[1])) if cache is not None else \
+                self.batch_size
+            for start in range(0, len(cand_ids), rows):
+                chunk = cand_ids[start : start + rows]
                 dists = self._chunk_dists(model, prompt_t, chunk, pad, cache, first)
                 results.append(self._score_chunk(dists, chunk, kind))
             return torch.cat(results)
