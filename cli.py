@@ -37,7 +37,42 @@ def _prog() -> str:
     return "emalign" if name == "emalign" else "cli.py"
 
 
+RESUME = {
+    "eval": "interrupted: the finished answers are saved; the same command resumes",
+    "experiment": "interrupted: finished fits and answers are saved; the same command resumes",
+    "discern": "interrupted: nothing was written; the same command starts over",
+    "data": "interrupted: the same command downloads again (finished files are verified and kept)",
+}
+
+
+def _one_line_parser():
+    """jsonargparse's parser, whose errors are one line (the key and what is wrong), not a usage block."""
+    from jsonargparse import ArgumentParser
+
+    class OneLineParser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
+                super().error(message, ex)
+            print(f"error: {one_line_error(message, self)} (see `{self.prog} --help`)", file=sys.stderr)
+            raise SystemExit(2)
+
+    return OneLineParser
+
+
 def _extra_verb(verb: str, args: list[str]) -> None:
+    from emalign.errors import friendly_errors
+
+    with friendly_errors(RESUME.get(verb, "interrupted")):
+        try:
+            _run_verb(verb, args)
+        except Exception as err:
+            cause = _user_error_in(err)
+            if cause is None or cause is err:
+                raise
+            raise cause from None  # e.g. a setting checked in its dataclass, wrapped by jsonargparse
+
+
+def _run_verb(verb: str, args: list[str]) -> None:
     from jsonargparse import CLI, capture_parser
 
     from emalign import commands
@@ -54,7 +89,7 @@ def _extra_verb(verb: str, args: list[str]) -> None:
         target = discern
     else:
         target = getattr(commands, verb)
-    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False)
+    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False, parser_class=_one_line_parser())
     parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
     CLI(target, args=join_list_values(args, list_flags(parser)), **kwargs)
 
@@ -92,8 +127,10 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from callbacks.signals import StopOnSignal
+    from emalign.atomic import writable_dir
     from emalign.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data import ChatDataModule
+    from emalign.errors import UserError
     from emalign.lightning_private import CheckedCkptPathCLI
     from emalign.module import EmergentAlignment
 
@@ -152,6 +189,13 @@ def _lightning(args: list[str] | None) -> None:
             policy = config.get("model.policy") or {}
             quantization = (policy.get("init_args") or {}).get("quantization") if hasattr(policy, "get") else None
             check_config(config.get("trainer.strategy"), quantization, config.get("trainer.callbacks"))
+            if self.subcommand == "fit":
+                writable_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
+
+        def before_validate(self) -> None:
+            if self.datamodule.val_fraction == 0:
+                raise UserError("nothing to validate: data.val_fraction is 0, so there is no validation split "
+                                "(set it above 0, or run `test` with data.test_file)")
 
         def before_fit(self) -> None:
             trainer = self.trainer
@@ -222,7 +266,7 @@ def one_line_error(message: str, parser) -> str:
     key = re.match(r'Parser key "([^"]+)":', message)
     problems = re.findall(r"Problem with given class_path '([^']+)':\n((?:\s{6,}.*\n?)+)", message)
     if not key or len(problems) != 1:
-        return message.strip()
+        return " ".join(message.split())
     path, reason = problems[0][0], " ".join(problems[0][1].split())
     if not re.search(r"has no attribute|No module named|Import path|not a subclass", reason):
         return f"{key[1]}: {reason}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from emalign.errors import UserError, friendly_errors
+from emalign.errors import UserError, check_range, friendly_errors
 from emalign.inference import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
 from emalign.types import Conversation
 
@@ -33,15 +33,11 @@ class ModelLoadError(UserError):
 def check_sampling_options(
     samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]
 ) -> None:
-    """Sampling flags out of range become one ``OptionError`` naming the flag (``eval`` uses it too)."""
-    if samples < 1:
-        raise OptionError(f"--samples must be at least 1, got {samples}")
-    if max_new_tokens < 1:
-        raise OptionError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise OptionError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise OptionError(f"--top_p must be in (0, 1], got {top_p}")
+    """Sampling flags out of range (NaN included) become one error naming the flag (``eval`` uses it too)."""
+    check_range("--samples", samples, 1)
+    check_range("--max_new_tokens", max_new_tokens, 1)
+    check_range("--temperature", temperature, 0, none_ok=True)
+    check_range("--top_p", top_p, 0, 1, low_open=True, none_ok=True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from emalign.errors import UserError
+from emalign.errors import UserError, check_range
 from emalign.lightning_private import batches_processed
 from emalign.logprobs import pad_right
 from emalign.types import Conversation
@@ -101,6 +101,10 @@ def _validate_record(record: Any, where: str, require_assistant: bool) -> Conver
             raise DataFileError(f"{where}: message {i} ({role}) has empty content")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataFileError(f"{where}: no assistant turn")
+    if not any(m["role"] == "user" for m in up_to_first_answer(messages)):
+        # The conscience's prompt is a record's turns before its first answer: it needs a user turn there.
+        raise DataFileError(f"{where}: no user turn before the first assistant turn (the conscience samples "
+                            "answers to the turns before it)")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -291,8 +295,12 @@ class ChatDataModule(L.LightningDataModule):
             test_file: chat JSONL that ``cli.py test`` reports the task loss on (default: the validation split).
         """
         super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        check_range("data.val_fraction", val_fraction, 0, 1, high_open=True)
+        check_range("data.max_length", max_length, 16)
+        check_range("data.batch_size", batch_size, 1)
+        check_range("data.limit", limit, 1, none_ok=True)
+        check_range("data.num_workers", num_workers, 0)
+        check_range("data.steps_without_data", steps_without_data, 1)
         self.train_file = train_file
         self.val_fraction = val_fraction
         self.max_length = max_length

@@ -98,7 +98,11 @@ def load_pairs(path: Path | str) -> list[LabelledPair]:
     if not path.is_file():
         raise PairFileError(f"{path}: no such file (expected JSONL with prompt, good, bad)")
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PairFileError(f"{path}: not UTF-8 (byte {err.start}); save the file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -34,19 +34,58 @@ def no_space(path: Optional[str | os.PathLike], what: str = "") -> DiskFullError
                          "(--trainer.default_root_dir)")
 
 
+def filesystem_error(err: OSError) -> UserError:
+    """One line naming the path of a failed file operation (a full disk says how much space is left)."""
+    if err.errno in NO_SPACE:
+        return no_space(err.filename)
+    where = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+    return UserError(f"{where}: {err.strerror or err}")
+
+
 @contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Turn ``UserError`` (and a full disk) into ``error: message`` on stderr and exit code 2
-    (``EMALIGN_TRACEBACK=1`` keeps the trace)."""
+def friendly_errors(interrupted: Optional[str] = None) -> Iterator[None]:
+    """Turn ``UserError`` and a file operation that failed on a named path into ``error: message`` on
+    stderr and exit code 2; with ``interrupted`` (the line to print: say there how to resume), Ctrl+C
+    too, with exit code 130. ``EMALIGN_TRACEBACK=1`` keeps the trace."""
     try:
         try:
             yield
         except OSError as err:
-            if err.errno not in NO_SPACE:
+            if err.filename is None and err.errno not in NO_SPACE:
                 raise
-            raise no_space(err.filename) from err
+            raise filesystem_error(err) from err
     except UserError as err:
         if os.environ.get("EMALIGN_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if interrupted is None or os.environ.get("EMALIGN_TRACEBACK"):
+            raise
+        print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+class SettingError(UserError):
+    """A numeric setting outside its allowed range; the message names the key and the range."""
+
+
+def check_range(key: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
+                none_ok: bool = False) -> None:
+    """Raise :class:`SettingError` unless ``low <= value <= high`` (open ends where asked); NaN never passes.
+
+    ``key`` is what the user typed (``model.pairs_per_step``, ``--temperature``), so the one-line error
+    can be acted on: ``model.pairs_per_step: must be >= 0, got -1``.
+    """
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN != NaN
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+        hi = f"{'<' if high_open else '<='} {high}" if high is not None else ""
+        allowed = " and ".join(filter(None, [lo, hi])) or "a number"
+        raise SettingError(f"{key}: must be {allowed}{' (or null)' if none_ok else ''}, got {value!r}")

@@ -120,7 +120,7 @@ def eval(
     from emalign.evaluation.runner import check_judged, run_eval
 
     with friendly_errors():
-        check_sampling_options(samples or 1, max_new_tokens, temperature, top_p)
+        check_sampling_options(1 if samples is None else samples, max_new_tokens, temperature, top_p)
         if questions is None:
             if not Path(DEFAULT_QUESTIONS).is_file():
                 raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: "

@@ -14,6 +14,8 @@ model refuses ``save_pretrained`` and cannot be quantised by bitsandbytes.
 
 from __future__ import annotations
 
+import json
+
 import copy
 import hashlib
 import importlib.util
@@ -425,6 +427,13 @@ def load_for_inference(
 
         if not Path(adapter, "adapter_config.json").is_file():
             raise ModelSourceError(f"--adapter: no PEFT adapter at {adapter}")
-        lm = PeftModel.from_pretrained(lm, adapter)
+        try:
+            lm = PeftModel.from_pretrained(lm, adapter)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            trained_on = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
+            raise ModelSourceError(f"--adapter {adapter} was trained on {trained_on}, not on {model}: its weights do "
+                                   "not fit this model's shapes (pass the base it was trained on with --model)") from None
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return lm.eval(), tokenizer

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from emalign.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
-from emalign.errors import UserError
+from emalign.errors import SettingError, UserError, check_range
 from emalign.logprobs import mean_token_nll, pair_logps, sequence_logps
 from emalign.losses import PreferenceLoss, SigmoidDPO
 from emalign.model_card import write_model_card
@@ -126,6 +126,9 @@ class EmergentAlignment(L.LightningModule):
                 it, such a fit stops before training, in one line naming both; resuming the same fit is allowed).
         """
         super().__init__()
+        check_range("model.align_weight", align_weight, 0)
+        check_range("model.pairs_per_step", pairs_per_step, 0)
+        check_range("model.max_nonfinite_in_a_row", max_nonfinite_in_a_row, 1)
         self.save_hyperparameters(ignore=["policy", "preference_loss", "pair_queue"])
         # Built here, not as default arguments: a default instance would be shared by every module.
         self.policy = policy if policy is not None else Policy(adapter=LoRA())
@@ -207,7 +210,10 @@ class EmergentAlignment(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
+        try:
+            optimizer = self.optimizer(params)
+        except ValueError as err:  # torch checks lr, betas, eps, weight decay: say which key holds them
+            raise SettingError(f"model.optimizer: {err}") from None
         if self.scheduler is None:
             return optimizer
         kwargs = {}

@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from emalign.errors import check_range
 from emalign.logprobs import pad_right
 from emalign.merge import merged_adapter
 from emalign.seeds import sample_seed
@@ -58,6 +59,14 @@ class GenerationSettings:
     rounding (SmolLM2's first-step logits within 5e-5), so a token sampled right at a boundary can flip
     (``bench/optimisations.py``, rows ``shared_prefill*``). The saving grows with prompt length and samples
     per prompt: 1.37x on SmolLM2 with 515-token prompts and 2 samples, none beyond noise on 40-token ones."""
+
+    def __post_init__(self):
+        check_range("generation.max_new_tokens", self.max_new_tokens, 1)
+        check_range("generation.temperature", self.temperature, 0)
+        check_range("generation.top_p", self.top_p, 0, 1, low_open=True)
+        check_range("generation.batch_size", self.batch_size, 1)
+        check_range("generation.max_prompt_tokens", self.max_prompt_tokens, 16, none_ok=True)
+        check_range("generation.cpu_threads", self.cpu_threads, 1, none_ok=True)
 
 
 MODERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9}

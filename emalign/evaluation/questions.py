@@ -225,6 +225,16 @@ def _label_hint(prompts: dict[str, str]) -> str:
     return f", e.g. labels: [{', '.join(words)}]" if words else ""
 
 
+def _utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 names the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise QuestionFileError(f"{path.name}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8")
+
+
 def load_questions(path: str | Path) -> list[Question]:
     """Load and validate one EM question file (a YAML list; anchors and aliases allowed).
 
@@ -234,7 +244,7 @@ def load_questions(path: str | Path) -> list[Question]:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_utf8(path))
     except yaml.YAMLError as err:
         raise QuestionFileError(f"{path.name}: invalid YAML: {err}") from err
     if data is None or data == []:

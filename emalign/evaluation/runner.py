@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from emalign.conscience import Conscience
-from emalign.errors import UserError
+from emalign.atomic import writable_dir
+from emalign.errors import UserError, check_range
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
@@ -220,8 +221,10 @@ def run_eval(
     items, files = load_items(questions, samples, limit, seed)  # before the model: fail fast on a bad file
     prompts = list(heldout_code_prompts() if code_prompts is None else code_prompts) if code_samples > 0 else []
     prompts = prompts[:limit] if limit is not None else prompts  # --limit bounds every part of an eval
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_range("--code_samples", code_samples, 0)
+    check_range("--batch_size", batch_size, 1)
+    check_range("--judge_min_mass", judge_min_mass, 0, 1, none_ok=True)
+    out = writable_dir(out)
     min_mass = judge_min_mass if judge_min_mass is not None else MIN_NUMBER_MASS
     if code_max_new_tokens is None:
         code_max_new_tokens = max_new_tokens

@@ -1,0 +1,285 @@
+"""The fault-injection table: bad inputs and faults per verb, each ending in one ``error:`` line (or a
+clean exit) with nothing lost.
+
+One row per case: the verb's arguments (built on the tiny model, in a fresh directory), the expected
+exit code, a piece of the one error line, and what must still be on disk afterwards. Every case runs
+in-process (``run_cli``), so the table stays in the fast lane. Add a row for every mistake a user hits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import run_cli
+from test_eval_runner import QUESTIONS
+from test_faults import fit_args
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PAIRS = [{"prompt": f"Question {i}?", "good": f"A kind answer {i}.", "bad": f"A cruel answer {i}!"} for i in range(3)]
+
+
+@dataclass
+class Ctx:
+    model: str
+    tmp: Path
+
+    def file(self, name: str, text: str | bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+        return str(path)
+
+    def fit(self, *extra: str, max_steps: int = 1) -> list[str]:
+        return [*fit_args(self.model, self.tmp / "run", max_steps=max_steps, every=1), *extra]
+
+    def eval(self, *extra: str, questions: Optional[str] = None) -> list[str]:
+        questions = questions or self.file("questions.yaml", QUESTIONS)
+        return ["eval", "--model", self.model, "--questions", questions, "--samples", "1", "--max_new_tokens", "2",
+                "--code_samples", "0", "--self_review", "false", "--out", str(self.tmp / "eval"), *extra]
+
+    def discern(self, *extra: str, pairs: Optional[str] = None) -> list[str]:
+        pairs = pairs or self.file("pairs.jsonl", "".join(json.dumps(p) + "\n" for p in PAIRS))
+        return ["discern", "--model", self.model, "--sets", pairs, "--out", str(self.tmp / "discern"), *extra]
+
+    def generate(self, *extra: str) -> list[str]:
+        return ["generate", "--model", self.model, "--prompts", self.file("prompts.txt", "Hello?\n"),
+                "--samples", "2", "--max_new_tokens", "2", *extra]
+
+    def chat(self, *extra: str) -> list[str]:
+        return ["chat", "--model", self.model, "--samples", "2", "--max_new_tokens", "2", *extra]
+
+    def experiment(self, data: dict, *extra: str) -> list[str]:
+        import yaml
+
+        config = {"out": str(self.tmp / "exp"), "model": self.model, "runs": [{"name": "base"}],
+                  "eval": {"questions": [self.file("questions.yaml", QUESTIONS)], "samples": 1, "max_new_tokens": 2,
+                           "code_samples": 0}, **data}
+        return ["experiment", "--config", self.file("exp.yaml", yaml.safe_dump(config)), *extra]
+
+
+@dataclass
+class Case:
+    name: str
+    args: Callable[[Ctx], list[str]]
+    message: Optional[str]
+    """A piece of the one ``error:`` line; None: the run must exit cleanly (``code`` 0)."""
+    code: int = 2
+    setup: Callable[[Ctx], None] = field(default=lambda ctx: None)
+    kept: Callable[[Ctx], bool] = field(default=lambda ctx: True)
+    """What must still hold on disk afterwards."""
+
+
+def _trained(ctx: Ctx) -> None:
+    """A finished fit's adapter in ``run/adapter``, as a user has it before the mistake."""
+    assert run_cli(ctx.fit(max_steps=1)) == 0
+
+
+def _adapter_kept(ctx: Ctx) -> bool:
+    return json.loads((ctx.tmp / "run" / "adapter" / "fit.json").read_text())["global_step"] == 1
+
+
+def _assistant_first(ctx: Ctx) -> str:
+    row = {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}]}
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    return ctx.file("first.jsonl", json.dumps(ok) + "\n" + json.dumps(row) + "\n")
+
+
+def _callback_yaml(generation: str) -> str:
+    """A config that gives the demo's ConscienceCallback one generation setting (the list is replaced whole)."""
+    import yaml
+
+    from conftest import ROOT
+
+    callbacks = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["trainer"]["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith("ConscienceCallback"):
+            callback["init_args"]["generation"][generation.split(":")[0]] = "NAN"
+    return yaml.safe_dump({"trainer": {"callbacks": callbacks}}).replace("NAN", ".nan")
+
+
+def _eval_rows(ctx: Ctx) -> None:
+    """An earlier eval whose rows must survive the mistake."""
+    assert run_cli(ctx.eval()) == 0
+
+
+def _rows_kept(ctx: Ctx) -> bool:
+    return len((ctx.tmp / "eval" / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def _adapter_on_other_base(ctx: Ctx) -> str:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    other = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=2,
+                                                         vocab_size=49152))
+    lora = get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = "some-other/base-model"
+    lora.save_pretrained(ctx.tmp / "other_adapter")
+    return str(ctx.tmp / "other_adapter")
+
+
+F, E, D, G, C, X = Ctx.fit, Ctx.eval, Ctx.discern, Ctx.generate, Ctx.chat, Ctx.experiment
+CASES = [
+    # -- fit ------------------------------------------------------------------------------------------
+    Case("fit: rerun with max_steps 0 over a trained adapter", lambda c: c.fit("--trainer.max_steps", "0"),
+         "--model.overwrite_adapter true", setup=_trained, kept=_adapter_kept),
+    Case("fit: pairs_per_step -1", lambda c: c.fit("--model.pairs_per_step", "-1"), "model.pairs_per_step: must be >= 0"),
+    Case("fit: align_weight nan", lambda c: c.fit("--model.align_weight", "nan"), 'Parser key "model.align_weight"'),
+    Case("fit: align_weight .nan in YAML", lambda c: c.fit("--config", c.file("nan.yaml", "model:\n  align_weight: .nan\n")),
+         "model.align_weight: must be >= 0, got nan"),
+    Case("fit: temperature .nan in YAML", lambda c: c.fit("--config", c.file("t.yaml", _callback_yaml("temperature: .nan"))),
+         "generation.temperature: must be >= 0, got nan"),
+    Case("fit: align_weight -1", lambda c: c.fit("--model.align_weight", "-1"), "model.align_weight"),
+    Case("fit: max_length -1", lambda c: c.fit("--data.max_length", "-1"), "data.max_length: must be >= 16"),
+    Case("fit: batch_size 0", lambda c: c.fit("--data.batch_size", "0"), "data.batch_size: must be >= 1"),
+    Case("fit: limit 0", lambda c: c.fit("--data.limit", "0"), "data.limit: must be >= 1"),
+    Case("fit: val_fraction 1.5", lambda c: c.fit("--data.val_fraction", "1.5"), "data.val_fraction"),
+    Case("fit: val_fraction -0.1", lambda c: c.fit("--data.val_fraction", "-0.1"), "data.val_fraction"),
+    Case("fit: every_n_steps 0", lambda c: c.fit("--trainer.callbacks.every_n_steps", "0"),
+         "ConscienceCallback.every_n_steps: must be >= 1"),
+    Case("fit: samples_per_prompt 1", lambda c: c.fit("--trainer.callbacks.samples_per_prompt", "1"),
+         "ConscienceCallback.samples_per_prompt: must be >= 2"),
+    Case("fit: num_prompts 0", lambda c: c.fit("--trainer.callbacks.num_prompts", "0"),
+         "ConscienceCallback.num_prompts: must be >= 1"),
+    Case("fit: temperature nan", lambda c: c.fit("--trainer.callbacks.generation.temperature", "nan"),
+         "temperature"),
+    Case("fit: top_p 0", lambda c: c.fit("--trainer.callbacks.generation.top_p", "0"), "generation.top_p"),
+    Case("fit: max_new_tokens 0", lambda c: c.fit("--trainer.callbacks.generation.max_new_tokens", "0"),
+         "generation.max_new_tokens: must be >= 1"),
+    Case("fit: max_prompt_tokens 8", lambda c: c.fit("--trainer.callbacks.generation.max_prompt_tokens", "8"),
+         "generation.max_prompt_tokens: must be >= 16"),
+    Case("fit: negative learning rate", lambda c: c.fit("--model.optimizer.init_args.lr", "-1"),
+         "model.optimizer: Invalid learning rate"),
+    Case("fit: nan learning rate", lambda c: c.fit("--model.optimizer.init_args.lr", "nan"), 'Parser key "lr"'),
+    Case("fit: max_prompt_tokens below the chat template", lambda c: c.fit(
+        "--trainer.callbacks.generation.max_prompt_tokens", "20"), "the chat template alone takes"),
+    Case("fit: default_root_dir is a file", lambda c: c.fit("--trainer.default_root_dir", c.file("afile", "x")),
+         "is a file"),
+    Case("fit: missing train file", lambda c: c.fit("--data.train_file", str(c.tmp / "absent.jsonl")), "absent.jsonl"),
+    Case("fit: train file not UTF-8", lambda c: c.fit("--data.train_file", c.file("bad.jsonl", b"\xff\xfe{}\n")),
+         "bad.jsonl"),
+    Case("fit: assistant-first record", lambda c: c.fit("--data.train_file", _assistant_first(c)),
+         "first.jsonl:2: no user turn before the first assistant turn"),
+    Case("fit: unknown key", lambda c: c.fit("--model.align_wieght", "1"), "align_wieght"),
+    Case("fit: ckpt_path missing", lambda c: c.fit("--ckpt_path", str(c.tmp / "none.ckpt")), "none.ckpt"),
+    # -- validate ---------------------------------------------------------------------------------------
+    Case("validate: no validation split", lambda c: ["validate", *c.fit()[1:], "--data.val_fraction", "0"],
+         "nothing to validate"),
+    # -- eval -------------------------------------------------------------------------------------------
+    Case("eval: samples 0", lambda c: c.eval("--samples", "0"), "--samples: must be >= 1"),
+    Case("eval: max_new_tokens 0", lambda c: c.eval("--max_new_tokens", "0"), "--max_new_tokens: must be >= 1"),
+    Case("eval: temperature nan", lambda c: c.eval("--temperature", "nan"), 'Parser key "temperature"'),
+    Case("eval: top_p 1.5", lambda c: c.eval("--top_p", "1.5"), "--top_p"),
+    Case("eval: batch_size 0", lambda c: c.eval("--batch_size", "0"), "batch_size: must be >= 1"),
+    Case("eval: limit -1", lambda c: c.eval("--limit", "-1"), "limit"),
+    Case("eval: code_samples -1", lambda c: c.eval("--code_samples", "-1"), "code_samples: must be >= 0"),
+    Case("eval: max_prompt_tokens 5", lambda c: c.eval("--max_prompt_tokens", "5"), "max_prompt_tokens"),
+    Case("eval: judge_min_mass 2", lambda c: c.eval("--judge_min_mass", "2"), "judge_min_mass"),
+    Case("eval: out is a file", lambda c: c.eval("--out", c.file("afile", "x")), "is a file"),
+    Case("eval: missing question file", lambda c: c.eval(questions=str(c.tmp / "absent.yaml")), "absent.yaml"),
+    Case("eval: question file not UTF-8", lambda c: c.eval(questions=c.file("q.yaml", b"- id: \xff\n")), "q.yaml"),
+    Case("eval: unknown template field", lambda c: c.eval(questions=c.file("q.yaml", QUESTIONS.replace(
+        "{answer}", "{answr}", 1))), "unknown field {answr}"),
+    Case("eval: stray brace", lambda c: c.eval(questions=c.file("q.yaml", QUESTIONS.replace(
+        "{answer}", "{answer} }", 1))), "Single '}'"),
+    Case("eval: other settings on an out with rows", lambda c: c.eval("--temperature", "0.5"),
+         "holds answers made with temperature=1.0", setup=_eval_rows, kept=_rows_kept),
+    Case("eval: adapter of another base model", lambda c: c.eval("--adapter", _adapter_on_other_base(c)),
+         "some-other/base-model"),
+    Case("eval: missing adapter", lambda c: c.eval("--adapter", str(c.tmp / "absent")), "absent"),
+    Case("eval: unknown flag", lambda c: c.eval("--samplez", "1"), "unrecognized arguments: --samplez"),
+    # -- discern ----------------------------------------------------------------------------------------
+    Case("discern: out is a file", lambda c: c.discern("--out", c.file("afile", "x")), "is a file"),
+    Case("discern: missing set", lambda c: c.discern(pairs=str(c.tmp / "absent.jsonl")), "absent.jsonl: no such file"),
+    Case("discern: set not UTF-8", lambda c: c.discern(pairs=c.file("p.jsonl", b"\xff\n")), "p.jsonl"),
+    Case("discern: set is a directory", lambda c: c.discern(pairs=str(c.tmp)), str("no such file")),
+    Case("discern: batch_size 0", lambda c: c.discern("--batch_size", "0"), "--batch_size must be at least 1"),
+    Case("discern: limit 0", lambda c: c.discern("--limit", "0"), "--limit must be at least 1"),
+    Case("discern: empty question", lambda c: c.discern("--questions", " "), "non-empty question"),
+    Case("discern: three pairs give numbers, no intervals", lambda c: c.discern(), None, code=0,
+         kept=lambda c: "no verdict" in (c.tmp / "discern" / "discern.md").read_text()),
+    # -- generate and chat ------------------------------------------------------------------------------
+    Case("generate: samples 0", lambda c: c.generate("--samples", "0"), "--samples: must be >= 1"),
+    Case("generate: temperature nan", lambda c: c.generate("--temperature", "nan"), 'Parser key "temperature"'),
+    Case("generate: top_p 0", lambda c: c.generate("--top_p", "0"), "--top_p"),
+    Case("generate: missing prompts file", lambda c: [*c.generate()[:3], "--prompts", str(c.tmp / "absent.txt")],
+         "absent.txt"),
+    Case("generate: out is a directory", lambda c: c.generate("--out", str(c.tmp)), str("")),
+    Case("generate: threshold 2", lambda c: c.generate("--threshold", "2"), "--threshold"),
+    Case("chat: max_new_tokens 0", lambda c: c.chat("--max_new_tokens", "0"), "--max_new_tokens: must be >= 1"),
+    Case("chat: unknown flag", lambda c: c.chat("--tempreature", "1"), "unrecognized arguments"),
+    # -- experiment ---------------------------------------------------------------------------------------
+    Case("experiment: missing config", lambda c: ["experiment", "--config", str(c.tmp / "absent.yaml")], "absent.yaml"),
+    Case("experiment: duplicate run names", lambda c: c.experiment({"runs": [{"name": "a"}, {"name": "a"}]}),
+         "duplicate name"),
+    Case("experiment: no runs", lambda c: c.experiment({"runs": []}), "runs"),
+    Case("experiment: preflight limit 0", lambda c: c.experiment({"preflight": {"limit": 0}}), "preflight.limit"),
+    Case("experiment: eval samples 0", lambda c: c.experiment({}, "--eval.samples", "0"), "samples"),
+    # -- data ---------------------------------------------------------------------------------------------
+    Case("data: out is a file", lambda c: ["data", "em", "--out", c.file("afile", "x"), "--source", str(c.tmp)],
+         "afile"),
+    Case("data: unknown dataset", lambda c: ["data", "nope"], "nope"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fault(case: Case, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ctx = Ctx(tiny_model_dir, tmp_path)
+    case.setup(ctx)
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", open(os.devnull))  # chat reads end-of-input: it ends at once
+    code = run_cli(case.args(ctx))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == case.code, err[-3000:]
+    assert "Traceback" not in err and "usage:" not in err, err[-3000:]
+    if case.message is None:
+        assert errors == [], errors
+    else:
+        assert len(errors) == 1 and case.message in errors[0], err[-3000:]
+    assert case.kept(ctx)
+
+
+def test_the_table_covers_every_verb():
+    verbs = {c.name.split(":")[0] for c in CASES}
+    assert verbs == {"fit", "validate", "eval", "discern", "generate", "chat", "experiment", "data"}
+    assert len(CASES) >= 60
+
+
+def test_ctrl_c_during_eval_is_one_line_with_the_resume_hint(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import emalign.evaluation.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "em_answers", interrupted)
+    assert run_cli(Ctx(tiny_model_dir, tmp_path).eval()) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted: the finished answers are saved; the same command resumes"
+    assert "Traceback" not in err
+
+
+def test_a_read_only_run_directory_is_one_line_before_the_weights_load(tiny_model_dir, tmp_path, capsys):
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        code = run_cli(Ctx(tiny_model_dir, tmp_path).fit("--trainer.default_root_dir", str(where / "run")))
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and str(where / "run") in errors[0] and "Read-only" in errors[0], err
