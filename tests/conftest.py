@@ -130,6 +130,16 @@ class FakeServer:
 
             def _act(self, action):
                 kind = action[0]
+                if kind == "trickle":  # ("trickle", seconds between bytes): a good reply, one byte at a time
+                    data = json.dumps(good_reply([("1", 1.0)])).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(action[1])
+                    return
                 if kind == "sleep":
                     time.sleep(action[1])
                     kind, action = "json", ("json", 200, good_reply([("1", 1.0)]))

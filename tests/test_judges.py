@@ -307,3 +307,28 @@ def test_openai_judge_concurrent_batch_keeps_order_and_pickles(server):
     clone = pickle.loads(pickle.dumps(judge))  # e.g. a config deep-copied by a launcher
     server.script = [("echo",), ("echo",)]
     assert [r.score for r in clone.judge_many(["7", "8"])] == [7.0, 8.0]
+
+
+def test_openai_judge_timeout_covers_the_whole_request(server):
+    """A reply trickling one byte every 50 ms (about 15 s in all) is cut at timeout_s=1 and retried:
+    requests' own timeout, per socket read, would have waited for all of it."""
+    import time
+
+    judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY", timeout_s=1.0,
+                        max_retries=1, backoff_s=0.01, concurrency=1)
+    server.script = [("trickle", 0.05), ("json", 200, good_reply([("7", 1.0)]))]
+    started = time.monotonic()
+    result = judge.judge_one("Rate it.")
+    assert time.monotonic() - started < 5 and result.score == 7.0
+    assert judge.stats["retries"] == 1
+
+
+def test_openai_judge_caps_the_reply_size(server):
+    judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY", max_retries=0,
+                        concurrency=1, max_reply_bytes=4096)
+    reply = good_reply([("7", 1.0)])
+    reply["padding"] = "x" * 100_000
+    server.script = [("json", 200, reply)]
+    result = judge.judge_one("Rate it.")
+    assert result.score is None and "max_reply_bytes=4096" in result.raw["error"]
+    assert judge.stats["malformed"] == 1

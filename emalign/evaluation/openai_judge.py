@@ -15,6 +15,7 @@ logs, errors, ``raw`` or ``stats``.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import math
 import os
@@ -24,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import requests
+import urllib3
 
-from emalign.errors import UserError
+from emalign.errors import UserError, check_range
 from emalign.evaluation.scoring import (
     MIN_NUMBER_MASS,
     Judge,
@@ -74,6 +76,7 @@ class OpenAIJudge(Judge):
         top_logprobs: int = 20,
         min_mass: float = MIN_NUMBER_MASS,
         concurrency: int = 8,
+        max_reply_bytes: int = 1 << 20,
     ) -> None:
         """
         Args:
@@ -89,9 +92,14 @@ class OpenAIJudge(Judge):
             min_mass: below this total number/label probability there is no score/label.
             concurrency: requests in flight at once in :meth:`judge_many` (upstream ran its
                 judge calls concurrently too; thousands of sequential calls take hours).
+            max_reply_bytes: a longer reply is cut off and counted as malformed (one token's top-20
+                logprobs take a few kB), so a broken server cannot fill the memory.
         """
-        if max_retries < 0 or timeout_s <= 0 or backoff_s < 0 or concurrency < 1:
-            raise ValueError("need max_retries >= 0, timeout_s > 0, backoff_s >= 0, concurrency >= 1")
+        check_range("judge.max_retries", max_retries, 0)
+        check_range("judge.timeout_s", timeout_s, 0, low_open=True)
+        check_range("judge.backoff_s", backoff_s, 0)
+        check_range("judge.concurrency", concurrency, 1)
+        check_range("judge.max_reply_bytes", max_reply_bytes, 1024)
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -102,6 +110,7 @@ class OpenAIJudge(Judge):
         self.top_logprobs = top_logprobs
         self.min_mass = min_mass
         self.concurrency = concurrency
+        self.max_reply_bytes = max_reply_bytes
         self.stats = {"requests": 0, "retries": 0, "malformed": 0, "failures": 0}
         self._init_runtime()
 
@@ -175,7 +184,10 @@ class OpenAIJudge(Judge):
             self._count("requests")
             retry_after = None
             try:
-                resp = self._session.post(url, json=body, headers=self._headers(), timeout=self.timeout_s)
+                # Streamed, so that the body is read under the whole-request deadline and the size cap.
+                resp = self._session.post(url, json=body, headers=self._headers(), timeout=self.timeout_s,
+                                          stream=True)
+                content = self._read(resp) if resp.status_code == 200 else None
             except (
                 requests.Timeout,
                 requests.ConnectionError,
@@ -191,11 +203,12 @@ class OpenAIJudge(Judge):
                     )
                 if resp.status_code == 200:
                     try:
-                        return resp.json()
+                        return json.loads(content)
                     except ValueError as err:
                         raise _Malformed("reply is not JSON") from err
                 if resp.status_code not in _RETRY_STATUS:
-                    raise _Failed(f"HTTP {resp.status_code}: {self._redact(resp.text[:200])}")
+                    start = next(resp.iter_content(200), b"").decode("utf-8", errors="replace")  # not the whole body
+                    raise _Failed(f"HTTP {resp.status_code}: {self._redact(start)}")
                 last = f"HTTP {resp.status_code}"
                 retry_after = resp.headers.get("Retry-After")
             if attempt < self.max_retries:
@@ -203,6 +216,31 @@ class OpenAIJudge(Judge):
                 log.warning("judge %s: %s; retry %d in %.2fs", self.identity, last, attempt + 1, delay)
                 time.sleep(delay)
         raise _Failed(f"gave up after {self.max_retries + 1} attempts: {last}")
+
+    def _read(self, resp: requests.Response) -> bytes:
+        """The body, within ``timeout_s`` for the whole request and at most ``max_reply_bytes``.
+
+        requests' timeout bounds each socket read, and a buffered read loops until it has all it asked
+        for, so a server sending one byte a second would hold a request for as long as it likes. urllib3's
+        ``read1`` returns whatever one read brings, so the deadline is checked between reads.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        chunks, size = [], 0
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise requests.Timeout(f"reply not complete within timeout_s={self.timeout_s}")
+                chunk = resp.raw.read1(16384, decode_content=True)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > self.max_reply_bytes:
+                    raise _Malformed(f"reply longer than max_reply_bytes={self.max_reply_bytes}")
+                chunks.append(chunk)
+        except urllib3.exceptions.HTTPError as err:  # a broken or timed-out read
+            raise requests.exceptions.ChunkedEncodingError(type(err).__name__) from None
+        finally:
+            resp.close()
 
     @staticmethod
     def _first_token_probs(reply: dict[str, Any]) -> dict[str, float]:
