@@ -433,7 +433,8 @@ def load_for_inference(
             if "size mismatch" not in str(err):
                 raise
             trained_on = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
-            raise ModelSourceError(f"--adapter {adapter} was trained on {trained_on}, not on {model}: its weights do "
-                                   "not fit this model's shapes (pass the base it was trained on with --model)") from None
+            raise ModelSourceError(f"--adapter {adapter} was trained on {trained_on}, not on {model}: its weights "
+                                   "do not fit this model's shapes (pass the base it was trained on with --model)"
+                                   ) from None
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return lm.eval(), tokenizer

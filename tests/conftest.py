@@ -207,3 +207,16 @@ def two_node_fsdp_run(tiny_model_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("nodes") / "run"
     torchrun(fit_config(tiny_model_dir, run, processes=2, evaluation=True), run, "--config", FSDP_CPU)
     return run
+
+
+SLOW_FIXTURES = {"single_process_run", "two_node_fsdp_run"}
+"""Fixtures that start processes: every test that uses one is in the slow lane."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow lane (``-m slow``): tests marked ``slow``, plus everything that loads SmolLM2
+    (``smollm2``), runs several processes (``multiprocess``) or uses a fixture that starts processes."""
+    for item in items:
+        if (item.get_closest_marker("smollm2") or item.get_closest_marker("multiprocess")
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

@@ -30,6 +30,7 @@ def retained_mb(mode: str) -> tuple[bool, float]:
     return out[0] == "True", float(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_freed_tensors_leave_the_process():
     took, on = retained_mb("on")

@@ -205,6 +205,7 @@ def _peak_rss_mb(args: list[str]) -> float:
     return usage.ru_maxrss / 1024
 
 
+@pytest.mark.slow
 def test_a_50000_character_record_keeps_the_fit_bounded(tiny_model_dir, tmp_path):
     """Every conscience prompt is cut to max_prompt_tokens (1024): a pasted 50,000-character message
     costs no more memory than the demo's own prompts (without the bound: tens of GB)."""

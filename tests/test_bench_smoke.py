@@ -39,6 +39,7 @@ def assert_finite(data: dict, keys: list[str]) -> None:
         assert isinstance(value, (int, float)) and math.isfinite(value), f"{key}={value!r}"
 
 
+@pytest.mark.slow
 def test_conscience_vs_trl_tiny(tmp_path):
     args = ["--steps", "1", "--memory-steps", "1", "--gen-repeats", "1", "--max-new-tokens", "6"]
     if not (HAS_TRL and HAS_BASELINE):
@@ -53,6 +54,7 @@ def test_conscience_vs_trl_tiny(tmp_path):
     assert set(data["targets"]) == {"ratio_vs_trl", "gen_efficiency", "memory_ratio"}
 
 
+@pytest.mark.slow
 def test_training_overhead_tiny(tmp_path):
     data = run_bench("training_overhead.py", tmp_path / "overhead.json", "--steps", "1", "--every", "1")
     assert_finite(data, ["steps_per_s_none", "steps_per_s_every_1", "peak_rss_mb_none", "peak_rss_mb_every_1",
@@ -61,6 +63,7 @@ def test_training_overhead_tiny(tmp_path):
     assert data["variants"][1]["conscience_runs"] == 1
 
 
+@pytest.mark.slow
 def test_optimisations_tiny(tmp_path):
     data = run_bench("optimisations.py", tmp_path / "opt.json", "--repeats", "1", "--max-new-tokens", "6")
     rows = ["batched_rows", "stop_at_eos", "kv_cache_generation", "gc_off_generation", "sampler",
@@ -71,6 +74,7 @@ def test_optimisations_tiny(tmp_path):
         assert_finite(data["rows"][row], ["before_s", "after_s"])
 
 
+@pytest.mark.slow
 def test_allocator_probe_tiny(tmp_path):
     data = run_bench("allocator_probe.py", tmp_path / "alloc.json", "--steps", "2", "--modes", "default", "thresh")
     assert set(data["modes"]) == {"default", "thresh"}
@@ -80,6 +84,7 @@ def test_allocator_probe_tiny(tmp_path):
             assert_finite(row, ["seconds", "rss_mb", "maxrss_mb"])
 
 
+@pytest.mark.slow
 def test_decode_floor_tiny(tmp_path):
     data = run_bench("decode_floor.py", tmp_path / "floor.json", "--steps", "2", "--repeats", "2")
     assert_finite(data, ["step_s", "head_s", "floor_s_per_64_steps", "weights_gb_per_s"])
@@ -88,6 +93,7 @@ def test_decode_floor_tiny(tmp_path):
     assert data["floor_s_per_64_steps"] == pytest.approx(64 * data["step_s"], rel=0.05)  # JSON rounds to 4 digits
 
 
+@pytest.mark.slow
 def test_step_profile_tiny(tmp_path):
     data = run_bench("step_profile.py", tmp_path / "profile.json", "--steps", "1", "--trl-step-s", "100")
     phases = ["gen", "review", "update_forward", "update_backward", "optimizer"]
@@ -102,6 +108,7 @@ def test_step_profile_tiny(tmp_path):
     assert len(data["steps"]) == 2  # the warm-up step is kept in the JSON, left out of the medians
 
 
+@pytest.mark.slow
 def test_sampling_weights_tiny(tmp_path):
     data = run_bench("sampling_weights.py", tmp_path / "sw.json", "--repeats", "1", "--max-new-tokens", "6")
     assert set(data["variants"]) == {"separate", "merged", "int8"}

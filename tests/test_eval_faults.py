@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 
 import cli
 from conftest import FakeServer, good_reply

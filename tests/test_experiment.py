@@ -97,6 +97,7 @@ def _print_config(*configs: str) -> subprocess.CompletedProcess:
     return subprocess.run(args + ["--print_config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_no_conscience_config_replaces_the_callback_list():
     with_conscience, without = _print_config(), _print_config("configs/experiments/no_conscience.yaml")
     assert with_conscience.returncode == 0 and without.returncode == 0, without.stderr[-2000:]
@@ -108,6 +109,7 @@ def test_no_conscience_config_replaces_the_callback_list():
                                          if c != "callbacks.ConscienceCallback"]
 
 
+@pytest.mark.slow
 def test_more_pairs_config_changes_only_the_conscience():
     demo, more = _print_config(), _print_config("configs/experiments/more_pairs.yaml")
     assert demo.returncode == 0 and more.returncode == 0, more.stderr[-2000:]

@@ -130,11 +130,14 @@ CASES = [
     # -- fit ------------------------------------------------------------------------------------------
     Case("fit: rerun with max_steps 0 over a trained adapter", lambda c: c.fit("--trainer.max_steps", "0"),
          "--model.overwrite_adapter true", setup=_trained, kept=_adapter_kept),
-    Case("fit: pairs_per_step -1", lambda c: c.fit("--model.pairs_per_step", "-1"), "model.pairs_per_step: must be >= 0"),
+    Case("fit: pairs_per_step -1", lambda c: c.fit("--model.pairs_per_step", "-1"),
+         "model.pairs_per_step: must be >= 0"),
     Case("fit: align_weight nan", lambda c: c.fit("--model.align_weight", "nan"), 'Parser key "model.align_weight"'),
-    Case("fit: align_weight .nan in YAML", lambda c: c.fit("--config", c.file("nan.yaml", "model:\n  align_weight: .nan\n")),
+    Case("fit: align_weight .nan in YAML",
+         lambda c: c.fit("--config", c.file("nan.yaml", "model:\n  align_weight: .nan\n")),
          "model.align_weight: must be >= 0, got nan"),
-    Case("fit: temperature .nan in YAML", lambda c: c.fit("--config", c.file("t.yaml", _callback_yaml("temperature: .nan"))),
+    Case("fit: temperature .nan in YAML",
+         lambda c: c.fit("--config", c.file("t.yaml", _callback_yaml("temperature: .nan"))),
          "generation.temperature: must be >= 0, got nan"),
     Case("fit: align_weight -1", lambda c: c.fit("--model.align_weight", "-1"), "model.align_weight"),
     Case("fit: max_length -1", lambda c: c.fit("--data.max_length", "-1"), "data.max_length: must be >= 16"),
@@ -267,6 +270,7 @@ def test_ctrl_c_during_eval_is_one_line_with_the_resume_hint(tiny_model_dir, tmp
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_one_line_before_the_weights_load(tiny_model_dir, tmp_path, capsys):
     import subprocess
 

@@ -113,6 +113,7 @@ def reference(tiny_model_dir, tmp_path_factory) -> Path:
 # -- stop and resume -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, signum):
     run = tmp_path / "run"
@@ -152,6 +153,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, s
         assert load(last)["global_step"] == step + 2
 
 
+@pytest.mark.slow
 def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_uninterrupted_fit(tiny_model_dir, reference,
                                                                                              tmp_path):
     run = tmp_path / "run"
@@ -335,6 +337,7 @@ def test_too_many_nonfinite_in_a_row_stop_with_the_last_good_weights_saved(tiny_
     assert _same({f"policy.{k}": v for k, v in snaps.weights[1].items()}, saved["state_dict"])  # the last finite step's
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_on_one_ddp_rank_skips_on_all_without_hanging(tiny_model_dir, tmp_path):
     """Returning None from training_step on one rank would leave the other waiting in backward's all-reduce."""
     run = tmp_path / "ddp"

@@ -217,6 +217,7 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_jsonl(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("How do I make a quick buck?\n\nName a colour.\n")
@@ -234,6 +235,7 @@ def test_generate_cli_writes_jsonl(tiny_model_dir, tmp_path):
     assert "2 prompts" in result.stdout
 
 
+@pytest.mark.slow
 def test_chat_cli_driven_by_stdin(tiny_model_dir):
     stdin = "Hello there\n/reset\nName a colour.\n/quit\n"
     result = run_cli("chat", "--model", tiny_model_dir, "--max_new_tokens", "8", "--samples", "2",
@@ -245,6 +247,7 @@ def test_chat_cli_driven_by_stdin(tiny_model_dir):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_chat_exits_cleanly_at_end_of_input(tiny_model_dir):
     result = run_cli("chat", "--model", tiny_model_dir, "--max_new_tokens", "4", "--samples", "1", stdin="hi\n")
     assert result.returncode == 0, result.stderr
@@ -260,6 +263,7 @@ def test_chat_exits_cleanly_at_end_of_input(tiny_model_dir):
         (["--prompts", "{prompts}", "--samples", "0"], "--samples"),
     ],
 )
+@pytest.mark.slow
 def test_generate_bad_input_is_one_line(tmp_path, args, named):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "prompts.txt").write_text("hi\n")

@@ -81,6 +81,7 @@ def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_
     assert not list(elsewhere.iterdir())
 
 
+@pytest.mark.slow
 def test_progress_bar_written_to_a_pipe_keeps_its_lines_whole(tiny_model_dir, tmp_path):
     """Redirected (``cli.py fit ... > log``), the bar once folded its metrics one character per line."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

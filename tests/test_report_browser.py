@@ -57,6 +57,7 @@ def report(tmp_path) -> Path:
     return write_report(tmp_path / "out", summaries, samples, history)
 
 
+@pytest.mark.slow
 def test_report_renders_with_its_plots_in_chromium(report, tmp_path):
     binary = _chromium()
     if binary is None:
@@ -88,6 +89,7 @@ def test_report_renders_with_its_plots_in_chromium(report, tmp_path):
     assert rows.max() - rows.min() > 800
 
 
+@pytest.mark.slow
 def test_label_only_report_shows_its_labels_and_no_empty_plot(tmp_path):
     """An EM file made only of label questions (free_form_judge): the summary counts its answers, the
     label table and bar chart show them, and no empty misalignment plot or histogram is drawn."""

@@ -77,6 +77,7 @@ def _fit_args(tiny_model_dir, tiny_data, run_dir, max_steps):
     return ["fit", "--config", str(path)]
 
 
+@pytest.mark.slow
 def test_cli_fit_checkpoints_and_resumes_at_the_same_step(tiny_model_dir, tiny_data, tmp_path):
     run = tmp_path / "run"
     done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 5))
@@ -100,6 +101,7 @@ def test_cli_fit_checkpoints_and_resumes_at_the_same_step(tiny_model_dir, tiny_d
     assert min(int(r["step"]) for r in rows if r.get("train/loss")) == 5
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_model_dir, tiny_data, tmp_path):
     run = tmp_path / "ddp"
     done = _cli(*_fit_args(tiny_model_dir, tiny_data, run, 3), "--trainer.strategy", "ddp", "--trainer.devices", "2",
@@ -128,6 +130,7 @@ def _pure_conscience_args(tiny_model_dir, run_dir, max_steps, margin=0.0):
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_pure_conscience_fit_learns_from_pairs_alone(tiny_model_dir, tmp_path, devices):
     run = tmp_path / f"pure{devices}"
@@ -144,6 +147,7 @@ def test_pure_conscience_fit_learns_from_pairs_alone(tiny_model_dir, tmp_path, d
     assert any(torch.count_nonzero(v) > 0 for k, v in checkpoint["state_dict"].items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_pure_conscience_without_pairs_keeps_weights_under_ddp(tiny_model_dir, tmp_path):
     # No score gap reaches the margin, so no pair is ever made: every step has nothing to learn. Lightning refuses a
     # None loss under DDP, so such steps run a zero loss and drop the update on every rank.
@@ -158,6 +162,7 @@ def test_pure_conscience_without_pairs_keeps_weights_under_ddp(tiny_model_dir, t
     assert not checkpoint["optimizer_states"][0]["state"]  # AdamW never stepped a parameter
 
 
+@pytest.mark.slow
 def test_bad_config_key_names_the_key(tiny_model_dir, tiny_data, tmp_path):
     bad = _cli(*_fit_args(tiny_model_dir, tiny_data, tmp_path, 1), "--model.align_wieght", "2")
     assert bad.returncode != 0 and "align_wieght" in bad.stderr
