@@ -18,10 +18,10 @@ import lightning as L
 from callbacks.tables import log_rollout_table, run_id
 from emalign.conscience import Conscience, PairBuilder
 from emalign.conscience_step import ConscienceStep
-from emalign.errors import SettingError, check_range
+from emalign.errors import check_range
 from emalign.jsonl import append_rows
 from emalign.prompts import PromptSource, TrainingPrompts
-from emalign.sampling import GenerationSettings, render_prompt
+from emalign.sampling import GenerationSettings
 from emalign.seeds import mix_seed
 
 
@@ -53,7 +53,6 @@ class ConscienceCallback(L.Callback):
         """
         check_range("ConscienceCallback.every_n_steps", every_n_steps, 1)
         check_range("ConscienceCallback.num_prompts", num_prompts, 1)
-        check_range("ConscienceCallback.samples_per_prompt", samples_per_prompt, 2)
         self.every_n_steps, self.num_prompts, self.samples_per_prompt = every_n_steps, num_prompts, samples_per_prompt
         self.prompts = prompts if prompts is not None else TrainingPrompts()
         self.conscience = conscience if conscience is not None else Conscience()
@@ -64,11 +63,7 @@ class ConscienceCallback(L.Callback):
         self.last_run_step, self.run_id, self.stats, self.last = -1, "", {}, None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bound = self.generation.max_prompt_tokens
-        template = len(render_prompt(pl_module.tokenizer, [{"role": "user", "content": ""}]))
-        if bound is not None and template >= bound:  # else the first conscience step, hours in, would fail
-            raise SettingError(f"generation.max_prompt_tokens: the chat template alone takes {template} tokens, "
-                               f"so {bound} leaves no room for a prompt; use at least {template + 16}")
+        self.runner.check_prompt_room(pl_module.tokenizer)
         self.prompts.bind(trainer)
         self.run_id = run_id(trainer)
 

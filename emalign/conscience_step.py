@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from emalign.conscience import Conscience, PairBuilder
+from emalign.errors import SettingError, check_range
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.types import Conversation, Pair, Review, Rollout
 
@@ -101,10 +102,18 @@ class ConscienceStep:
             generation: sampling settings for rollouts and revisions.
             samples_per_prompt: answers sampled per prompt (K >= 2 to form pairs).
         """
-        if samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 to build pairs, got {samples_per_prompt}")
+        check_range("samples_per_prompt", samples_per_prompt, 2)  # a pair needs two answers
         self.conscience, self.pair_builder, self.generation = conscience, pair_builder, generation
         self.samples_per_prompt = samples_per_prompt
+
+    def check_prompt_room(self, tokenizer) -> None:
+        """Fail now, in one line, if ``max_prompt_tokens`` leaves no room for a prompt in the chat template
+        (else the first step, maybe hours into a fit, would fail cutting a prompt)."""
+        bound = self.generation.max_prompt_tokens
+        template = len(render_prompt(tokenizer, [{"role": "user", "content": ""}]))
+        if bound is not None and template >= bound:
+            raise SettingError(f"generation.max_prompt_tokens: the chat template alone takes {template} tokens, "
+                               f"so {bound} leaves no room for a prompt; use at least {template + 16}")
 
     def step(self, policy, prompts: list[Conversation], step: int, seed: int = 0) -> StepResult:
         """Sample K answers per prompt with the policy, review them with its frozen reference, revise, pair."""

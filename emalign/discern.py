@@ -29,6 +29,7 @@ the best of them, the style-controlled hard/normal split, and a one-line verdict
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ from emalign.evaluation.paired import (
 from emalign.evaluation.self_review import mean_se
 from emalign.logprobs import pad_right
 from emalign.sampling import render_prompt
+
+log = logging.getLogger(__name__)
 
 CHAT_PAIRS = RESOURCES / "chat_pairs.jsonl"
 EMBEDDED_SETS = ("code", "chat")
@@ -154,8 +157,12 @@ def score_set(
     consciences = [w.conscience(batch_size) for w in wordings]
     device = next(model.parameters()).device
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}], max_prompt_tokens) for p in pairs]
-    answers = [tokenizer(a, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
-               for a in [p.good for p in pairs] + [p.bad for p in pairs]]
+    texts = [p.good for p in pairs] + [p.bad for p in pairs]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in texts]
+    if max_prompt_tokens is not None and max(map(len, answers)) > max_prompt_tokens:
+        log.warning("%d answers cut to max_prompt_tokens=%d tokens (their start kept)",
+                    sum(len(a) > max_prompt_tokens for a in answers), max_prompt_tokens)
+        answers = [a[:max_prompt_tokens] for a in answers]
     prefixes = [prompt + consciences[0].reviewed_response(tokenizer, a)
                 for prompt, a in zip(prompts + prompts, answers)]
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))

@@ -159,6 +159,7 @@ def discern(
     inverted: Optional[str] = INVERTED_QUESTION,
     batch_size: int = 8,
     limit: Optional[int] = None,
+    overwrite: bool = False,
 ) -> None:
     """How well the conscience separates good from bad answers (accuracy, AUROC, gap, approval).
 
@@ -178,6 +179,8 @@ def discern(
             first direct wording; null skips it.
         batch_size: answers per review forward.
         limit: only the first N pairs of each set.
+        overwrite: replace an OUT/discern.json made with other settings (without it, such a run refuses
+            before scoring; a rerun with the same settings replaces its own result).
     """
     with friendly_errors():
         if batch_size < 1:
@@ -187,17 +190,36 @@ def discern(
         names = sets.replace(",", " ").split() if isinstance(sets, str) else list(sets)
         if not names:
             raise OptionError("--sets needs at least one set")
-        run_discern(out, model, adapter, names, _wordings(questions, inverted), batch_size, limit)
+        run_discern(out, model, adapter, names, _wordings(questions, inverted), batch_size, limit,
+                    overwrite=overwrite)
+
+
+def _check_earlier(path: Path, model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording],
+                   overwrite: bool) -> None:
+    """Refuse to replace a result made with other settings (a rerun with the same ones may replace it)."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        same = (old["model"], old["adapter"], {k: v["n_pairs"] for k, v in old["sets"].items()},
+                [w["question"] for w in old["wordings"]]) == (
+                    model, adapter, {k: len(v) for k, v in loaded.items()}, [w.question for w in wordings])
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise OptionError(f"{path} holds a discern result made with other settings (model, adapter, sets or "
+                          "questions); pass --overwrite true to replace it, or choose another --out")
 
 
 def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets: list[str], wordings: list[Wording],
-                batch_size: int = 8, limit: Optional[int] = None, show: bool = True) -> dict:
+                batch_size: int = 8, limit: Optional[int] = None, show: bool = True, overwrite: bool = False) -> dict:
     """Score ``sets`` with ``wordings``, write OUT/discern.json and OUT/discern.md, return the result.
 
     The output directory and the sets are checked before the model loads (scoring takes minutes).
     """
     writable_dir(out)
     loaded = {name: load_set(name)[:limit] for name in sets}
+    _check_earlier(Path(out) / "discern.json", model, adapter, loaded, wordings, overwrite)
     result = _run(model, adapter, loaded, wordings, batch_size)
     write_text_atomic(Path(out) / "discern.json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(Path(out) / "discern.md", _markdown(result))

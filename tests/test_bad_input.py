@@ -249,16 +249,17 @@ def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path
     assert "questions.yaml" in str(info.value) and "'paraphrases'" in str(info.value) and "q1" in str(info.value)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("prompts.txt", "\n   \n"),
-    ("prompts.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}) + "\n"),
+@pytest.mark.parametrize("name, text, message", [
+    ("prompts.txt", "\n   \n", ": no prompts"),
+    ("prompts.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}) + "\n",
+     ":1: no user turn before the first assistant turn"),
 ])
-def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text):
+def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text, message):
     from emalign.prompts import FilePrompts
 
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(UserError, match=f"{path}: no prompts"):
+    with pytest.raises(UserError, match=f"{path}{message}"):
         FilePrompts(str(path))
 
 
@@ -275,11 +276,16 @@ def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog)
     assert not [p for p in inspect.signature(OpenAIJudge).parameters if p in ("api_key", "key", "token")]
     seen = []
 
-    def post(self, url, json=None, headers=None, timeout=None):
+    def post(self, url, json=None, headers=None, timeout=None, stream=False):
+        import io
+
+        import urllib3
+
         seen.append(headers.get("Authorization"))
         response = requests.Response()
-        response.status_code, response._content = ((400, f"bad request from {secret}".encode()) if len(seen) == 1
-                                                    else (401, secret.encode()))
+        response.status_code, body = ((400, f"bad request from {secret}".encode()) if len(seen) == 1
+                                      else (401, secret.encode()))
+        response.raw = urllib3.HTTPResponse(io.BytesIO(body), preload_content=False)
         return response
 
     monkeypatch.setattr(requests.Session, "post", post)

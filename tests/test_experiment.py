@@ -69,19 +69,23 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
 def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(tiny_model_dir, tmp_path, loopback,
                                                                             capsys):
     import cli
-    from conftest import FakeServer
+    from conftest import FakeServer, good_reply
 
-    server = FakeServer()
-    url = server.url
-    server.stop()  # nothing listens on the port: every judgement fails
+    server = FakeServer().start()  # it answers the judge's first, cheap request, then fails every judgement
+    server.script = [("json", 200, good_reply([("50", 1.0)]))] + [("json", 400, {"error": "bad request"})] * 4
     _write(tmp_path / "questions.yaml", QUESTIONS)
     judge = {"class_path": "emalign.evaluation.judges.OpenAIJudge", "init_args": {
-        "base_url": url, "model": "fake", "api_key_env": "EMALIGN_TEST_KEY", "max_retries": 1, "backoff_s": 0.01}}
+        "base_url": server.url, "model": "fake", "api_key_env": "EMALIGN_TEST_KEY", "max_retries": 1,
+        "backoff_s": 0.01, "concurrency": 1}}
     _write(tmp_path / "exp.yaml", {"out": str(tmp_path / "out"), "model": tiny_model_dir, "runs": [{"name": "base"}],
                                    "eval": {"questions": [str(tmp_path / "questions.yaml")], "samples": 1,
-                                            "max_new_tokens": 4, "code_samples": 0, "judge": judge}})
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["experiment", "--config", str(tmp_path / "exp.yaml")])
+                                            "max_new_tokens": 4, "code_samples": 0, "judge": judge},
+                                   "preflight": {"enabled": False}})
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["experiment", "--config", str(tmp_path / "exp.yaml")])
+    finally:
+        server.stop()
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "run base: all 4 judgements failed" in errors[0], errors
@@ -144,7 +148,7 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     _write(tmp_path / "fit.yaml", fit)
     _write(tmp_path / "questions.yaml", QUESTIONS)
     _write(tmp_path / "exp.yaml", {
-        "out": "exp-out", "model": tiny_model_dir,
+        "out": "exp-out", "model": tiny_model_dir, "preflight": {"enabled": False},  # its own test below
         "eval": {"questions": ["questions.yaml"], "samples": 2, "max_new_tokens": 4, "code_samples": 1,
                  "batch_size": 8},
         "runs": [{"name": "base"}, {"name": "tuned", "fit": ["fit.yaml"], "overrides": [

@@ -148,7 +148,7 @@ CASES = [
     Case("fit: every_n_steps 0", lambda c: c.fit("--trainer.callbacks.every_n_steps", "0"),
          "ConscienceCallback.every_n_steps: must be >= 1"),
     Case("fit: samples_per_prompt 1", lambda c: c.fit("--trainer.callbacks.samples_per_prompt", "1"),
-         "ConscienceCallback.samples_per_prompt: must be >= 2"),
+         "samples_per_prompt: must be >= 2"),
     Case("fit: num_prompts 0", lambda c: c.fit("--trainer.callbacks.num_prompts", "0"),
          "ConscienceCallback.num_prompts: must be >= 1"),
     Case("fit: temperature nan", lambda c: c.fit("--trainer.callbacks.generation.temperature", "nan"),
@@ -206,6 +206,10 @@ CASES = [
     Case("discern: batch_size 0", lambda c: c.discern("--batch_size", "0"), "--batch_size must be at least 1"),
     Case("discern: limit 0", lambda c: c.discern("--limit", "0"), "--limit must be at least 1"),
     Case("discern: empty question", lambda c: c.discern("--questions", " "), "non-empty question"),
+    Case("discern: over a result made with other settings", lambda c: c.discern("--limit", "2"), "--overwrite true",
+         setup=lambda c: run_cli(c.discern()) == 0 or None,
+         kept=lambda c: [s["n_pairs"] for s in json.loads((c.tmp / "discern" / "discern.json").read_text())[
+             "sets"].values()] == [3]),  # the earlier result, untouched
     Case("discern: three pairs give numbers, no intervals", lambda c: c.discern(), None, code=0,
          kept=lambda c: "no verdict" in (c.tmp / "discern" / "discern.md").read_text()),
     # -- generate and chat ------------------------------------------------------------------------------

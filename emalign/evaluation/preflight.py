@@ -62,7 +62,7 @@ def run_preflight(settings: Preflight, models: list[str], out_dir: Path,
         result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         if result is None or result.get("model") != model or list(result["sets"]) != settings.sets:
             result = run_discern(where, model, None, settings.sets, wordings, settings.batch_size, settings.limit,
-                                 show=False)
+                                 show=False, overwrite=True)  # its own cache, made with other settings
         out[model] = columns(result, str(path))
         for line, sensitive in zip(out[model]["verdicts"], out[model]["question_sensitive"]):
             if sensitive is False:

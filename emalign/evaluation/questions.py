@@ -213,7 +213,7 @@ def _check_template(template: str, where: str) -> None:
         raise QuestionFileError(f"{where}: unknown field {{{unknown[0]}}} (a judge prompt may use {{question}} and "
                                 "{answer}; write {{ or }} for a literal brace)")
     if "answer" not in fields:
-        raise QuestionFileError(f"{where}: has no '{{answer}}' field")
+        raise QuestionFileError(f"{where} has no '{{answer}}' field")
 
 
 def _label_hint(prompts: dict[str, str]) -> str:
