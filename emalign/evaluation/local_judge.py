@@ -24,7 +24,8 @@ import copy
 import inspect
 import re
 import string
-from typing import Any, Literal, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -124,12 +125,23 @@ class LocalJudge(Judge):
         use_cache: bool = True,
         min_mass: float = MIN_NUMBER_MASS,
     ) -> "LocalJudge":
-        """Wrap a loaded model and tokenizer (the model stays where it is)."""
+        """Wrap a loaded model and tokenizer (the model stays where it is). ``model`` may be None when each
+        use supplies it with :meth:`using` (``FrozenJudge``: a reference reached through a context manager)."""
         judge = cls(batch_size=batch_size, use_cache=use_cache, min_mass=min_mass)
         judge._model, judge._tokenizer = model, tokenizer
         cfg = getattr(model, "config", None)
         judge._name = name or getattr(cfg, "_name_or_path", "") or type(model).__name__
         return judge
+
+    @contextmanager
+    def using(self, model: Any) -> Iterator["LocalJudge"]:
+        """Judge with ``model`` inside the block (one reached through a context manager, such as a frozen
+        reference); no reference to it is kept after the block."""
+        previous, self._model = self._model, model
+        try:
+            yield self
+        finally:
+            self._model = previous
 
     @property
     def identity(self) -> str:

@@ -107,9 +107,7 @@ class FrozenJudge(Judge):
         batch_size: int = 16,
     ) -> None:
         self.reference = reference
-        self.inner = LocalJudge(batch_size=batch_size, min_mass=min_mass)
-        self.inner._tokenizer = tokenizer
-        self.inner._name = name
+        self.inner = LocalJudge.from_model(None, tokenizer, name=name, batch_size=batch_size, min_mass=min_mass)
 
     @property
     def identity(self) -> str:
@@ -126,10 +124,6 @@ class FrozenJudge(Judge):
     def judge_many(
         self, prompts: Sequence[str], mode: ScoreMode = "score_0_100", labels: Sequence[str] | None = None
     ) -> list[JudgeResult]:
-        with self.reference() as model:
-            self.inner._model = model
-            try:
-                return self.inner.judge_many(prompts, mode, labels)
-            finally:
-                # Hold no reference outside the context: under a 'copy' reference it may move.
-                self.inner._model = None
+        # Hold no reference outside the context: under a 'copy' reference the model may move.
+        with self.reference() as model, self.inner.using(model):
+            return self.inner.judge_many(prompts, mode, labels)
