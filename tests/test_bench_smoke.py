@@ -129,6 +129,7 @@ def test_prompt_bound_tiny(tmp_path):
     assert data["ratio_bounded_vs_short"] <= 1.5, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
     """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""

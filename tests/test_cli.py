@@ -35,6 +35,7 @@ def _demo_on_tiny(tiny_model_dir: str, where: Path, max_steps: int = 4) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_default_root_dir_alone_moves_the_whole_run(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's own runs/demo would land here
     config = _demo_on_tiny(tiny_model_dir, tmp_path)

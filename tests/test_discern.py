@@ -64,6 +64,7 @@ def test_inverted_consistency_by_hand():
     assert out["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)  # x and y both have ties
 
 
+@pytest.mark.slow
 def test_intervals_cover_95_percent_by_simulation():
     """300 seeded draws of 40 pairs, good ~ N(1, 1), bad ~ N(0, 1): the true AUROC and the true pairwise
     accuracy are both Phi(1 / sqrt(2)) = 0.7602; each 95% interval (pair bootstrap for AUROC, Wilson for

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 
 import cli
 from conftest import FakeServer, good_reply
@@ -45,6 +46,7 @@ def _agree(out: Path, stdout: str) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_dead_then_flaky_then_healthy_judge(tiny_model_dir, tmp_path, loopback, capsys):
     questions = tmp_path / "questions.yaml"
     questions.write_text(QUESTIONS)  # 3 questions, 2 + 2 + 1 judge prompts (0..100 and label)

@@ -80,6 +80,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_eval_writes_samples_summary_and_report(tiny_model_dir, questions, tmp_path):
     out = tmp_path / "eval"
     summary = _run(tiny_model_dir, questions, out)  # default judge: LocalJudge on the same base model
@@ -112,6 +113,7 @@ def test_run_eval_writes_samples_summary_and_report(tiny_model_dir, questions, t
     assert "No plot: no answer was scored" in html and "No histograms" in html
 
 
+@pytest.mark.slow
 def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, tmp_path):
     out = tmp_path / "eval"
     with pytest.raises(RuntimeError, match="judge died"):
@@ -161,6 +163,7 @@ def test_limit_bounds_the_code_prompts_too(tiny_model_dir, questions, tmp_path):
     assert len(_lines(tmp_path / "eval" / "code_samples.jsonl")) == 1
 
 
+@pytest.mark.slow
 def test_new_judge_min_mass_rescores_saved_rows_without_judging(tiny_model_dir, questions, tmp_path):
     out = tmp_path / "eval"
     first = _run(tiny_model_dir, questions, out, code_samples=0)  # default local judge, upstream's 0.25

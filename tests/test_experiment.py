@@ -66,6 +66,7 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
     assert "absent.yaml" in err and "python cli.py data em" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(tiny_model_dir, tmp_path, loopback,
                                                                             capsys):
     import cli
@@ -134,6 +135,7 @@ def test_markdown_marks_missing_runs_and_mixed_judges():
     assert "| gone | missing | not evaluated |" in md and "not comparable" in md
 
 
+@pytest.mark.slow
 def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths in the configs are relative to here
     data = _write(tmp_path / "train.jsonl", "".join(
@@ -189,6 +191,7 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     assert tuned["fit"] == "reused" and tuned["summary"]["counts"]["answered_now"] == 0
 
 
+@pytest.mark.slow
 def test_preflight_puts_what_the_judge_reads_beside_every_run(tiny_model_dir, tmp_path, capsys):
     """Before any fit, discern runs on the base model; its c-AUROC, tilt share and margin over the best
     cue fill three columns of the comparison, and a judge that is not question-sensitive gets a warning."""

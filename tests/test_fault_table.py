@@ -73,6 +73,8 @@ class Case:
     setup: Callable[[Ctx], None] = field(default=lambda ctx: None)
     kept: Callable[[Ctx], bool] = field(default=lambda ctx: True)
     """What must still hold on disk afterwards."""
+    slow: bool = False
+    """A case that trains first (its setup): in the slow lane."""
 
 
 def _trained(ctx: Ctx) -> None:
@@ -129,7 +131,7 @@ F, E, D, G, C, X = Ctx.fit, Ctx.eval, Ctx.discern, Ctx.generate, Ctx.chat, Ctx.e
 CASES = [
     # -- fit ------------------------------------------------------------------------------------------
     Case("fit: rerun with max_steps 0 over a trained adapter", lambda c: c.fit("--trainer.max_steps", "0"),
-         "--model.overwrite_adapter true", setup=_trained, kept=_adapter_kept),
+         "--model.overwrite_adapter true", setup=_trained, kept=_adapter_kept, slow=True),
     Case("fit: pairs_per_step -1", lambda c: c.fit("--model.pairs_per_step", "-1"),
          "model.pairs_per_step: must be >= 0"),
     Case("fit: align_weight nan", lambda c: c.fit("--model.align_weight", "nan"), 'Parser key "model.align_weight"'),
@@ -236,7 +238,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.slow else c for c in CASES],
+                         ids=[c.name for c in CASES])
 def test_fault(case: Case, tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ctx = Ctx(tiny_model_dir, tmp_path)

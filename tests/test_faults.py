@@ -196,6 +196,7 @@ def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_unint
     assert {k: v for k, v in resumed.items() if k[0] >= step} == after
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_model_dir, reference, tmp_path):
     run = tmp_path / "again"
     assert run_cli(fit_args(tiny_model_dir, run, 8)) == 0
@@ -238,6 +239,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_poli
     assert load(last)["global_step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 def test_corrupt_checkpoint_is_one_clear_error_and_the_previous_one_still_resumes(tiny_model_dir, reference, tmp_path,
                                                                                   capsys, damage):

@@ -40,6 +40,7 @@ def _fit(tiny_model_dir: str, run: Path, loggers: list[dict], bar: bool = False,
     return ["fit", "--config", str(path)]
 
 
+@pytest.mark.slow
 def test_conscience_metrics_only_at_the_steps_it_ran(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     assert run_cli(_fit(tiny_model_dir, run, [{"class_path": "lightning.pytorch.loggers.CSVLogger"}])) == 0
@@ -51,6 +52,7 @@ def test_conscience_metrics_only_at_the_steps_it_ran(tiny_model_dir, tmp_path):
     assert len((run / "rollouts.jsonl").read_text().splitlines()) == 3 * 4 * 2  # runs x prompts x samples
 
 
+@pytest.mark.slow
 def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
@@ -95,6 +97,7 @@ def test_progress_bar_written_to_a_pipe_keeps_its_lines_whole(tiny_model_dir, tm
     assert not [line for line in bar if len(line.strip()) == 1], proc.stdout
 
 
+@pytest.mark.slow
 def test_progress_bar_counts_steps_and_reports_the_conscience(tiny_model_dir, tmp_path, monkeypatch):
     from callbacks.progress import RunProgressBar
 

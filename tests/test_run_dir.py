@@ -46,6 +46,7 @@ def _sha256(directory) -> str:
     return hashlib.sha256((directory / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_a_rerun_never_replaces_a_trained_adapter_silently(tiny_model_dir, tmp_path, capsys):
     """The user's sequence: a fit, then the same command with max_steps 0. The second refuses before
     training, in one line naming both fits and the flag; the trained adapter's bytes are unchanged."""
@@ -68,6 +69,7 @@ def test_a_rerun_never_replaces_a_trained_adapter_silently(tiny_model_dir, tmp_p
         "run_id": record["run_id"], "global_step": 3, "saved": None}
 
 
+@pytest.mark.slow
 def test_two_fits_into_one_directory_keep_their_records_apart(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = fit_args(tiny_model_dir, run, max_steps=2, every=1)

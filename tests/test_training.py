@@ -37,6 +37,7 @@ def _trainer(tmp_path, max_steps, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_loss_falls_when_memorising(tiny_model_dir, tiny_data, tmp_path):
     L.seed_everything(0)
     # Full fine-tuning: a random 64-wide model's logits are too small for LoRA alone to memorise quickly.
@@ -171,6 +172,7 @@ def test_bad_config_key_names_the_key(tiny_model_dir, tiny_data, tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_cli_test_reports_the_task_loss_and_predict_is_gone(tiny_model_dir, tiny_data, tmp_path, capsys):
     from conftest import run_cli
 
