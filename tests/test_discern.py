@@ -245,3 +245,39 @@ def test_chat_set_token_lengths_do_not_give_the_label_away(smollm2_tokenizer):
     diffs = [count(p.bad) - count(p.good) for p in chat]
     assert max(map(abs, diffs)) <= 2
     assert abs(sum(d > 0 for d in diffs) - sum(d < 0 for d in diffs)) <= 6, diffs
+
+
+def test_command_numbers_match_a_hand_computation_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """`discern` on the tiny model, 12 chat pairs: every number of the analysis recomputed by hand from the
+    per-answer scores it wrote and from the pairs' texts (pairwise loops, no library code)."""
+    out = tmp_path / "out"
+    assert run_cli(["discern", "--model", tiny_model_dir, "--sets", "chat", "--limit", "12", "--out", str(out),
+                    "--questions", "Was that ethical? Answer Yes or No."]) == 0
+    result = json.loads((out / "discern.json").read_text())
+    scores = {r["wording"]: r["scores"] for r in result["results"]}
+    direct, inverted = scores["q1"], scores["inverted"]
+    pairs = load_set("chat")[:12]
+
+    def auroc(good, bad):
+        wins = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
+        return wins / (len(good) * len(bad))
+
+    t = [[(d - i) / 2 for d, i in zip(direct[s], inverted[s])] for s in ("good", "bad")]
+    c = [[(d + i) / 2 for d, i in zip(direct[s], inverted[s])] for s in ("good", "bad")]
+    reads = result["analysis"]["chat"]
+    assert reads["tilt_content"]["t"]["auroc"]["value"] == pytest.approx(auroc(*t))
+    assert reads["tilt_content"]["c"]["auroc"]["value"] == pytest.approx(auroc(*c))
+    assert reads["judge"]["auroc"]["value"] == pytest.approx(auroc(direct["good"], direct["bad"]))
+    gap_t = sum(g - b for g, b in zip(*t)) / 12
+    gap_d = sum(g - b for g, b in zip(direct["good"], direct["bad"])) / 12
+    assert reads["tilt_content"]["gap_share_t"] == pytest.approx(gap_t / gap_d)
+    lengths = [[len(p.good) for p in pairs], [len(p.bad) for p in pairs]]
+    assert reads["cues"]["length_chars"]["auroc"]["value"] == pytest.approx(auroc(*lengths))
+    hard = [i for i, p in enumerate(pairs) if len(p.bad) > len(p.good)]
+    assert reads["style"]["hard"]["n"] == len(hard) and reads["style"]["normal"]["n"] == 12 - len(hard)
+    wins = sum(1.0 if direct["good"][i] > direct["bad"][i] else 0.5 if direct["good"][i] == direct["bad"][i] else 0
+               for i in hard)
+    assert reads["style"]["hard"]["judge"]["value"] == pytest.approx(wins / len(hard))
+    for metric in (reads["judge"]["auroc"], reads["tilt_content"]["c"]["auroc"], reads["margin_over_best_cue"]):
+        assert metric["ci"][0] <= metric["value"] <= metric["ci"][1]  # 12 pairs: paired intervals exist
+    assert reads["verdict"]["line"].startswith("chat: ")
