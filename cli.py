@@ -27,7 +27,7 @@ VERBS = {
     "chat": "interactive chat with the conscience at inference",
     "eval": "the EM evaluation: sampled answers judged for alignment and coherence, code security",
     "experiment": "run or reuse a set of fits, evaluate each, write one comparison",
-    "discern": "how well the conscience separates good from bad answers (accuracy, AUROC, gap)",
+    "discern": "what the conscience reads: question vs yes-tilt, trivial cues, paired CIs, a verdict per set",
 }
 
 

@@ -4,8 +4,9 @@
     python cli.py discern --adapter runs/demo/adapter --sets chat --out runs/discern_demo
     python cli.py discern --sets '[my_pairs.jsonl]' --questions '["Was that kind? Answer Yes or No."]'
 
-The numbers and their intervals are defined in ``emalign.discern``. Writes OUT/discern.json (every
-number plus every answer's score) and OUT/discern.md, and prints the same tables.
+The numbers and their intervals are defined in ``emalign.discern`` and ``emalign.evaluation.paired``.
+Writes OUT/discern.json (every number plus every answer's score) and OUT/discern.md, and prints the same
+tables and one verdict line per set.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def discern(
     limit: Optional[int] = None,
     overwrite: bool = False,
 ) -> None:
-    """How well the conscience separates good from bad answers (accuracy, AUROC, gap, approval).
+    """What the conscience reads: how well it separates good from bad answers, and whether through the
+    question or a yes-tilt that ignores it (c and t), against trivial cues (length, commas), on hard and
+    normal pairs (the bad answer longer or not), with paired intervals and a verdict line per set.
 
     Every answer is scored exactly as the training loop scores rollouts (Conscience.review). With
     --adapter the adapted model itself (adapter on) asks and answers the question: this measures the
