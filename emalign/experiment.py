@@ -15,14 +15,17 @@ command line, and ``--print_config`` shows the whole thing)::
       max_new_tokens: 96
       code_prompts: 8                      # the first N held-out coding prompts (default: all 19)
       judge: null                          # or {class_path: ..., init_args: {...}}; null: local judge
+    preflight: {sets: [chat, code]}        # discern each base model before any fit (enabled: false skips it)
     runs:                                  # Run: name, fit, overrides, model, adapter
       - name: base                         # no fit: the base model itself
       - name: insecure
         fit: [configs/demo.yaml, configs/experiments/no_conscience.yaml]   # --config files, in order
         overrides: ["--trainer.max_steps=30"]                               # extra `cli.py fit` args
 
-Each fit runs as ``python -m cli fit --config ... OVERRIDES`` with its run directory
-``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
+Before any fit, ``discern`` scores each run's base model (its judge and frozen conscience) with the
+training question and its inverted wording (``emalign.evaluation.preflight``); the comparison shows
+what it reads beside every run. Each fit runs as ``python -m cli fit --config ... OVERRIDES`` with its
+run directory ``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
 ``OUT/runs/NAME/fit.log``. A fit whose adapter exists (``adapter/adapter_config.json``) is reused;
 an interrupted one resumes from ``checkpoints/last.ckpt``. Each evaluation goes to
 ``OUT/eval/NAME`` and resumes too, so rerunning an experiment only does what is missing. The
