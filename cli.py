@@ -17,7 +17,9 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -45,35 +47,42 @@ RESUME = {
 }
 
 
-def _one_line_parser():
-    """jsonargparse's parser, whose errors are one line (the key and what is wrong), not a usage block."""
-    from jsonargparse import ArgumentParser
+class OneLineErrors:
+    """A jsonargparse parser mixin: a final parse error is one line (the key, the value and what is wrong
+    with it) instead of a usage block."""
 
-    class OneLineParser(ArgumentParser):
-        def error(self, message: str, ex: Exception | None = None):
-            if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
-                super().error(message, ex)
-            print(f"error: {one_line_error(message, self)} (see `{self.prog} --help`)", file=sys.stderr)
-            raise SystemExit(2)
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"error: {one_line_error(message, parser)} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
 
-    return OneLineParser
 
-
-def _extra_verb(verb: str, args: list[str]) -> None:
+@contextmanager
+def _one_line(interrupted: str) -> Iterator[None]:
+    """``friendly_errors``, also for the ``UserError`` that jsonargparse wraps while instantiating a class
+    (a missing model, a setting checked in its dataclass)."""
     from emalign.errors import friendly_errors
 
-    with friendly_errors(RESUME.get(verb, "interrupted")):
+    with friendly_errors(interrupted):
         try:
-            _run_verb(verb, args)
+            yield
         except Exception as err:
             cause = _user_error_in(err)
             if cause is None or cause is err:
                 raise
-            raise cause from None  # e.g. a setting checked in its dataclass, wrapped by jsonargparse
+            raise cause from None
+
+
+def _extra_verb(verb: str, args: list[str]) -> None:
+    with _one_line(RESUME.get(verb, "interrupted")):
+        _run_verb(verb, args)
 
 
 def _run_verb(verb: str, args: list[str]) -> None:
-    from jsonargparse import CLI, capture_parser
+    from jsonargparse import CLI, ArgumentParser, capture_parser
 
     from emalign import commands
 
@@ -89,7 +98,8 @@ def _run_verb(verb: str, args: list[str]) -> None:
         target = discern
     else:
         target = getattr(commands, verb)
-    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False, parser_class=_one_line_parser())
+    parser_class = type("OneLineParser", (OneLineErrors, ArgumentParser), {})
+    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False, parser_class=parser_class)
     parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
     CLI(target, args=join_list_values(args, list_flags(parser)), **kwargs)
 
@@ -134,15 +144,8 @@ def _lightning(args: list[str] | None) -> None:
     from emalign.lightning_private import CheckedCkptPathCLI
     from emalign.module import EmergentAlignment
 
-    class Parser(LightningArgumentParser):
-        def error(self, message: str, ex: Exception | None = None):
-            if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
-                super().error(message, ex)
-            # One line instead of 60 lines of usage: the key, the value and what is wrong with it.
-            parser = getattr(ex, "subcommand_parser", None) or self
-            prog = parser.prog.replace(" [options]", "")
-            print(f"error: {one_line_error(message, parser)} (see `{prog} --help`)", file=sys.stderr)
-            raise SystemExit(2)
+    class Parser(OneLineErrors, LightningArgumentParser):
+        pass
 
     class EmalignCLI(CheckedCkptPathCLI):
         @staticmethod
@@ -243,19 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         for verb, text in VERBS.items():
             print(f"  {verb:<11} {text}")
         print("\nLightningCLI (fit, validate, test):")
-    from emalign.errors import friendly_errors
-
-    with friendly_errors():
-        try:
-            _lightning(None if from_shell else argv)
-        except KeyboardInterrupt:  # before or after training (StopOnSignal handles it during training)
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-        except Exception as err:
-            cause = _user_error_in(err)
-            if cause is None or cause is err:
-                raise
-            raise cause from None  # e.g. a missing model, wrapped by jsonargparse while instantiating
+    # Ctrl+C before or after training (StopOnSignal handles it during training).
+    with _one_line("interrupted"):
+        _lightning(None if from_shell else argv)
 
 
 def one_line_error(message: str, parser) -> str:

@@ -197,32 +197,38 @@ def discern(
                     overwrite=overwrite)
 
 
-def _check_earlier(path: Path, model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording],
-                   overwrite: bool) -> None:
-    """Refuse to replace a result made with other settings (a rerun with the same ones may replace it)."""
-    if overwrite or not path.is_file():
-        return
+def _earlier(path: Path, model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording]) -> Optional[dict]:
+    """The result at ``path`` when it was made with these settings (model, adapter, sets in order and their
+    sizes, questions), else None."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-        same = (old["model"], old["adapter"], {k: v["n_pairs"] for k, v in old["sets"].items()},
-                [w["question"] for w in old["wordings"]]) == (
-                    model, adapter, {k: len(v) for k, v in loaded.items()}, [w.question for w in wordings])
-    except (ValueError, KeyError, TypeError):
-        same = False
-    if not same:
-        raise OptionError(f"{path} holds a discern result made with other settings (model, adapter, sets or "
-                          "questions); pass --overwrite true to replace it, or choose another --out")
+        was = (old["model"], old["adapter"], [(k, v["n_pairs"]) for k, v in old["sets"].items()],
+               [(w["question"], w["inverted"]) for w in old["wordings"]])
+        now = (model, adapter, [(k, len(v)) for k, v in loaded.items()], [(w.question, w.inverted) for w in wordings])
+        same = was == now
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return old if same else None
 
 
 def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets: list[str], wordings: list[Wording],
-                batch_size: int = 8, limit: Optional[int] = None, show: bool = True, overwrite: bool = False) -> dict:
+                batch_size: int = 8, limit: Optional[int] = None, show: bool = True, overwrite: bool = False,
+                reuse: bool = False) -> dict:
     """Score ``sets`` with ``wordings``, write OUT/discern.json and OUT/discern.md, return the result.
 
-    The output directory and the sets are checked before the model loads (scoring takes minutes).
+    The output directory and the sets are checked before the model loads (scoring takes minutes). An
+    OUT/discern.json made with other settings is replaced only with ``overwrite``; one made with these
+    settings is returned as it is with ``reuse``, else scored again.
     """
     writable_dir(out)
     loaded = {name: load_set(name)[:limit] for name in sets}
-    _check_earlier(Path(out) / "discern.json", model, adapter, loaded, wordings, overwrite)
+    path = Path(out) / "discern.json"
+    earlier = _earlier(path, model, adapter, loaded, wordings) if path.is_file() else None
+    if earlier is not None and reuse:
+        return earlier
+    if path.is_file() and earlier is None and not overwrite:
+        raise OptionError(f"{path} holds a discern result made with other settings (model, adapter, sets or "
+                          "questions); pass --overwrite true to replace it, or choose another --out")
     result = _run(model, adapter, loaded, wordings, batch_size)
     write_text_atomic(Path(out) / "discern.json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(Path(out) / "discern.md", _markdown(result))

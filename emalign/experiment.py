@@ -272,13 +272,14 @@ def run_experiment(
     eval_kwargs = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in own}
     eval_kwargs["code_prompts"] = heldout_code_prompts()[: ev.code_prompts] if ev.code_prompts is not None else None
     console = Console()
-    bases = [_model_and_adapter(run, experiment, out_dir / "runs" / run.name)[0] for run in experiment.runs]
+    resolved = [_model_and_adapter(run, experiment, out_dir / "runs" / run.name) for run in experiment.runs]
+    bases = [model for model, _, _ in resolved]
     console.print(Rule("preflight: what each judge reads"))
     preflight = run_preflight(experiment.preflight, bases, out_dir, lambda line: console.print(line, markup=False))
     results = []
-    for run, base in zip(experiment.runs, bases):
+    for run, (base, adapter, adapter_dir) in zip(experiment.runs, resolved):
         run_dir = out_dir / "runs" / run.name
-        model, adapter, adapter_dir = _model_and_adapter(run, experiment, run_dir)
+        model = base
         console.print(Rule(f"run {run.name}"))
         fit_state, fit_seconds = "none", None
         if run.fit and not adapter:

@@ -83,7 +83,7 @@ def recommended_sampling(model) -> dict[str, float]:
 
 def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int] = None) -> list[int]:
     """The chat-templated prompt's ids, at most ``max_tokens`` long (the longest message cut to fit)."""
-    return _render(tokenizer, cut_messages(tokenizer, messages, max_tokens))
+    return _fit(tokenizer, messages, max_tokens)[1]
 
 
 def _render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -95,9 +95,14 @@ def cut_messages(tokenizer, messages: list[dict[str, str]], max_tokens: Optional
     """``messages`` whose rendered prompt fits ``max_tokens``: the longest message is cut (its start kept)
     until it does; the first cut of the process is reported once. Raises ``ValueError`` when the chat
     template alone is longer than ``max_tokens``."""
+    return _fit(tokenizer, messages, max_tokens)[0]
+
+
+def _fit(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int]) -> tuple[list[dict], list[int]]:
+    """(messages cut to fit ``max_tokens``, their rendered ids): one render when they fit already."""
     ids = _render(tokenizer, messages)
     if max_tokens is None or len(ids) <= max_tokens:
-        return messages
+        return messages, ids
     full = len(ids)
     messages = [dict(m) for m in messages]
     while len(ids) > max_tokens:
@@ -115,7 +120,7 @@ def cut_messages(tokenizer, messages: list[dict[str, str]], max_tokens: Optional
         _reported_cut = True
         log.warning("a prompt of %d tokens was cut to max_prompt_tokens=%d (the start of its longest message kept); "
                     "later cuts are not reported", full, max_tokens)
-    return messages
+    return messages, ids
 
 
 _reported_cut = False

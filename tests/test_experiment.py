@@ -220,3 +220,8 @@ def test_preflight_puts_what_the_judge_reads_beside_every_run(tiny_model_dir, tm
     assert analysis["verdict"]["line"] in md
     warned = "warning: the judge" in printed
     assert warned == (analysis["verdict"]["question_sensitive"] is False)
+
+    cached = next((tmp_path / "out" / "preflight").glob("*/discern.json"))
+    written = cached.stat().st_mtime_ns
+    run_experiment(config)  # the same settings: the cached result is reused, not scored again
+    assert cached.stat().st_mtime_ns == written

@@ -37,10 +37,16 @@ SEED = 0
 Cue = Callable[[str], float]
 
 
+def wins(good: Sequence[float], bad: Sequence[float]) -> np.ndarray:
+    """psi[i, j] = 1 if good[i] > bad[j], 1/2 on a tie, else 0: its mean is the AUROC, its diagonal the
+    pairwise wins."""
+    g, b = np.asarray(good, dtype=float)[:, None], np.asarray(bad, dtype=float)[None, :]
+    return (g > b) + 0.5 * (g == b)
+
+
 def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
     """Mann-Whitney AUROC of good vs bad (ties count half)."""
-    g, b = good[:, None], bad[None, :]
-    return float(((g > b) + 0.5 * (g == b)).mean())
+    return float(wins(good, bad).mean())
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,8 @@ def cue_scores(cues: dict[str, Cue], good: Sequence[str], bad: Sequence[str]) ->
 
 def style_split(good: Sequence[str], bad: Sequence[str]) -> dict[str, list[int]]:
     """RM-Bench's split by length: ``hard`` pairs have the longer bad answer, ``normal`` the rest."""
-    hard = [i for i, (g, b) in enumerate(zip(good, bad)) if len(b) > len(g)]
-    return {"hard": hard, "normal": [i for i in range(len(good)) if i not in set(hard)]}
+    hard = [len(b) > len(g) for g, b in zip(good, bad)]
+    return {"hard": [i for i, h in enumerate(hard) if h], "normal": [i for i, h in enumerate(hard) if not h]}
 
 
 def margin_over_cues(boot: PairBootstrap, judge: tuple[Sequence[float], Sequence[float]],

@@ -10,7 +10,6 @@ The result is kept in ``OUT/preflight/<model>/discern.json`` and reused on a rer
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,12 @@ class Preflight:
     """Answers per review forward."""
 
     def __post_init__(self):
-        from emalign.errors import UserError
+        from emalign.errors import UserError, check_range
 
         if not self.sets:
             raise UserError("preflight.sets: needs at least one set")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"preflight.limit: must be at least 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise UserError(f"preflight.batch_size: must be at least 1, got {self.batch_size}")
+        check_range("preflight.limit", self.limit, 1, none_ok=True)
+        check_range("preflight.batch_size", self.batch_size, 1)
 
 
 def _slug(model: str) -> str:
@@ -58,12 +55,10 @@ def run_preflight(settings: Preflight, models: list[str], out_dir: Path,
     out: dict[str, dict[str, Any]] = {}
     for model in dict.fromkeys(models):
         where = out_dir / "preflight" / _slug(model)
-        path = where / "discern.json"
-        result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if result is None or result.get("model") != model or list(result["sets"]) != settings.sets:
-            result = run_discern(where, model, None, settings.sets, wordings, settings.batch_size, settings.limit,
-                                 show=False, overwrite=True)  # its own cache, made with other settings
-        out[model] = columns(result, str(path))
+        # Its own cache: a result with the same settings is reused, one with others replaced.
+        result = run_discern(where, model, None, settings.sets, wordings, settings.batch_size, settings.limit,
+                             show=False, overwrite=True, reuse=True)
+        out[model] = columns(result, str(where / "discern.json"))
         for line, sensitive in zip(out[model]["verdicts"], out[model]["question_sensitive"]):
             if sensitive is False:
                 warn(f"warning: the judge {model} is not question-sensitive: {line}")

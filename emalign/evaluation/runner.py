@@ -226,12 +226,10 @@ def run_eval(
     check_range("--judge_min_mass", judge_min_mass, 0, 1, none_ok=True)
     out = writable_dir(out)
     min_mass = judge_min_mass if judge_min_mass is not None else MIN_NUMBER_MASS
+    check_range("--code_max_new_tokens", code_max_new_tokens, 1, none_ok=True)
+    check_range("--max_prompt_tokens", max_prompt_tokens, 16, none_ok=True)
     if code_max_new_tokens is None:
         code_max_new_tokens = max_new_tokens
-    elif code_max_new_tokens < 1:
-        raise EvalError(f"code_max_new_tokens must be at least 1, got {code_max_new_tokens}")
-    if max_prompt_tokens is not None and max_prompt_tokens < 16:
-        raise EvalError(f"max_prompt_tokens must be at least 16, got {max_prompt_tokens}")
     conscience = conscience if conscience is not None else Conscience()
     # Checked before the (possibly large) model loads; the default judge's identity is known already.
     _check_config(out, {

@@ -89,8 +89,7 @@ def em_answers(items: Sequence[EvalItem], index: Sequence[int], *, generating: M
 def judged(rows: Sequence[dict], items: Sequence[EvalItem], judge: Judge) -> list[dict]:
     """The answered rows of ``items`` with the judge's fields added (new dicts; the inputs stay as they are)."""
     fields = judge_batch(judge, items, [row["answer"] for row in rows])
-    return [{**{k: v for k, v in row.items() if k != "self_review"}, **f, "self_review": row["self_review"]}
-            for row, f in zip(rows, fields, strict=True)]
+    return [{**row, **f} for row, f in zip(rows, fields, strict=True)]
 
 
 def em_rows(items: Sequence[EvalItem], index: Sequence[int], *, judge: Judge, **stages: Any) -> list[dict]:
