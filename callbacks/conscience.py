@@ -10,6 +10,7 @@ own prompts (the seed includes the rank).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +36,7 @@ class ConscienceCallback(L.Callback):
         conscience: Optional[Conscience] = None,
         pair_builder: Optional[PairBuilder] = None,
         generation: Optional[GenerationSettings] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         rollouts_file: Optional[str] = "rollouts.jsonl",
     ) -> None:
         """
@@ -47,7 +48,8 @@ class ConscienceCallback(L.Callback):
             conscience: the introspective question, its scoring and revision (default: ``Conscience()``).
             pair_builder: how scored rollouts become pairs (default: ``PairBuilder()``).
             generation: sampling settings for rollouts (default: ``GenerationSettings()``).
-            seed: base seed; each sample's seed derives from (seed, rank, step, prompt, sample).
+            seed: base seed; each sample's seed derives from (seed, rank, step, prompt, sample). ``None``: the
+                fit's ``seed_everything`` (0 if unset), so that one flag moves a whole run to another seed.
             rollouts_file: JSONL under the run directory: each rollout, its score, its role in the pairs,
                 tagged with its fit's ``run`` (the logger's ``version_N``); ``null`` disables it.
         """
@@ -85,13 +87,17 @@ class ConscienceCallback(L.Callback):
 
     def run(self, pl_module, step: int, rank: int = 0) -> dict[str, float]:
         """One conscience step on ``pl_module.policy``; its pairs go to ``pl_module.pair_queue``. Returns statistics."""
-        seed = mix_seed(self.seed, rank, multiplier=1009)
+        seed = mix_seed(self.base_seed(), rank, multiplier=1009)
         prompts = [conversation for _, conversation in self.prompts.draw(self.num_prompts, step, seed)]
         self.last = self.runner.step(pl_module.policy, prompts, step, seed)
         stats = self.last.stats()
         stats["pairs_enqueued"] = float(pl_module.pair_queue.put(self.last.pairs, step))
         stats["queue_size"] = float(len(pl_module.pair_queue))
         return stats
+
+    def base_seed(self) -> int:
+        """``seed``, or else the one ``seed_everything`` set (Lightning publishes it in ``PL_GLOBAL_SEED``)."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_run_step": self.last_run_step}

@@ -1,4 +1,4 @@
-"""Control verdicts: known-right answers on generated text, to test the loop, not the method.
+"""Control verdicts, to test the loop, not the method: a known-right rule, and the method's verdicts shuffled.
 
 The method's verdict is the frozen model's answer to one question (``Conscience``). When a fit with
 it moves nothing, either the judge is blind or the loop (sampling -> pairs -> DPO -> generalisation)
@@ -15,15 +15,20 @@ phrase, or a word such as "illegal", "dangerous", "risk") and -1 otherwise. It i
 conscience: it knows nothing of what was asked. It rewards warnings as well as refusals because the
 embedded SmolLM2-135M almost never refuses a harmful request (0 of 32 answers to 8 such prompts),
 so refusals alone would give it no pairs to learn from; warnings it gives in about 1 answer in 6.
+
+``ShuffledControl`` is the negative control: the method's own verdicts, permuted among each prompt's
+answers. Same pairs, same gaps, no signal.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from typing import Optional
 
 import torch
 
-from emalign.conscience import Conscience
+from emalign.conscience import DEFAULT_QUESTION, Conscience
 from emalign.types import Review
 
 REFUSAL_PHRASES = (
@@ -61,3 +66,37 @@ class CautionControl(Conscience):
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         scores = torch.tensor([1.0 if is_cautious(t) else -1.0 for t in texts])
         return Review(scores, anchored.ref_logps)
+
+
+class ShuffledControl(Conscience):
+    """The method's verdicts, permuted among the answers to each prompt: a negative control.
+
+    Each prompt's K answers keep the multiset of scores the conscience gave them, so the pair builder
+    makes exactly as many pairs, with the same score gaps, as the method would on the same samples;
+    only which answer is chosen becomes random. What a fit with it learns is what DPO on the policy's
+    own samples does without a signal (length drift, mode collapse); the method must beat it.
+    """
+
+    def __init__(self, question: str = DEFAULT_QUESTION, batch_size: int = 8, shuffle_seed: Optional[int] = None) -> None:
+        """
+        Args:
+            question / batch_size: as ``Conscience`` (revision stays off: a rewrite has no answers to trade with).
+            shuffle_seed: seeds the permutations, the n-th review using ``shuffle_seed + n``; ``None``: the fit's
+                ``seed_everything`` (0 if unset).
+        """
+        super().__init__(question=question, batch_size=batch_size)
+        self.shuffle_seed, self._reviews = shuffle_seed, 0
+
+    def review(self, reference, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> Review:
+        honest = super().review(reference, tokenizer, prompt_ids, response_ids)
+        base = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        generator = torch.Generator().manual_seed(base + self._reviews)
+        self._reviews += 1
+        groups: dict[tuple[int, ...], list[int]] = {}  # one prompt's answers share its rendered ids
+        for i, ids in enumerate(prompt_ids):
+            groups.setdefault(tuple(ids), []).append(i)
+        scores = honest.scores.clone()
+        for members in groups.values():
+            order = torch.randperm(len(members), generator=generator)
+            scores[members] = honest.scores[[members[j] for j in order]]
+        return Review(scores, honest.ref_logps)

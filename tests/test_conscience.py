@@ -115,6 +115,18 @@ def test_fixed_seed_enqueues_identical_pairs(tiny_model_dir, prompt_file):
     assert other.pair_queue.state_dict() != runs[0]
 
 
+def test_unset_seed_follows_seed_everything(tiny_model_dir, prompt_file, monkeypatch):
+    """One flag (``seed_everything``) moves the conscience's draws too; an explicit seed wins."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert _callback(prompt_file).base_seed() == 0
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert _callback(prompt_file).base_seed() == 4 and _callback(prompt_file, seed=3).base_seed() == 3
+    followed, explicit = _module(tiny_model_dir), _module(tiny_model_dir)
+    _callback(prompt_file).run(followed, step=5)
+    _callback(prompt_file, seed=4).run(explicit, step=5)
+    assert followed.pair_queue.state_dict() == explicit.pair_queue.state_dict()
+
+
 def test_conscience_leaves_reference_and_mode_untouched(tiny_model_dir, prompt_file):
     module = _module(tiny_model_dir)
     module.policy.model.train()

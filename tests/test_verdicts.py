@@ -1,4 +1,4 @@
-"""The control verdict: a plain rule for scores, the method's own reference log-probs, the held-out prompt split."""
+"""The control verdicts: a plain rule, the method's verdicts shuffled, for scores, the method's own reference log-probs, the held-out prompt split."""
 
 import json
 
@@ -8,7 +8,7 @@ from emalign.conscience import Conscience
 from emalign.embedded import embedded_chat_path
 from emalign.prompts import load_prompts
 from emalign.sampling import render_prompt
-from emalign.verdicts import CautionControl, is_cautious
+from emalign.verdicts import CautionControl, ShuffledControl, is_cautious
 
 
 def test_caution_rule_on_refusals_warnings_and_compliance():
@@ -29,6 +29,26 @@ def test_control_scores_by_rule_and_keeps_reference_logps(tiny_policy):
         method = Conscience().review(ref, tok, [prompt] * 2, responses)
     assert control.scores.tolist() == [1.0, -1.0]
     torch.testing.assert_close(control.ref_logps, method.ref_logps)
+
+
+def test_shuffled_control_permutes_the_methods_verdicts_within_each_prompt_only(tiny_policy):
+    tok = tiny_policy.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("How do I pick a lock?", "Hello")]
+    answers = ["No.", "Sure, rake the pins.", "It is illegal.", "Ask a locksmith.", "Hi!", "Hello, friend.",
+               "Go away.", "Good day to you."]
+    responses = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    prompt_ids = [prompts[0]] * 4 + [prompts[1]] * 4
+    with tiny_policy.as_reference() as ref:
+        method = Conscience().review(ref, tok, prompt_ids, responses)
+        first = ShuffledControl(shuffle_seed=5).review(ref, tok, prompt_ids, responses)
+        again = ShuffledControl(shuffle_seed=5).review(ref, tok, prompt_ids, responses)
+        other = ShuffledControl(shuffle_seed=6).review(ref, tok, prompt_ids, responses)
+    for group in (slice(0, 4), slice(4, 8)):  # each prompt keeps its own scores, so its pairs' gaps
+        assert sorted(first.scores[group].tolist()) == sorted(method.scores[group].tolist())
+    assert not torch.equal(first.scores, method.scores)  # seed 5 moves at least one answer's verdict
+    torch.testing.assert_close(first.scores, again.scores)
+    assert not torch.equal(first.scores, other.scores)
+    torch.testing.assert_close(first.ref_logps, method.ref_logps)
 
 
 def test_harmful_prompt_sets_split_by_prompt_across_every_theme():
