@@ -77,7 +77,9 @@ class ShuffledControl(Conscience):
     own samples does without a signal (length drift, mode collapse); the method must beat it.
     """
 
-    def __init__(self, question: str = DEFAULT_QUESTION, batch_size: int = 8, shuffle_seed: Optional[int] = None) -> None:
+    def __init__(
+        self, question: str = DEFAULT_QUESTION, batch_size: int = 8, shuffle_seed: Optional[int] = None
+    ) -> None:
         """
         Args:
             question / batch_size: as ``Conscience`` (revision stays off: a rewrite has no answers to trade with).

@@ -1,4 +1,4 @@
-"""The control verdicts: a plain rule, the method's verdicts shuffled, for scores, the method's own reference log-probs, the held-out prompt split."""
+"""The control verdicts (a plain rule; the method's verdicts shuffled) and the held-out prompt split."""
 
 import json
 

@@ -1,0 +1,243 @@
+"""The effect of a fit on held-out prompts, measured by what its loop did not optimise.
+
+The conscience loop raises one number: the frozen base's direct verdict on the policy's answers. That
+number alone cannot show the method works: most of it is a yes-tilt that ignores the question
+(``cli.py discern``). For each model (the base, or an adapter of a fit) this measures, on prompts the fit
+never sampled:
+
+- the frozen base's verdicts on the policy's K answers per prompt under four wordings (the direct question
+  the loop optimised, two rewordings, the inverted question), and from direct and inverted the content c
+  and the tilt t (:mod:`emalign.evaluation.paired`). A gain that is tilt moves inverted against direct
+  (Δinverted ≈ -Δdirect); a gain in what the judge reads from the answer moves both (Δinverted ≈ +Δdirect);
+- the policy's own log-probability margin, log π(good) - log π(bad) summed over tokens, on labelled pairs
+  whose prompts no fit trains on (the embedded chat pairs, the code twins): the preference DPO trains,
+  read against human labels, with no judge;
+- the degeneracy rate (:mod:`emalign.evaluation.degeneracy`) and the caution rate (the positive control's
+  rule, :func:`emalign.verdicts.is_cautious`).
+
+Every difference is paired: per prompt for answers (all models answer with the same sample seeds), per pair
+for margins, ± its standard error over prompts or pairs. Runs named ``ARM_sSEED`` are pooled per arm: each
+prompt's (pair's) value averaged over the arm's seeds, then paired as above; each seed's difference is kept.
+
+    python -m emalign.evaluation.effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter \\
+        shuffled_s0=runs/shuffled_s0/adapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from emalign.atomic import write_text_atomic
+from emalign.conscience import DEFAULT_QUESTION
+from emalign.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.self_review import mean_se, without_adapter
+from emalign.logprobs import pair_logps
+from emalign.models import load_for_inference
+from emalign.prompts import load_prompts
+from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.verdicts import is_cautious
+
+WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("q2", EXTRA_QUESTIONS[0]), Wording("q3", EXTRA_QUESTIONS[1]),
+            Wording("inverted", INVERTED_QUESTION, inverted=True)]
+ANSWER_METRICS = ["direct", "inverted", "c", "t", "q2", "q3", "caution", "degenerate", "tokens"]
+_ARM = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
+
+
+@dataclass
+class EffectSettings:
+    """What every model is measured on (the same for all, so that differences pair)."""
+
+    prompts: str = "embedded:harmful_heldout"
+    """Held-out prompts the policies answer (chat JSONL, ``embedded:NAME`` or one per line)."""
+    samples: int = 4
+    """Answers per prompt."""
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 1234
+    """Sample seeds: answer k to prompt i has the same seed in every model."""
+    pair_sets: list[str] = field(default_factory=lambda: ["chat", "code"])
+    """Labelled pair sets for the log-prob margin (embedded ``chat``/``code`` or a JSONL path)."""
+    batch_size: int = 24
+
+
+def load_run(model_name: str, spec: str):
+    """(model, tokenizer) for ``ADAPTER_DIR``, ``ADAPTER_DIR@CHECKPOINT`` (that step's LoRA weights) or ''
+    (the base)."""
+    adapter, _, ckpt = spec.partition("@")
+    model, tokenizer = load_for_inference(model_name, adapter or None)
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        weights = {k.removeprefix("policy.model."): v for k, v in state.items() if ".lora_" in k}
+        missing = model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys or [k for k in missing.missing_keys if ".lora_" in k] or not weights:
+            raise SystemExit(f"{ckpt}: adapter weights do not match {adapter} ({missing})")
+    return model, tokenizer
+
+
+@torch.no_grad()
+def margins(model, tokenizer, set_name: str, batch_size: int) -> list[float]:
+    """Per labelled pair: the model's log π(good | prompt) - log π(bad | prompt), each summed over tokens."""
+    pairs = load_set(set_name)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in chunk]
+        good, bad = pair_logps(model, prompts, [encode(p.good) for p in chunk], [encode(p.bad) for p in chunk],
+                               tokenizer.pad_token_id, device)
+        out += (good - bad).tolist()
+    return out
+
+
+@torch.no_grad()
+def measure(model, tokenizer, settings: EffectSettings) -> dict:
+    """One model's answers to the held-out prompts, their per-prompt scores, and its margins per pair set."""
+    prompts = load_prompts(settings.prompts)
+    ids = [render_prompt(tokenizer, p) for p in prompts]
+    generation = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                    top_p=settings.top_p, batch_size=settings.batch_size)
+    model.eval()
+    rollouts = sample_ids(model, tokenizer, ids, generation, settings.samples, seed=settings.seed, step=0)
+    with without_adapter(model) as base:  # the frozen base judges, as in training
+        scores = score_answers(base, tokenizer, WORDINGS, [r.prompt_ids for r in rollouts],
+                               [r.response_ids for r in rollouts], batch_size=8)
+    per_answer = {name: scores[w.name] for name, w in zip(["direct", "q2", "q3", "inverted"], WORDINGS)}
+    per_answer["t"] = [(d - i) / 2 for d, i in zip(per_answer["direct"], per_answer["inverted"])]
+    per_answer["c"] = [(d + i) / 2 for d, i in zip(per_answer["direct"], per_answer["inverted"])]
+    per_answer["caution"] = [float(is_cautious(r.text)) for r in rollouts]
+    reasons = [degenerate(r.text) for r in rollouts]
+    per_answer["degenerate"] = [float(r is not None) for r in reasons]
+    per_answer["tokens"] = [float(len(r.response_ids)) for r in rollouts]
+    by_prompt: dict[int, list[int]] = {}
+    for i, r in enumerate(rollouts):
+        by_prompt.setdefault(r.prompt_index, []).append(i)
+    rows = [by_prompt[k] for k in sorted(by_prompt)]
+    per_prompt = {m: [sum(per_answer[m][i] for i in row) / len(row) for row in rows] for m in ANSWER_METRICS}
+    return {
+        "per_prompt": per_prompt,
+        "margins": {s: margins(model, tokenizer, s, settings.batch_size) for s in settings.pair_sets},
+        "answers": [{"prompt": r.prompt_index, "text": r.text, "direct": round(per_answer["direct"][i], 4),
+                     "inverted": round(per_answer["inverted"][i], 4), "degenerate": reasons[i]}
+                    for i, r in enumerate(rollouts)],
+    }
+
+
+def _paired(a: list[float], b: list[float]) -> list[Optional[float]]:
+    return list(mean_se([x - y for x, y in zip(a, b)]))
+
+
+def _values(run: dict) -> dict[str, list[float]]:
+    """Every measured quantity of a run, per unit (prompt or pair): answers' metrics and ``margin_SET``."""
+    return {**run["per_prompt"], **{f"margin_{s}": v for s, v in run["margins"].items()}}
+
+
+def _pool(runs: list[dict]) -> dict[str, list[float]]:
+    """The seeds' per-unit values averaged (the arm's estimate on each prompt or pair)."""
+    values = [_values(r) for r in runs]
+    return {k: [sum(col) / len(col) for col in zip(*(v[k] for v in values))] for k in values[0]}
+
+
+def compare(runs: dict[str, dict], baseline: str) -> dict:
+    """Each run's and each pooled arm's paired differences to ``baseline``, and between arms."""
+    base = _values(runs[baseline])
+    out: dict = {"vs_baseline": {}, "arms": {}, "arm_vs_arm": {}}
+    for name, run in runs.items():
+        out["vs_baseline"][name] = {k: _paired(v, base[k]) for k, v in _values(run).items()}
+    arms: dict[str, list[str]] = {}
+    for name in runs:
+        if (match := _ARM.match(name)) and name != baseline:
+            arms.setdefault(match["arm"], []).append(name)
+    pooled = {arm: _pool([runs[n] for n in names]) for arm, names in arms.items()}
+    for arm, values in pooled.items():
+        delta = {k: _paired(v, base[k]) for k, v in values.items()}
+        out["arms"][arm] = {"runs": arms[arm], "delta": delta, "prediction": _prediction(delta)}
+    names = list(pooled)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out["arm_vs_arm"][f"{a} - {b}"] = {k: _paired(pooled[a][k], pooled[b][k]) for k in pooled[a]}
+    return out
+
+
+def _prediction(delta: dict) -> dict:
+    """Δinverted / Δdirect: about -1 if the gain is tilt, about +1 if the judge reads it from the answers."""
+    d, i = delta["direct"][0], delta["inverted"][0]
+    return {"inverted_over_direct": i / d if d else None,
+            "reading": "tilt (inverted moves against direct)" if d and i / d < -0.5 else
+                       "content (inverted moves with direct)" if d and i / d > 0.5 else "mixed or null"}
+
+
+def _fmt(pair: list[Optional[float]]) -> str:
+    mean, se = pair
+    return "—" if mean is None else f"{mean:+.3f} ± {se:.3f}" if se is not None else f"{mean:+.3f}"
+
+
+def table(result: dict) -> str:
+    """Markdown: each run's and arm's paired differences to the baseline."""
+    keys = ["direct", "inverted", "c", "t", *[f"margin_{s}" for s in result["settings"]["pair_sets"]],
+            "degenerate", "caution"]
+    lines = ["| vs " + result["baseline"] + " | " + " | ".join(f"Δ{k}" for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    rows = [(n, d) for n, d in result["vs_baseline"].items() if n != result["baseline"]]
+    rows += [(f"**{arm}** (pooled)", a["delta"]) for arm, a in result["arms"].items()]
+    rows += [(f"**{pair}**", d) for pair, d in result["arm_vs_arm"].items()]
+    lines += ["| " + name + " | " + " | ".join(_fmt(d[k]) for k in keys) + " |" for name, d in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    defaults = EffectSettings()
+    ap = argparse.ArgumentParser(prog="python -m emalign.evaluation.effect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="+", required=True,
+                    help="NAME=ADAPTER_DIR[@CHECKPOINT] (empty: the base model); the first is the baseline; "
+                         "NAME=ARM_sSEED pools the arm's seeds")
+    ap.add_argument("--out", required=True, help="directory: one JSON per run (reused on a rerun), effect.json/.md")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    for name, value in asdict(defaults).items():
+        kind = type(value) if not isinstance(value, list) else str
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, nargs="+" if isinstance(value, list)
+                        else None)
+    args = ap.parse_args(argv)
+    settings = EffectSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for spec in args.runs:
+        name, _, adapter = spec.partition("=")
+        path, key = out / f"{name}.json", {"model": args.model, "adapter": adapter, "settings": asdict(settings)}
+        if path.is_file() and {k: v for k, v in json.loads(path.read_text()).items() if k in key} == key:
+            runs[name] = json.loads(path.read_text())
+            print(f"{name}: reused {path}", flush=True)
+            continue
+        start = time.perf_counter()
+        model, tokenizer = load_run(args.model, adapter)
+        runs[name] = {**key, **measure(model, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
+        write_text_atomic(path, json.dumps(runs[name], indent=1))  # each run kept as it lands
+        print(f"{name}: {runs[name]['seconds']:.0f} s", flush=True)
+    baseline = args.runs[0].partition("=")[0]
+    command = "python -m emalign.evaluation.effect " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command,
+              "model": args.model, "settings": asdict(settings), "baseline": baseline,
+              "units": {"answers": "prompts", "margins": "pairs"}, **compare(runs, baseline),
+              "means": {n: {k: mean_se(v) for k, v in _values(r).items()} for n, r in runs.items()},
+              "seconds": {n: r["seconds"] for n, r in runs.items()}}
+    write_text_atomic(out / "effect.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "effect.md", table(result))
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
