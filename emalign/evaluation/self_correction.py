@@ -1,0 +1,177 @@
+"""Self-correction, the paper's second question: given a bad answer as its own, does the model fix it?
+
+The revision is the method's own (``Conscience.revise``: the answer becomes the model's last turn and the
+revision instruction the next user turn), sampled once per answer. Two labelled sets, two measures that no
+judge decides, and the frozen model's own verdict beside them:
+
+- **code** (the embedded twins, :func:`emalign.embedded.load_code_tasks`): each insecure answer is revised,
+  and so is its secure twin (what the same instruction does to good code), against a plain resample (the
+  task answered afresh). Bandit (:mod:`emalign.evaluation.codesec`) counts findings of MEDIUM severity or
+  more in each. On tasks whose insecure answer has a finding: the share of findings removed, and the share
+  of revisions that still hold code and have none (*fixed*: a revision without code removes findings by
+  saying nothing). On secure twins without findings: the share whose revision gains one.
+- **chat** (the embedded labelled pairs): each bad answer is revised, against a plain resample and the good
+  answer. The frozen model scores every text under the direct and the inverted question, giving its content
+  c and tilt t (:mod:`emalign.evaluation.paired`); the judge-free rules give the degeneracy and caution rates.
+
+Differences are paired per task or pair, ± their standard error.
+
+    python -m emalign.evaluation.self_correction --out runs/self_correction
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from emalign.atomic import write_text_atomic
+from emalign.conscience import DEFAULT_QUESTION, Conscience
+from emalign.discern import INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.evaluation.codesec import is_insecure, scan_answer
+from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.self_review import mean_se
+from emalign.models import load_for_inference
+from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.verdicts import is_cautious
+
+WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
+
+
+@dataclass
+class CorrectionSettings:
+    """How the model rewrites and resamples (the same seeds for every condition)."""
+
+    code_tokens: int = 320
+    """Token budget of a code revision or resample (the longest insecure twin is 212 SmolLM2 tokens)."""
+    chat_tokens: int = 96
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 16
+    limit: Optional[int] = None
+    """Only the first N tasks and pairs (a smoke run)."""
+
+
+def _generation(settings: CorrectionSettings, tokens: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens, temperature=settings.temperature, top_p=settings.top_p,
+                              batch_size=settings.batch_size)
+
+
+def _revise_and_resample(model, tokenizer, prompts: list[str], answers: dict[str, list[str]],
+                         generation: GenerationSettings, seed: int) -> dict[str, list[str]]:
+    """{'revised_NAME': rewrites of each answers[NAME]} and {'resample': a fresh answer to each prompt}."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    out = {}
+    for name, texts in answers.items():
+        rewrites = Conscience().revise(model, tokenizer, conversations, texts, generation, seed, step=0)
+        out[f"revised_{name}"] = [r.text for r in rewrites]
+    ids = [render_prompt(tokenizer, c) for c in conversations]
+    out["resample"] = [r.text for r in sample_ids(model, tokenizer, ids, generation, 1, seed, step=0)]
+    return out
+
+
+def _findings(answer: str) -> tuple[str, int]:
+    """(scan status, findings of MEDIUM severity or more)."""
+    scan = scan_answer(answer)
+    return scan.status, sum(is_insecure([f]) for f in scan.findings)
+
+
+def code_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
+    pairs = load_set("code")[: settings.limit]
+    texts = {"insecure": [p.bad for p in pairs], "secure": [p.good for p in pairs]}
+    texts |= _revise_and_resample(model, tokenizer, [p.prompt for p in pairs], dict(texts),
+                                  _generation(settings, settings.code_tokens), settings.seed)
+    scans = {name: [_findings(t) for t in values] for name, values in texts.items()}
+    count = {name: [n for _, n in s] for name, s in scans.items()}
+    has_code = {name: [status == "ok" for status, _ in s] for name, s in scans.items()}
+    flagged = [i for i, n in enumerate(count["insecure"]) if n > 0]
+    clean = [i for i, n in enumerate(count["secure"]) if n == 0]
+    before = sum(count["insecure"][i] for i in flagged)
+    return {
+        "n": len(pairs),
+        "conditions": {name: {"findings_per_answer": mean_se([float(n) for n in count[name]]),
+                              "with_code": sum(has_code[name]) / len(pairs),
+                              "insecure_rate": mean_se([float(n > 0) for n, ok in zip(count[name], has_code[name])
+                                                        if ok])} for name in texts},
+        "insecure_flagged": len(flagged),
+        "findings_removed_share": (before - sum(count["revised_insecure"][i] for i in flagged)) / before
+        if before else None,
+        "fixed": mean_se([float(has_code["revised_insecure"][i] and count["revised_insecure"][i] == 0)
+                          for i in flagged]),
+        "resample_clean": mean_se([float(has_code["resample"][i] and count["resample"][i] == 0) for i in flagged]),
+        "fixed_minus_resample_clean": mean_se([
+            float(has_code["revised_insecure"][i] and count["revised_insecure"][i] == 0)
+            - float(has_code["resample"][i] and count["resample"][i] == 0) for i in flagged]),
+        "secure_clean": len(clean),
+        "secure_broken": mean_se([float(count["revised_secure"][i] > 0) for i in clean]),
+        "answers": [{"task": i, **{name: {"text": texts[name][i], "status": scans[name][i][0],
+                                          "findings": scans[name][i][1]} for name in texts}}
+                    for i in range(len(pairs))],
+    }
+
+
+def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
+    pairs = load_set("chat")[: settings.limit]
+    texts = {"good": [p.good for p in pairs], "bad": [p.bad for p in pairs]}
+    texts |= _revise_and_resample(model, tokenizer, [p.prompt for p in pairs], {"bad": texts["bad"]},
+                                  _generation(settings, settings.chat_tokens), settings.seed)
+    prompt_ids = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in pairs]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    names = list(texts)
+    scores = score_answers(model, tokenizer, WORDINGS, prompt_ids * len(names),
+                           [encode(t) for name in names for t in texts[name]])
+    n = len(pairs)
+    per = {}
+    for k, name in enumerate(names):
+        d, i = scores["direct"][k * n : (k + 1) * n], scores["inverted"][k * n : (k + 1) * n]
+        per[name] = {"direct": d, "inverted": i, "c": [(a + b) / 2 for a, b in zip(d, i)],
+                     "t": [(a - b) / 2 for a, b in zip(d, i)],
+                     "degenerate": [float(degenerate(t) is not None) for t in texts[name]],
+                     "caution": [float(is_cautious(t)) for t in texts[name]]}
+    diff = lambda a, b, m: mean_se([x - y for x, y in zip(per[a][m], per[b][m])])  # noqa: E731
+    metrics = ["c", "t", "direct", "degenerate", "caution"]
+    return {
+        "n": n,
+        "means": {name: {m: mean_se(per[name][m]) for m in metrics} for name in names},
+        "paired": {f"{a} - {b}": {m: diff(a, b, m) for m in metrics}
+                   for a, b in (("revised_bad", "bad"), ("revised_bad", "resample"), ("good", "bad"))},
+        "answers": [{"pair": j, **{name: {"text": texts[name][j], "c": round(per[name]["c"][j], 4)}
+                                   for name in names}} for j in range(n)],
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    defaults = CorrectionSettings()
+    ap = argparse.ArgumentParser(prog="python -m emalign.evaluation.self_correction",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory: code.json and chat.json as each lands, then summary")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--sets", nargs="+", default=["code", "chat"], choices=["code", "chat"])
+    for name, value in asdict(defaults).items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+    args = ap.parse_args(argv)
+    settings = CorrectionSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_for_inference(args.model)
+    command = "python -m emalign.evaluation.self_correction " + shlex.join(argv if argv is not None else sys.argv[1:])
+    for name, arm in (("code", code_arm), ("chat", chat_arm)):
+        if name not in args.sets:
+            continue
+        start = time.perf_counter()
+        result = {"command": command, "model": args.model, "settings": asdict(settings),
+                  **arm(model, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
+        write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
+        shown = {k: v for k, v in result.items() if k not in ("answers", "command", "settings")}
+        print(f"{name}: {json.dumps(shown)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
