@@ -57,7 +57,7 @@ def build(source: str, args, device):
         temperature=args.temperature,
         top_p=args.top_p,
         batch_size=args.prompts * args.samples,
-        merge_lora=True,  # as configs/demo.yaml: the same tokens through merged LoRA layers (sampling_weights.py)
+        merge_lora=True,  # as configs/demo.yaml: same tokens, merged LoRA layers (bench/README.md, "sampling weights")
     )
     callback = ConscienceCallback(
         every_n_steps=1,

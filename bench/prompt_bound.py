@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="run directories (default: a temp dir)")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in every child")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="which runs (the unbounded one takes 12 minutes and 12 GB with SmolLM2)")
+                        help="which runs (the unbounded one is slow and large with SmolLM2: see bench/README.md)")
     args = parser.parse_args()
     set_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prompt_bound_"))

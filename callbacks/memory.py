@@ -4,11 +4,11 @@
       callbacks:
         - class_path: callbacks.ReleaseFreedMemory
 
-glibc otherwise keeps freed activations in its heap: the demo peaked at 4.4 GB without this callback and
-2.9 GB with it, and the conscience's differently shaped tensors made the heap grow further
-(``bench/memory_profile.py``, results in ``bench/README.md``). It costs time, since every large tensor is
-then a fresh mapping whose pages fault in again (``emalign/allocator.py`` has the numbers), so it is a
-choice per config: the demo turns it on, a machine with memory to spare leaves it off.
+glibc otherwise keeps freed activations in its heap, and the conscience's differently shaped tensors made
+the heap grow further: without this callback the demo peaks much higher. It costs time, since every large
+tensor is then a fresh mapping whose pages fault in again (``emalign/allocator.py`` says why), so it is a
+choice per config: the demo turns it on, a machine with memory to spare leaves it off. Both are measured
+in bench/README.md, "Current results: memory profile of the demo" and "Answered probes: allocator".
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 glibc serves a large request with its own ``mmap`` and unmaps it on free, but each such free raises the
 threshold for the next ones (up to 32 MiB). After the first training step, activations of a few MiB
-therefore come from the heap, and the heap keeps what was freed: the demo fit held about 2 GB of freed
-activations between steps, and the conscience's differently sized tensors fragmented the heap further
-(``bench/memory_profile.py``; results in ``bench/README.md``). A fixed threshold keeps every tensor of
-1 MiB or more in a mapping of its own, returned to the system when the tensor is freed.
+therefore come from the heap, and the heap keeps what was freed: the demo fit held its freed
+activations between steps, and the conscience's differently sized tensors fragmented the heap further.
+A fixed threshold keeps every tensor of 1 MiB or more in a mapping of its own, returned to the system
+when the tensor is freed.
 
-The price is time: every large tensor is a fresh mapping whose pages fault in again. A SmolLM2 SFT
-step (4 x 256 tokens) took 12 s instead of 10 s, and a checkpointed pair step (which allocates its
-activations twice) about 40% longer. So configs choose: ``callbacks.ReleaseFreedMemory`` applies it to a
-CPU fit. A threshold set through glibc's own ``MALLOC_MMAP_THRESHOLD_`` is left as it is.
+The price is time: every large tensor is a fresh mapping whose pages fault in again, so SFT steps and,
+more, checkpointed pair steps (which allocate their activations twice) run longer. Both sides are
+measured in bench/README.md, "Answered probes: allocator". So configs choose: ``callbacks.ReleaseFreedMemory``
+applies it to a CPU fit. A threshold set through glibc's own ``MALLOC_MMAP_THRESHOLD_`` is left as it is.
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ class EmergentAlignment(L.LightningModule):
             max_nonfinite_in_a_row: a non-finite loss skips the update; this many in a row stop the fit.
             checkpoint_pairs: recompute the pairs' decoder layers during backward instead of keeping their
                 activations (``Policy.checkpointed``): the pairs' graph, alive next to the task loss's until the
-                one backward, then adds little memory (bench/memory_profile.py), for one more forward of the pairs.
+                one backward, then adds little memory, for one more forward of the pairs (measured in
+                bench/README.md, "Current results: memory profile of the demo").
             overwrite_adapter: let this fit replace a model that another fit saved in ``adapter_dir`` (without
                 it, such a fit stops before training, in one line naming both; resuming the same fit is allowed).
         """

@@ -5,7 +5,7 @@ reproduces the same rollouts whatever else shares the batch. Each row draws its 
 CDF from the temperature/top-p-warped distribution with one uniform number from its own
 ``torch.Generator`` (a logits processor that leaves only that token finite, so greedy decoding picks
 it), inside one batched ``model.generate`` with KV cache. One random number per row and token, not
-one per vocabulary entry as Gumbel-max needs: see bench/README.md for the measured difference.
+one per vocabulary entry as Gumbel-max needs (measured in bench/README.md, "Answered probes: optimisations").
 
     prompt_ids = [render_prompt(tokenizer, [{"role": "user", "content": "hi"}])]
     rollouts = sample_ids(model, tokenizer, prompt_ids, GenerationSettings(), num_samples=4)
@@ -43,22 +43,24 @@ class GenerationSettings:
     """Sequences per ``generate`` call (prompts x samples); halved automatically on out-of-memory."""
     max_prompt_tokens: Optional[int] = 1024
     """Longest prompt in tokens: a longer one has its longest message cut (the start kept), reported
-    once. Without it one pasted 50,000-character message makes generation and review take tens of GB."""
+    once. Without it one pasted 50,000-character message makes generation and review take far more memory
+    (bench/README.md, "prompt bound")."""
     cpu_threads: Optional[int] = None
     """Torch intra-op threads while decoding on CPU (``None``: the process's). For a machine shared
     with other jobs: there a descheduled thread stalls every one of decoding's many small ops. On a
-    quiet 2-core machine 1 thread decoded SmolLM2 0.8x as fast as 2 (``bench/optimisations.py``,
-    row ``cpu_threads_decoding``), so the default keeps the process's."""
+    quiet machine fewer threads decode more slowly, so the default keeps the process's (measured in
+    bench/README.md, "Answered probes: optimisations")."""
     merge_lora: bool = False
     """Decode through each LoRA layer merged into one linear (``emalign.merge``; the same tokens, to float
-    rounding), for a transient copy of the adapted weights: SmolLM2 on CPU decoded 1.09x faster
-    (``bench/sampling_weights.py``). 4-bit layers and sharded models decode as they are."""
+    rounding), for a transient copy of the adapted weights: fewer products per call, so faster decoding on
+    CPU (measured in bench/README.md, "Answered probes: sampling weights"). 4-bit layers and sharded models
+    decode as they are."""
     share_prefill: bool = True
     """With several samples per prompt, run each prompt through the model once and give its samples copies
     of its KV cache (``_shared_prefill``), instead of one prefill per sample. The same model to float
-    rounding (SmolLM2's first-step logits within 5e-5), so a token sampled right at a boundary can flip
-    (``bench/optimisations.py``, rows ``shared_prefill*``). The saving grows with prompt length and samples
-    per prompt: 1.37x on SmolLM2 with 515-token prompts and 2 samples, none beyond noise on 40-token ones."""
+    rounding (a batch of prompts rounds differently from a batch of samples), so a token sampled right at a
+    boundary can flip. The saving grows with prompt length and samples per prompt; on short prompts it is
+    lost in noise (measured in bench/README.md, "Answered probes: optimisations")."""
 
     def __post_init__(self):
         check_range("generation.max_new_tokens", self.max_new_tokens, 1)

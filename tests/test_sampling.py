@@ -58,3 +58,37 @@ def test_one_sample_per_prompt_and_one_token_prompts_are_generated_as_before(tra
         rollouts = sample_ids(model, tok, [[5]], settings, num_samples=2)  # nothing to share before the last token
         assert seen[0] == 2
     assert len(rollouts) == 2
+
+
+@pytest.mark.slow  # 20,000 draws: about 30 s
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
+    """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
+    import torch
+
+    from emalign.sampling import SeededSampler
+
+    # 307 tokens (not a multiple of the search block), masked tokens between the live ones.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5] + [float("-inf")] * 300 + [1.5]])
+    sampler = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    n = 20000
+    counts = torch.zeros(logits.shape[1])
+    for _ in range(n // 2):
+        out = sampler(None, logits.expand(2, -1).clone())
+        assert int(torch.isfinite(out).sum()) == 2  # one finite score per row: greedy takes the draw
+        counts.index_add_(0, out.argmax(-1), torch.ones(2))
+    warped = logits / 0.9
+    if top_p < 1.0:
+        ordered, order = warped.sort(descending=True)
+        drop = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) > top_p
+        warped = warped.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    expected = warped.softmax(-1)[0]
+    live = expected > 0
+    assert counts[~live].sum() == 0
+    z = (counts[live] / n - expected[live]) / (expected[live] * (1 - expected[live]) / n).sqrt()
+    assert z.abs().max() < 5
+
+    again = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    first = SeededSampler([11, 12], temperature=0.9, top_p=top_p, device=torch.device("cpu"))
+    assert all(torch.equal(first(None, logits.expand(2, -1).clone()), again(None, logits.expand(2, -1).clone()))
+               for _ in range(20))
