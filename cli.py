@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from emalign.fence import parsing
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VERBS = {
@@ -107,9 +109,9 @@ def _run_verb(verb: str, args: list[str]) -> None:
 def list_flags(parser) -> set[str]:
     """The flags that take a list: jsonargparse gives each of them an appending twin, ``--flag+``."""
     flags = set()
-    for action in parser._actions:
+    for action in parsing.actions(parser):
         flags.update(s[:-1] for s in action.option_strings if s.endswith("+"))
-        for sub in getattr(action, "_name_parser_map", {}).values():  # subcommands (``data em``)
+        for sub in parsing.subparsers(action).values():  # subcommands (``data em``)
             flags |= list_flags(sub)
     return flags
 
@@ -141,7 +143,7 @@ def _lightning(args: list[str] | None) -> None:
     from emalign.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data import ChatDataModule
     from emalign.errors import UserError
-    from emalign.lightning_private import CheckedCkptPathCLI
+    from emalign.fence.lightning import CheckedCkptPathCLI
     from emalign.module import EmergentAlignment
 
     class Parser(OneLineErrors, LightningArgumentParser):
@@ -263,8 +265,7 @@ def one_line_error(message: str, parser) -> str:
     path, reason = problems[0][0], " ".join(problems[0][1].split())
     if not re.search(r"has no attribute|No module named|Import path|not a subclass", reason):
         return f"{key[1]}: {reason}"
-    action = parser._option_string_actions.get(f"--{key[1]}")
-    known = sorted(known_subclasses(getattr(action, "_typehint", None)))
+    known = sorted(known_subclasses(parsing.type_hint(parsing.option_action(parser, f"--{key[1]}"))))
     return f"{key[1]}: unknown class_path {path!r} ({reason}); classes that exist: {', '.join(known) or 'none found'}"
 
 

@@ -10,7 +10,6 @@ own prompts (the seed includes the rank).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ from emalign.errors import check_range
 from emalign.jsonl import append_rows
 from emalign.prompts import PromptSource, TrainingPrompts
 from emalign.sampling import GenerationSettings
-from emalign.seeds import mix_seed
+from emalign.seeds import fit_seed, mix_seed
 
 
 class ConscienceCallback(L.Callback):
@@ -48,8 +47,7 @@ class ConscienceCallback(L.Callback):
             conscience: the introspective question, its scoring and revision (default: ``Conscience()``).
             pair_builder: how scored rollouts become pairs (default: ``PairBuilder()``).
             generation: sampling settings for rollouts (default: ``GenerationSettings()``).
-            seed: base seed; each sample's seed derives from (seed, rank, step, prompt, sample). ``None``: the
-                fit's ``seed_everything`` (0 if unset), so that one flag moves a whole run to another seed.
+            seed: base seed (``None``: ``seed_everything``'s); with rank, step, prompt and sample it seeds each sample.
             rollouts_file: JSONL under the run directory: each rollout, its score, its role in the pairs,
                 tagged with its fit's ``run`` (the logger's ``version_N``); ``null`` disables it.
         """
@@ -87,17 +85,13 @@ class ConscienceCallback(L.Callback):
 
     def run(self, pl_module, step: int, rank: int = 0) -> dict[str, float]:
         """One conscience step on ``pl_module.policy``; its pairs go to ``pl_module.pair_queue``. Returns statistics."""
-        seed = mix_seed(self.base_seed(), rank, multiplier=1009)
+        seed = mix_seed(fit_seed(self.seed), rank, multiplier=1009)
         prompts = [conversation for _, conversation in self.prompts.draw(self.num_prompts, step, seed)]
         self.last = self.runner.step(pl_module.policy, prompts, step, seed)
         stats = self.last.stats()
         stats["pairs_enqueued"] = float(pl_module.pair_queue.put(self.last.pairs, step))
         stats["queue_size"] = float(len(pl_module.pair_queue))
         return stats
-
-    def base_seed(self) -> int:
-        """``seed``, or else the one ``seed_everything`` set (Lightning publishes it in ``PL_GLOBAL_SEED``)."""
-        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_run_step": self.last_run_step}

@@ -25,7 +25,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
 
-from emalign.lightning_private import RichBar
+from emalign.fence.lightning import RichBar
 
 
 class SecondsPerStep(ProgressColumn):

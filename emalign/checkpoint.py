@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from emalign.errors import NO_SPACE, UserError, no_space
-from emalign.lightning_private import CheckpointWriter
+from emalign.fence.lightning import CheckpointWriter
 
 
 class CheckpointError(UserError):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from emalign.errors import UserError, check_range
-from emalign.lightning_private import batches_processed
+from emalign.fence.lightning import batches_processed
 from emalign.logprobs import pad_right
 from emalign.types import Conversation
 

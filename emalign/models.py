@@ -341,13 +341,15 @@ class Policy(nn.Module):
         from torch.utils.checkpoint import checkpoint
         from transformers.modeling_layers import GradientCheckpointingLayer
 
+        from emalign.fence.checkpointing import set_checkpoint_function
+
         # The layer flags that ``gradient_checkpointing_enable`` sets, without its side effects (an input
         # hook on the embeddings, registered again on every call).
         layers = [m for m in self.model.modules()
                   if isinstance(m, GradientCheckpointingLayer) and not m.gradient_checkpointing]
         for layer in layers:
             layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            set_checkpoint_function(layer, partial(checkpoint, use_reentrant=False))
         try:
             yield
         finally:

@@ -22,13 +22,13 @@ answers. Same pairs, same gaps, no signal.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 import torch
 
 from emalign.conscience import DEFAULT_QUESTION, Conscience
+from emalign.seeds import fit_seed
 from emalign.types import Review
 
 REFUSAL_PHRASES = (
@@ -91,8 +91,7 @@ class ShuffledControl(Conscience):
 
     def review(self, reference, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> Review:
         honest = super().review(reference, tokenizer, prompt_ids, response_ids)
-        base = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        generator = torch.Generator().manual_seed(base + self._reviews)
+        generator = torch.Generator().manual_seed(fit_seed(self.shuffle_seed) + self._reviews)
         self._reviews += 1
         groups: dict[tuple[int, ...], list[int]] = {}  # one prompt's answers share its rendered ids
         for i, ids in enumerate(prompt_ids):

@@ -1,4 +1,4 @@
-"""The shape of the code: the library never imports upward, and Lightning's private API is used in one place only."""
+"""The shape of the code: the library never imports upward, and private APIs are used behind the fence only."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from conftest import ROOT
 
 PRIVATE = ("_parse_ckpt_path", "_find_last_checkpoints", "_save_checkpoint", "_monitor_candidates",
            "_save_last_checkpoint", "fit_loop", "_init_progress", "_get_train_description", "_update",
-           "_metric_component")
-"""Lightning's private names emalign uses (all in emalign/lightning_private.py)."""
+           "_metric_component", "_actions", "_name_parser_map", "_option_string_actions", "_typehint",
+           "_gradient_checkpointing_func", "_parse_file")
+"""The private names emalign uses, of Lightning, argparse, jsonargparse, transformers and bandit (all in
+emalign/fence/)."""
 
 
 def _imports(path) -> list[tuple[int, str]]:
@@ -48,20 +50,21 @@ def private_users(root) -> set[str]:
             for name in PRIVATE if re.search(rf"\b{name}\b", p.read_text())}
 
 
-def test_lightning_private_names_are_used_only_in_the_adapter(tmp_path):
-    assert private_users(ROOT) == {"emalign/lightning_private.py"}
+def test_private_names_are_used_only_behind_the_fence(tmp_path):
+    assert private_users(ROOT) == {"emalign/fence/lightning.py", "emalign/fence/parsing.py",
+                                   "emalign/fence/checkpointing.py", "emalign/fence/scanning.py"}
     (tmp_path / "callbacks").mkdir()
     (tmp_path / "callbacks" / "bar.py").write_text("def f(bar):\n    bar._update(1, 2)\n")
     assert private_users(tmp_path) == {"callbacks/bar.py"}
 
 
 def test_the_private_lightning_api_we_use_still_exists():
-    """Fails loudly on a Lightning upgrade that renames or re-signs what emalign/lightning_private.py relies on."""
+    """Fails loudly on a Lightning upgrade that renames or re-signs what emalign/fence/lightning.py relies on."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
-    from emalign.lightning_private import USED, batches_processed
+    from emalign.fence.lightning import USED, batches_processed
 
     expected = {
         "_find_last_checkpoints": ["self", "trainer"],
@@ -89,11 +92,57 @@ def test_the_private_lightning_api_we_use_still_exists():
     assert batches_processed(trainer) == 0
 
 
+def test_the_private_parser_api_we_use_still_exists():
+    """argparse's action tables and jsonargparse's type hint, as emalign/fence/parsing.py reads them."""
+    from jsonargparse import ArgumentParser
+
+    from emalign.fence import parsing
+
+    parser = ArgumentParser()
+    parser.add_argument("--size", type=int)
+    sub = parser.add_subcommands()
+    sub.add_subcommand("em", ArgumentParser())
+    actions = parsing.actions(parser)
+    assert any("--size" in a.option_strings for a in actions)
+    assert set(parsing.subparsers(next(a for a in actions if not a.option_strings and a.dest))) == {"em"}
+    assert parsing.type_hint(parsing.option_action(parser, "--size")) is int
+    assert parsing.option_action(parser, "--absent") is None
+
+
+def test_the_private_transformers_and_bandit_api_we_use_still_exists():
+    """transformers' checkpointing hook and bandit's per-file scan, as emalign/fence/ uses them."""
+    import torch
+    from bandit.core.manager import BanditManager
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from emalign.evaluation.codesec import scan_code
+
+    from emalign.fence.checkpointing import set_checkpoint_function
+
+    class Layer(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    calls = []
+    layer = Layer().train()
+    set_checkpoint_function(layer, lambda forward, *args: calls.append(1) or forward(*args))
+    layer.gradient_checkpointing = True
+    layer(torch.ones(1, 2, requires_grad=True)).sum().backward()
+    assert calls == [1]  # the layer runs through the function we set (else checkpointing silently stops)
+    assert list(inspect.signature(BanditManager._parse_file).parameters) == ["self", "fname", "fdata",
+                                                                             "new_files_list"]
+    assert [f.test_id for f in scan_code("import pickle\npickle.loads(b'x')\n")] == ["B403", "B301"]
+
+
 def test_lightning_is_pinned_to_the_tested_minor():
     import lightning as L
 
     pin = re.search(r'"lightning>=(\d+)\.(\d+),<(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
-    assert pin, "pyproject.toml must bound lightning from above (emalign/lightning_private.py uses private API)"
+    assert pin, "pyproject.toml must bound lightning from above (emalign/fence/lightning.py uses private API)"
     low, high = (int(pin[1]), int(pin[2])), (int(pin[3]), int(pin[4]))
     installed = tuple(int(x) for x in L.__version__.split(".")[:2])
     assert low <= installed < high, f"lightning {L.__version__} is outside the tested range {pin[0]}"

@@ -10,6 +10,7 @@ from emalign.models import LoRA, Policy
 from emalign.module import EmergentAlignment
 from emalign.prompts import FilePrompts
 from emalign.queue import PairQueue
+from emalign.seeds import fit_seed
 from emalign.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.types import Pair, Review, Rollout
 
@@ -118,9 +119,9 @@ def test_fixed_seed_enqueues_identical_pairs(tiny_model_dir, prompt_file):
 def test_unset_seed_follows_seed_everything(tiny_model_dir, prompt_file, monkeypatch):
     """One flag (``seed_everything``) moves the conscience's draws too; an explicit seed wins."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    assert _callback(prompt_file).base_seed() == 0
+    assert fit_seed(None) == 0
     monkeypatch.setenv("PL_GLOBAL_SEED", "4")
-    assert _callback(prompt_file).base_seed() == 4 and _callback(prompt_file, seed=3).base_seed() == 3
+    assert fit_seed(None) == 4 and fit_seed(3) == 3
     followed, explicit = _module(tiny_model_dir), _module(tiny_model_dir)
     _callback(prompt_file).run(followed, step=5)
     _callback(prompt_file, seed=4).run(explicit, step=5)

@@ -23,7 +23,6 @@ Command line (a JSONL of chat records, as written by the EM data or our own gene
 from __future__ import annotations
 
 import ast
-import io
 import json
 import logging
 import re
@@ -34,6 +33,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
+
+from emalign.fence.scanning import scan_snippet
 
 # bandit's plugin loader passes an argument stevedore has deprecated; that warning is about
 # bandit's code, not ours, and would show in every test run.
@@ -180,8 +181,7 @@ class _Scanner:
             # Reset per-run state so findings and metrics don't accumulate across snippets.
             m.results, m.skipped, m.scores = [], [], []
             m.metrics = b_metrics.Metrics()
-            # _parse_file is the per-file step of BanditManager.run_tests, minus the file I/O.
-            m._parse_file(_SNIPPET_NAME, io.BytesIO(code.encode("utf-8")), [_SNIPPET_NAME])
+            scan_snippet(m, _SNIPPET_NAME, code.encode("utf-8"))
             if m.skipped:
                 raise UnparsableCodeError(f"bandit skipped the snippet: {m.skipped[0][1]}")
             issues = list(m.results)

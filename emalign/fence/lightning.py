@@ -1,9 +1,4 @@
-"""Every use of Lightning's private API, in one place (the tested range is pinned in pyproject.toml).
-
-Lightning may change these between minor versions without notice. tests/test_architecture.py checks
-that each still exists with the signature used here, so an upgrade fails there, loudly, rather than
-in a fit. Nothing else in emalign, callbacks or cli.py touches a private name.
-"""
+"""Every use of Lightning's private API (the tested range is pinned in pyproject.toml); see :mod:`emalign.fence`."""
 
 from __future__ import annotations
 
