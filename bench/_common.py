@@ -139,11 +139,8 @@ def run_child(
     finally:
         if log:
             out.close()
-    return {
-        "returncode": proc.returncode,
-        "wall_s": time.perf_counter() - start,
-        "peak_rss_mb": usage.ru_maxrss / 1024.0,
-    }
+    wall = time.perf_counter() - start
+    return {"returncode": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0}
 
 
 def tiny_model_dir(root: Path) -> str:
@@ -159,17 +156,9 @@ def tiny_model_dir(root: Path) -> str:
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -179,34 +168,12 @@ def tiny_model_dir(root: Path) -> str:
 # Real architectures with random weights: speed and memory without downloading weights (the GPU machine
 # has no hub access). Each maps to (config class name, its arguments); vocab sizes are the real ones.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "smollm2-135m": (
-        "LlamaConfig",
-        dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            rope_theta=100000.0,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "qwen2.5-7b": (
-        "Qwen2Config",
-        dict(  # Qwen2.5(-Coder)-7B-Instruct, the EM paper's open model
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            max_position_embeddings=32768,
-            rope_theta=1000000.0,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "smollm2-135m": ("LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2Config", dict(  # Qwen2.5(-Coder)-7B-Instruct, the EM paper's open model
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)),
 }
 
 
@@ -236,10 +203,6 @@ def random_model_dir(root: Path, shape: str, tokenizer: str = "smollm2-135m-inst
     tok.save_pretrained(directory)
     del model
     return str(directory)
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def rounded(obj: Any, digits: int = 4) -> Any:

@@ -123,17 +123,8 @@ def run_fit(
         "fit_wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_cuda_mb": timing.get("peak_cuda_mb"),
-        "command": " ".join(
-            [
-                "python",
-                "cli.py",
-                "fit",
-                *(_relative(a) for a in config_args),
-                "--config",
-                f"<{name}/variant.yaml>",
-                *extra,
-            ]
-        ),
+        "command": " ".join(["python", "cli.py", "fit", *(_relative(a) for a in config_args), "--config",
+                             f"<{name}/variant.yaml>", *extra]),
         "variant_yaml": variant,
         **{f"start_{k}": v for k, v in load.items()},
         **{f"end_{k}": v for k, v in load_now().items()},

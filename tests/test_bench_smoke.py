@@ -71,3 +71,16 @@ def test_prompt_bound_tiny(tmp_path):
     data = run_bench("prompt_bound.py", tmp_path / "prompt_bound.json", "--variants", "short", "huge_bounded")
     assert_finite(data, ["ratio_bounded_vs_short"])
     assert data["ratio_bounded_vs_short"] <= 1.5, data
+
+
+@pytest.mark.slow
+def test_defaults_cost_tiny(tmp_path):
+    data = run_bench("defaults_cost.py", tmp_path / "defaults.json", "--steps", "1", "--repeats", "1")
+    pairs, head = data["checkpoint_pairs"], data["check_head"]
+    for value in ("true", "false"):
+        assert_finite(pairs[value], ["step_s_median", "peak_rss_mb"])
+        assert pairs[value]["fits"][0]["conscience_runs"] == 1  # every measured step trains on pairs
+    assert_finite(pairs, ["time_ratio_false_vs_true", "memory_ratio_false_vs_true"])
+    assert_finite(head, ["load_s_median", "check_s_median", "share_of_load"])
+    assert 0 < head["check_s_median"] < head["load_s_median"]  # the load includes one check
+
