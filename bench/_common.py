@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -10,6 +11,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -241,6 +243,25 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark takes: ``--json``, ``--tiny``, ``--workdir``, ``--threads``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke)")
+    parser.add_argument("--workdir", type=Path, help="logs and run directories (default: a temp dir under /tmp)")
+    parser.add_argument("--threads", type=int, help="torch/OpenMP threads here and in every child (default: torch's)")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse, set the threads, and make ``args.workdir`` (absolute; a new temp dir when not given)."""
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"emalign-{Path(sys.argv[0]).stem}-")).resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def note(message: str) -> None:

@@ -22,23 +22,14 @@ as in the baseline's ``per_pair``.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    fmt,
-    load_now,
-    machine,
-    note,
-    print_table,
-    tiny_model_dir,
-    write_json,
-    set_threads,
+    bench_parser, fmt, load_now, machine, note, parse_bench_args, print_table, tiny_model_dir, write_json,
 )
 from bench._conscience_side import build, measure_conscience, measure_gen_efficiency, measure_memory  # noqa: E402
 from bench._trl_side import measure_trl  # noqa: E402
@@ -47,11 +38,7 @@ TARGETS = {"ratio_vs_trl": ("<=", 0.12), "gen_efficiency": (">=", 0.9), "memory_
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument(
-        "--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)"
-    )
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side (median; default 3, --tiny 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps dropped per side")
     parser.add_argument("--prompts", type=int, default=4)
@@ -76,12 +63,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         help="also time TRL with gradient checkpointing off (not the baseline's setting)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory fits")
-    parser.add_argument("--workdir", help="logs and run directories (default: a temp dir under /tmp)")
-    parser.add_argument(
-        "--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)"
-    )
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
+    args = parse_bench_args(parser, argv)
     for key, full, tiny in (("steps", 3, 1), ("max_new_tokens", 64, 8), ("gen_repeats", 3, 1), ("memory_steps", 2, 1)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
@@ -94,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-cvt-"))
+    workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     source = tiny_model_dir(workdir) if args.tiny else "smollm2-135m-instruct"
     model_dir = resolve_source(source)

@@ -14,15 +14,13 @@ step time over all its measured steps and the highest peak RSS of its fits; then
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    fmt, machine, median, note, print_table, set_threads, timed, tiny_model_dir, write_json,
+    bench_parser, fmt, machine, median, note, parse_bench_args, print_table, timed, tiny_model_dir, write_json,
 )
 from bench.training_overhead import run_fit  # noqa: E402
 
@@ -54,17 +52,11 @@ def check_head_cost(model: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--tiny", action="store_true", help="2-layer random model (smoke mode)")
-    parser.add_argument("--workdir", help="run directories (default: a temp dir)")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads here and in every child")
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=6, help="measured steps per fit (one warm-up step is added)")
     parser.add_argument("--repeats", type=int, default=2, help="fits per variant, interleaved")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="defaults_cost_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args = parse_bench_args(parser)
+    work = args.workdir
     model = tiny_model_dir(work) if args.tiny else None  # None: the demo's own model
     result = {"machine": machine(), "model": model or "smollm2-135m-instruct",
               "checkpoint_pairs": checkpoint_pairs(work, model, args.steps, args.repeats),

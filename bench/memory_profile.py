@@ -22,7 +22,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -35,7 +34,8 @@ import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    ROOT, child_env, fmt, load_now, machine, note, print_table, run_child, set_threads, tiny_model_dir, write_json,
+    ROOT, bench_parser, child_env, fmt, load_now, machine, note, parse_bench_args, print_table, run_child,
+    tiny_model_dir, write_json,
 )
 
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -220,8 +220,7 @@ def run_variant(
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="max_steps (default: the config's, 30 for the demo)")
     parser.add_argument("--config", nargs="*", type=Path, default=[DEMO],
                         help="configs of the fit (default: configs/demo.yaml)")
@@ -231,12 +230,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="drop these callbacks of the config from both fits (ReleaseFreedMemory: glibc's default)")
     parser.add_argument("--set", nargs="*", default=[],
                         help="extra cli.py arguments for both fits, e.g. --set=--model.checkpoint_pairs=false")
-    parser.add_argument("--tiny", action="store_true", help="2-layer random Llama (smoke test)")
-    parser.add_argument("--workdir")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads in every child")
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-memory-"))
+    args = parse_bench_args(parser, argv)
+    workdir = args.workdir
     args.tiny_model = tiny_model_dir(workdir) if args.tiny else None
     configs = tuple(args.config)
     runs = {name: run_variant(workdir, name, name == "conscience", args, configs) for name in args.variants}

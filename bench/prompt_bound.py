@@ -11,15 +11,13 @@ bound (``--max_prompt_tokens null``), which shows what the bound saves.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    ROOT, fmt, machine, note, print_table, run_child, set_threads, tiny_model_dir, write_json,
+    ROOT, bench_parser, fmt, machine, note, parse_bench_args, print_table, run_child, tiny_model_dir, write_json,
 )
 
 QUESTION = """\
@@ -37,17 +35,11 @@ VARIANTS = {  # name: (question text, extra eval arguments)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--tiny", action="store_true", help="2-layer random model (smoke mode)")
-    parser.add_argument("--workdir", help="run directories (default: a temp dir)")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads in every child")
+    parser = bench_parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which runs (the unbounded one is slow and large with SmolLM2: see bench/README.md)")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="prompt_bound_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args = parse_bench_args(parser)
+    work = args.workdir
     model = tiny_model_dir(work) if args.tiny else "smollm2-135m-instruct"
     rows, result = [], {"machine": machine(), "model": model, "runs": {}}
     for name in args.variants:

@@ -18,9 +18,7 @@ runs. Peak memory is the child's peak RSS (``os.wait4``) and, on a GPU, ``torch.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,20 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from bench._common import (
-    SHAPES,
-    random_model_dir,
-    set_threads,
-    ROOT,
-    child_env,
-    fmt,
-    load_now,
-    machine,
-    median,
-    note,
-    print_table,
-    run_child,
-    tiny_model_dir,
-    write_json,
+    ROOT, SHAPES, bench_parser, child_env, fmt, load_now, machine, median, note, parse_bench_args, print_table,
+    random_model_dir, run_child, tiny_model_dir, write_json,
 )  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -137,17 +123,13 @@ def _relative(arg: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (one warm-up step is added)")
     parser.add_argument(
         "--every", type=int, nargs="+", default=[1, 4, 16], help="conscience periods N to compare with no conscience"
     )
     parser.add_argument(
         "--config", action="append", type=Path, help="fit config(s), in order (default: configs/demo.yaml)"
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="2-layer random Llama with the SmolLM2 tokenizer (smoke test)"
     )
     parser.add_argument(
         "--shape", choices=sorted(SHAPES), help="random weights of this real architecture instead of the config's model"
@@ -161,17 +143,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         help="extra CLI override for every fit (repeatable)",
     )
     parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when CUDA is available)")
-    parser.add_argument("--workdir", help="run directories (default: a temp dir under /tmp)")
-    parser.add_argument(
-        "--threads", type=int, help="torch/OpenMP threads in this process and its children (default: torch's)"
-    )
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
+    args = parse_bench_args(parser, argv)
 
     import torch
 
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emalign-bench-overhead-")).resolve()
+    workdir = args.workdir
     configs = tuple(Path(c).resolve() for c in args.config or [DEMO])  # the fits run from the repository root
     config_conscience(configs)  # fail on a config without a conscience before building a (7B) model
     if args.tokenizer and Path(args.tokenizer).exists():
