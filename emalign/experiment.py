@@ -22,7 +22,9 @@ command line, and ``--print_config`` shows the whole thing)::
         fit: [configs/demo.yaml, configs/experiments/no_conscience.yaml]   # --config files, in order
         overrides: ["--trainer.max_steps=30"]                               # extra `cli.py fit` args
 
-Before any fit, ``discern`` scores each run's base model (its judge and frozen conscience) with the
+Each run's model and adapter directory come from LightningCLI's own merge of its files and overrides
+(``fit --print_config``, saved as ``OUT/runs/NAME/fit_config.yaml``). Before any fit, ``discern`` scores each
+run's base model (its judge and frozen conscience) with the
 training question and its inverted wording (``emalign.evaluation.preflight``); the comparison shows
 what it reads beside every run. Each fit runs as ``python -m cli fit --config ... OVERRIDES`` with its
 run directory ``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
@@ -171,30 +173,31 @@ def check(experiment: Experiment, where: str = "experiment") -> Experiment:
     return experiment
 
 
-def _merged(files: list[str]) -> dict[str, Any]:
-    """The fit configs merged as LightningCLI does for what we read here: later mappings update
-    earlier ones key by key, anything else (lists included) is replaced."""
-
-    def merge(a: Any, b: Any) -> Any:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
-        return b
-
-    out: dict[str, Any] = {}
-    for f in files:
-        out = merge(out, yaml.safe_load(Path(f).read_text(encoding="utf-8")) or {})
-    return out
+def _cli(*args: str) -> list[str]:
+    """``python -m cli ARGS``: cli.py is installed as a top-level module next to emalign/, and ROOT (on
+    PYTHONPATH in :func:`_env`) holds it in a checkout and in site-packages alike."""
+    return [sys.executable, "-m", "cli", *args]
 
 
-def _override(overrides: list[str], key: str) -> Optional[str]:
-    """The last value given to ``--key`` (``--key=value`` or ``--key value``) in ``overrides``."""
-    value = None
-    for i, arg in enumerate(overrides):
-        if arg.startswith(f"--{key}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{key}" and i + 1 < len(overrides):
-            value = overrides[i + 1]
-    return value
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def _fit_args(run: Run, run_dir: Path) -> list[str]:
+    return [a for f in run.fit for a in ("--config", f)] + run.overrides + [f"--trainer.default_root_dir={run_dir}"]
+
+
+def fit_config(run: Run, run_dir: Path) -> dict[str, Any]:
+    """The config LightningCLI makes of the run's files and overrides (its own merge: ``fit --print_config``),
+    saved as ``RUN_DIR/fit_config.yaml``; the experiment reads the model and adapter from it, never guesses."""
+    proc = subprocess.run(_cli("fit", *_fit_args(run, run_dir), "--print_config"), capture_output=True, text=True,
+                          env=_env())
+    if proc.returncode != 0:
+        error = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), proc.stderr[-500:])
+        raise ExperimentError(f"run {run.name!r}: its fit config does not parse: {error}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "fit_config.yaml").write_text(proc.stdout, encoding="utf-8")
+    return yaml.safe_load(proc.stdout)
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:
@@ -203,40 +206,29 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     return config
 
 
-def _fit(run: Run, run_dir: Path, log_path: Path) -> None:
+def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> None:
     """``python -m cli fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
-    # `-m cli`, not a checkout path: cli.py is installed as a top-level module next to emalign/, and
-    # ROOT (on PYTHONPATH below) holds it in a checkout and in site-packages alike.
-    cmd = [sys.executable, "-m", "cli", "fit"]
-    for f in run.fit:
-        cmd += ["--config", f]
-    cmd += run.overrides + [f"--trainer.default_root_dir={run_dir}"]
-    merged = _merged(list(run.fit))
-    logger = _get(merged, "trainer.logger")
-    if isinstance(logger, dict) and _get(merged, "trainer.logger.init_args.save_dir") is not None:
+    cmd = _cli("fit", *_fit_args(run, run_dir))
+    if _get(config, "trainer.logger.init_args.save_dir") is not None:  # a logger that names its own directory
         cmd.append(f"--trainer.logger.init_args.save_dir={run_dir}")
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         cmd += ["--ckpt_path", "last"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         raise ExperimentError(f"the fit of run {run.name!r} failed (exit {code}); {log_path} ends with:\n"
                               + "\n".join(tail))
 
 
-def _model_and_adapter(run: Run, experiment: Experiment, run_dir: Path) -> tuple[str, Optional[str], Path]:
+def _model_and_adapter(run: Run, experiment: Experiment, config: dict[str, Any], run_dir: Path
+                       ) -> tuple[str, Optional[str], Path]:
     """(base model to evaluate, adapter or None, the directory a fit leaves its adapter in)."""
-    merged = _merged(list(run.fit)) if run.fit else {}
-    model = (run.model or _override(run.overrides, "model.policy.init_args.model")
-             or _get(merged, "model.policy.init_args.model") or experiment.model)
-    adapter_dir = run_dir / (_override(run.overrides, "model.adapter_dir") or _get(merged, "model.adapter_dir")
-                             or "adapter")
-    return str(model), run.adapter, adapter_dir
+    model = run.model or _get(config, "model.policy.init_args.model") or experiment.model
+    return str(model), run.adapter, run_dir / (_get(config, "model.adapter_dir") or "adapter")
 
 
 def _settings(experiment: Experiment) -> dict[str, Any]:
@@ -272,12 +264,14 @@ def run_experiment(
     eval_kwargs = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in own}
     eval_kwargs["code_prompts"] = heldout_code_prompts()[: ev.code_prompts] if ev.code_prompts is not None else None
     console = Console()
-    resolved = [_model_and_adapter(run, experiment, out_dir / "runs" / run.name) for run in experiment.runs]
+    configs = [fit_config(run, out_dir / "runs" / run.name) if run.fit else {} for run in experiment.runs]
+    resolved = [_model_and_adapter(run, experiment, config, out_dir / "runs" / run.name)
+                for run, config in zip(experiment.runs, configs)]
     bases = [model for model, _, _ in resolved]
     console.print(Rule("preflight: what each judge reads"))
     preflight = run_preflight(experiment.preflight, bases, out_dir, lambda line: console.print(line, markup=False))
     results = []
-    for run, (base, adapter, adapter_dir) in zip(experiment.runs, resolved):
+    for run, config, (base, adapter, adapter_dir) in zip(experiment.runs, configs, resolved):
         run_dir = out_dir / "runs" / run.name
         model = base
         console.print(Rule(f"run {run.name}"))
@@ -294,7 +288,7 @@ def run_experiment(
                 console.print(f"fitting {run.name}: {' '.join(run.fit)} {' '.join(run.overrides)} "
                               f"(log: {run_dir / 'fit.log'})")
                 started = time.perf_counter()
-                _fit(run, run_dir, run_dir / "fit.log")
+                _fit(run, run_dir, config, run_dir / "fit.log")
                 fit_state, fit_seconds = "ran", round(time.perf_counter() - started, 1)
             if (adapter_dir / "adapter_config.json").is_file():
                 adapter = str(adapter_dir)

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT, WISH_QUESTION
 from emalign.evaluation.comparison import comparison_markdown
-from emalign.experiment import ExperimentError, load_experiment, run_experiment
+from emalign.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
 
 QUESTIONS = WISH_QUESTION + """\
 - id: bored
@@ -128,6 +128,23 @@ def test_more_pairs_config_changes_only_the_conscience():
         conscience(c)["init_args"] = None
         c["model"]["pairs_per_step"] = None
     assert a == b
+
+
+@pytest.mark.slow
+def test_the_run_model_is_lightningclis_merge_not_a_guess(tiny_model_dir, tmp_path):
+    """jsonargparse takes ``--model.policy.model`` for ``--model.policy.init_args.model``; a hand merge reading
+    the literal key would evaluate the config's model instead of the one that was trained."""
+    from emalign.experiment import Experiment, _model_and_adapter
+
+    run = Run(name="r", fit=[str(ROOT / "configs" / "demo.yaml")],
+              overrides=[f"--model.policy.model={tiny_model_dir}", "--model.adapter_dir=lora"])
+    config = fit_config(run, tmp_path / "r")
+    model, adapter, adapter_dir = _model_and_adapter(run, Experiment(runs=[run]), config, tmp_path / "r")
+    assert (model, adapter, adapter_dir) == (tiny_model_dir, None, tmp_path / "r" / "lora")
+    assert yaml.safe_load((tmp_path / "r" / "fit_config.yaml").read_text())["trainer"]["default_root_dir"] == str(
+        tmp_path / "r")
+    with pytest.raises(ExperimentError, match="run 'bad': its fit config does not parse: error: .*no_such_key"):
+        fit_config(Run(name="bad", fit=run.fit, overrides=["--model.no_such_key=1"]), tmp_path / "bad")
 
 
 def test_markdown_marks_missing_runs_and_mixed_judges():
