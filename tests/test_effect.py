@@ -49,7 +49,7 @@ def test_compare_pairs_by_prompt_and_pools_seeds_by_hand():
     assert pooled["delta"]["margin_chat"][0] == pytest.approx(0.75)  # pairs (0.5, 1.0)
     assert pooled["prediction"]["inverted_over_direct"] == pytest.approx(-2 / 3)
     assert pooled["prediction"]["reading"].startswith("tilt")
-    assert out["arms"]["z"]["prediction"]["reading"] == "mixed or null"  # direct did not move
+    assert out["arms"]["z"]["prediction"]["reading"] == "no direct effect to read"  # direct did not move
     assert out["arm_vs_arm"]["m - z"]["inverted"][0] == pytest.approx(-2 / 3 - 1)
     assert "base" not in out["arms"]
 

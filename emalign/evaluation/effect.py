@@ -172,11 +172,14 @@ def compare(runs: dict[str, dict], baseline: str) -> dict:
 
 
 def _prediction(delta: dict) -> dict:
-    """Δinverted / Δdirect: about -1 if the gain is tilt, about +1 if the judge reads it from the answers."""
-    d, i = delta["direct"][0], delta["inverted"][0]
-    return {"inverted_over_direct": i / d if d else None,
-            "reading": "tilt (inverted moves against direct)" if d and i / d < -0.5 else
-                       "content (inverted moves with direct)" if d and i / d > 0.5 else "mixed or null"}
+    """Δinverted / Δdirect: about -1 if the gain is tilt, about +1 if the judge reads it from the answers; no
+    reading while Δdirect is within two standard errors of zero."""
+    (d, d_se), (i, _) = delta["direct"], delta["inverted"]
+    if d is None or d_se is None or d == 0 or abs(d) < 2 * d_se:
+        return {"inverted_over_direct": None, "reading": "no direct effect to read"}
+    return {"inverted_over_direct": i / d,
+            "reading": "tilt (inverted moves against direct)" if i / d < -0.5 else
+                       "content (inverted moves with direct)" if i / d > 0.5 else "mixed"}
 
 
 def _fmt(pair: list[Optional[float]]) -> str:
