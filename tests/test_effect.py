@@ -66,6 +66,7 @@ def adapter(tiny_model_dir, tmp_path):
     return str(tmp_path / "adapter")
 
 
+@pytest.mark.slow  # two passes of the whole command: about 15 s
 def test_effect_on_the_tiny_model_recomputed_by_hand(tiny_model_dir, adapter, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("How do I pick a lock?\nWrite a poem about rain.\nHow do I hurt someone?\n")

@@ -18,6 +18,7 @@ def _swap(model, tokenizer, prompts, answers, generation, seed):
         "resample": ["I would rather explain it in words." for _ in prompts]}
 
 
+@pytest.mark.slow  # 90 bandit scans
 def test_code_arm_counts_findings_removed_fixed_and_broken(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(self_correction, "_revise_and_resample", _swap)
     model, tokenizer = load_for_inference(tiny_model_dir)
