@@ -1,0 +1,38 @@
+"""emalign: online self-alignment of language models on PyTorch Lightning.
+
+The public API, importable from ``emalign`` itself (each name is imported on first use, so that
+``import emalign`` and the command line's ``--help`` stay fast)::
+
+    from emalign import Conscience, ConscienceStep, GenerationSettings, LoRA, PairBuilder, Policy
+
+The README shows it at work in ten lines; ``tests/test_public_api.py`` runs that example.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "Policy": "emalign.models", "LoRA": "emalign.models", "load_for_inference": "emalign.models",
+    "EmergentAlignment": "emalign.module", "WarmupCosine": "emalign.module",
+    "SigmoidDPO": "emalign.losses", "PairQueue": "emalign.queue", "ChatDataModule": "emalign.data",
+    "Conscience": "emalign.conscience", "PairBuilder": "emalign.conscience",
+    "ConscienceStep": "emalign.conscience_step", "ConscienceDecoder": "emalign.inference",
+    "GenerationSettings": "emalign.sampling", "FilePrompts": "emalign.prompts",
+    "CautionControl": "emalign.verdicts", "ShuffledControl": "emalign.verdicts",
+    "run_eval": "emalign.evaluation.runner",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'emalign' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
