@@ -8,12 +8,15 @@ with the merged YAML (a row "add to `em/insecure.yaml`" is that file plus the ro
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from conftest import ROOT
-from emalign.experiment import _get, _merged
+import yaml
+
+from emalign.experiment import _get
 
 README = ROOT / "configs" / "README.md"
 ADAPTER = "model.policy.init_args.adapter"
@@ -45,6 +48,21 @@ CLAIMS: dict[str, list[Callable[[dict], Any]]] = {
     r"(robust DPO)": [lambda c: "robust DPO" if str(_get(c, "model.preference_loss.class_path")).endswith("RobustDPO")
                       else None],
 }
+
+
+def _merged(files: list[str]) -> dict[str, Any]:
+    """The config files merged as LightningCLI does for the keys read here: later mappings update earlier
+    ones key by key, anything else (lists included) is replaced."""
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
+        return b
+
+    out: dict[str, Any] = {}
+    for f in files:
+        out = merge(out, yaml.safe_load(Path(f).read_text(encoding="utf-8")) or {})
+    return out
 
 
 def _rows() -> list[tuple[list[str], str]]:
