@@ -86,16 +86,16 @@ def _extra_verb(verb: str, args: list[str]) -> None:
 def _run_verb(verb: str, args: list[str]) -> None:
     from jsonargparse import CLI, ArgumentParser, capture_parser
 
-    from emalign import commands
+    from emalign.commands import inference as commands
 
     if verb == "data":
         target = {"em": commands.data_em}
     elif verb in ("eval", "experiment"):
-        from emalign import eval_commands
+        from emalign.commands import evaluation as eval_commands
 
         target = getattr(eval_commands, verb)
     elif verb == "discern":
-        from emalign.discern_command import discern
+        from emalign.commands.discern import discern
 
         target = discern
     else:
@@ -139,12 +139,12 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from callbacks.signals import StopOnSignal
-    from emalign.atomic import writable_dir
-    from emalign.checkpoint import RunCheckpoint, check_checkpoint
-    from emalign.data import ChatDataModule
+    from emalign.files import writable_dir
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
+    from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
     from emalign.fence.lightning import CheckedCkptPathCLI
-    from emalign.module import EmergentAlignment
+    from emalign.training.module import EmergentAlignment
 
     class Parser(OneLineErrors, LightningArgumentParser):
         pass
@@ -188,7 +188,7 @@ def _lightning(args: list[str] | None) -> None:
 
         def before_instantiate_classes(self) -> None:
             # FSDP's unsupported combinations fail here, in one line, before any weights load.
-            from emalign.sharding import check_config
+            from emalign.models.sharding import check_config
 
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             policy = config.get("model.policy") or {}

@@ -151,5 +151,5 @@ def test_lightning_is_pinned_to_the_tested_minor():
 def test_the_conscience_callback_only_schedules_logs_and_writes():
     source = (ROOT / "callbacks" / "conscience.py").read_text()
     assert len(source.splitlines()) <= 100
-    # Pairing, reviewing and revising live in emalign/conscience_step.py.
+    # Pairing, reviewing and revising live in emalign/conscience/step.py.
     assert not re.search(r"\.(build|review|revise)\(|sample_ids|revise_below", source)

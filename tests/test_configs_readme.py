@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import ROOT
-from emalign.experiment import _get, _merged
+from emalign.evaluation.experiment import _get, _merged
 
 README = ROOT / "configs" / "README.md"
 ADAPTER = "model.policy.init_args.adapter"
