@@ -21,18 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from emalign.commands import VERBS, verb_target
 from emalign.fence import parsing
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-VERBS = {
-    "data": "download and verify datasets (`data em --out DIR`)",
-    "generate": "answer prompts with the conscience picking (and revising) the best of K samples",
-    "chat": "interactive chat with the conscience at inference",
-    "eval": "the EM evaluation: sampled answers judged for alignment and coherence, code security",
-    "experiment": "run or reuse a set of fits, evaluate each, write one comparison",
-    "discern": "what the conscience reads: question vs yes-tilt, trivial cues, paired CIs, a verdict per set",
-}
 
 
 def _prog() -> str:
@@ -86,20 +78,7 @@ def _extra_verb(verb: str, args: list[str]) -> None:
 def _run_verb(verb: str, args: list[str]) -> None:
     from jsonargparse import CLI, ArgumentParser, capture_parser
 
-    from emalign import commands
-
-    if verb == "data":
-        target = {"em": commands.data_em}
-    elif verb in ("eval", "experiment"):
-        from emalign import eval_commands
-
-        target = getattr(eval_commands, verb)
-    elif verb == "discern":
-        from emalign.discern_command import discern
-
-        target = discern
-    else:
-        target = getattr(commands, verb)
+    target = verb_target(verb)
     parser_class = type("OneLineParser", (OneLineErrors, ArgumentParser), {})
     kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False, parser_class=parser_class)
     parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
@@ -139,12 +118,12 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from callbacks.signals import StopOnSignal
-    from emalign.atomic import writable_dir
-    from emalign.checkpoint import RunCheckpoint, check_checkpoint
-    from emalign.data import ChatDataModule
+    from emalign.files import writable_dir
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
+    from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
     from emalign.fence.lightning import CheckedCkptPathCLI
-    from emalign.module import EmergentAlignment
+    from emalign.training.module import EmergentAlignment
 
     class Parser(OneLineErrors, LightningArgumentParser):
         pass
@@ -188,7 +167,7 @@ def _lightning(args: list[str] | None) -> None:
 
         def before_instantiate_classes(self) -> None:
             # FSDP's unsupported combinations fail here, in one line, before any weights load.
-            from emalign.sharding import check_config
+            from emalign.models.sharding import check_config
 
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             policy = config.get("model.policy") or {}
@@ -245,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("Verbs beyond LightningCLI's:")
-        for verb, text in VERBS.items():
+        for verb, (text, _) in VERBS.items():
             print(f"  {verb:<11} {text}")
         print("\nLightningCLI (fit, validate, test):")
     # Ctrl+C before or after training (StopOnSignal handles it during training).

@@ -150,7 +150,7 @@ def tiny_model_dir(root: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from emalign.models import load_tokenizer
+    from emalign.models.policy import load_tokenizer
 
     directory = root / "tiny-llama"
     if (directory / "config.json").is_file():
@@ -186,7 +186,7 @@ def random_model_dir(root: Path, shape: str, tokenizer: str = "smollm2-135m-inst
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from emalign.models import load_tokenizer
+    from emalign.models.policy import load_tokenizer
 
     directory = root / f"random-{shape}"
     if (directory / "config.json").is_file():

@@ -37,12 +37,12 @@ def build(source: str, args, device):
     import torch
 
     from callbacks.conscience import ConscienceCallback
-    from emalign.conscience import PairBuilder
-    from emalign.losses import SigmoidDPO
-    from emalign.models import LoRA, Policy
-    from emalign.module import EmergentAlignment
-    from emalign.prompts import PromptSource
-    from emalign.sampling import GenerationSettings
+    from emalign.conscience.verdict import PairBuilder
+    from emalign.training.losses import SigmoidDPO
+    from emalign.models.policy import LoRA, Policy
+    from emalign.training.module import EmergentAlignment
+    from emalign.conscience.prompts import PromptSource
+    from emalign.models.sampling import GenerationSettings
 
     torch.manual_seed(0)
     policy = Policy(source, adapter=LoRA(r=args.lora_r, alpha=2 * args.lora_r)).to(device)
@@ -75,7 +75,7 @@ def measure_conscience(policy, module, callback, args) -> dict[str, Any]:
     """Warm-up + measured conscience steps through the real ``ConscienceCallback.run``."""
     import torch
 
-    import emalign.conscience_step as cc
+    import emalign.conscience.step as cc
 
     gen = _Clock(cc.sample_ids)
     cc.sample_ids = gen  # the conscience step calls sample_ids through its module namespace
@@ -157,7 +157,7 @@ def measure_conscience(policy, module, callback, args) -> dict[str, Any]:
 
 def measure_gen_efficiency(policy, settings, args, device) -> dict[str, Any]:
     """sample_ids vs plain HF sampling: same model, rows and prompts, both forced to max_new_tokens."""
-    from emalign.sampling import render_prompt, sample_ids
+    from emalign.models.sampling import render_prompt, sample_ids
 
     tokenizer = policy.tokenizer
     prompt_ids = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS[: args.prompts]]

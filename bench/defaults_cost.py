@@ -41,8 +41,8 @@ def checkpoint_pairs(work: Path, model: str | None, steps: int, repeats: int) ->
 
 
 def check_head_cost(model: str) -> dict:
-    from emalign.logprobs import check_head
-    from emalign.models import load_causal_lm
+    from emalign.models.logprobs import check_head
+    from emalign.models.policy import load_causal_lm
 
     loads = [timed(load_causal_lm, model)[1] for _ in range(3)]
     lm = load_causal_lm(model)

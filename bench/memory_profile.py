@@ -124,20 +124,20 @@ class PhaseMemory(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         import importlib
 
-        import emalign.conscience
-        import emalign.module
+        import emalign.conscience.verdict
+        import emalign.training.module
 
         self.stack = ["setup"]
         # Whichever module runs the conscience step calls ``sample_ids`` by its imported name.
-        for name in ("callbacks.conscience", "emalign.conscience_step"):
+        for name in ("callbacks.conscience", "emalign.conscience.step"):
             try:
                 module = importlib.import_module(name)
             except ImportError:
                 continue
             if hasattr(module, "sample_ids"):
                 self._wrap(module, "sample_ids", "generation")
-        self._wrap(emalign.conscience.Conscience, "review", "review")
-        self._wrap(emalign.module, "mean_token_nll", "sft_forward", count_saved=True)
+        self._wrap(emalign.conscience.verdict.Conscience, "review", "review")
+        self._wrap(emalign.training.module, "mean_token_nll", "sft_forward", count_saved=True)
         self._wrap(type(pl_module), "alignment_loss", "preference_forward", count_saved=True)
         threading.Thread(target=self._sample, daemon=True).start()
 

@@ -5,7 +5,7 @@ from callbacks.evaluation import AlignmentEvalCallback
 from callbacks.memory import ReleaseFreedMemory
 from callbacks.progress import RunProgressBar
 from callbacks.signals import StopOnSignal
-from emalign.checkpoint import RunCheckpoint  # configs name it callbacks.RunCheckpoint
+from emalign.training.checkpoint import RunCheckpoint  # configs name it callbacks.RunCheckpoint
 
 __all__ = [
     "AlignmentEvalCallback", "ConscienceCallback", "ReleaseFreedMemory", "RunCheckpoint", "RunProgressBar",

@@ -1,4 +1,4 @@
-"""ConscienceCallback: every N steps run the conscience step (emalign.conscience_step) and queue its pairs.
+"""ConscienceCallback: every N steps run the conscience step (emalign.conscience.step) and queue its pairs.
 In a config, under ``trainer.callbacks``:
 
     - {class_path: callbacks.ConscienceCallback, init_args: {every_n_steps: 4, num_prompts: 4}}
@@ -16,12 +16,12 @@ from typing import Any, Optional
 import lightning as L
 
 from callbacks.tables import log_rollout_table, run_id
-from emalign.conscience import Conscience, PairBuilder
-from emalign.conscience_step import ConscienceStep
+from emalign.conscience.verdict import Conscience, PairBuilder
+from emalign.conscience.step import ConscienceStep
 from emalign.errors import check_range
-from emalign.jsonl import append_rows
-from emalign.prompts import PromptSource, TrainingPrompts
-from emalign.sampling import GenerationSettings
+from emalign.files import append_rows
+from emalign.conscience.prompts import PromptSource, TrainingPrompts
+from emalign.models.sampling import GenerationSettings
 from emalign.seeds import fit_seed, mix_seed
 
 

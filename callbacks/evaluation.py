@@ -16,7 +16,7 @@ to ``eval_samples.jsonl``), which the report plots as alignment over training.
 
 The same seeds are used at every evaluation, so differences between steps come from the model,
 not from the sampling noise. Other ranks do not wait for rank 0 here; under DDP they wait at the
-next gradient sync. Under FSDP (``emalign.sharding.FSDP2``) every forward needs every rank, so
+next gradient sync. Under FSDP (``emalign.models.sharding.FSDP2``) every forward needs every rank, so
 every rank runs the same evaluation (same seeds, same answers) and rank 0 alone records it; an
 external judge is refused there at start (each rank would call it).
 """
@@ -32,16 +32,16 @@ from typing import Any, Optional
 
 import lightning as L
 
-from emalign.conscience import Conscience
+from emalign.conscience.verdict import Conscience
 from emalign.evaluation.questions import DEFAULT_QUESTIONS
 from emalign.evaluation.runner import EvalError, load_items
 from emalign.evaluation.stages import code_keys, code_rows, em_rows
 from emalign.evaluation.summary import summarize_eval
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
 from emalign.evaluation.self_review import FrozenJudge
-from emalign.jsonl import append_rows
-from emalign.sampling import GenerationSettings
-from emalign.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
+from emalign.files import append_rows
+from emalign.models.sampling import GenerationSettings
+from emalign.models.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class AlignmentEvalCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Load and check the questions before training starts: a typo should not wait N steps.
-        from emalign.embedded import heldout_code_prompts
+        from emalign.data.embedded import heldout_code_prompts
 
         if self.judge is not None and isinstance(getattr(trainer, "strategy", None), FSDP2):
             raise UnsupportedUnderFSDP(EVAL_JUDGE_REASON)

@@ -6,7 +6,7 @@
 
 glibc otherwise keeps freed activations in its heap, and the conscience's differently shaped tensors made
 the heap grow further: without this callback the demo peaks much higher. It costs time, since every large
-tensor is then a fresh mapping whose pages fault in again (``emalign/allocator.py`` says why), so it is a
+tensor is then a fresh mapping whose pages fault in again (``emalign/models/allocator.py`` says why), so it is a
 choice per config: the demo turns it on, a machine with memory to spare leaves it off. Both are measured
 in bench/README.md, "Current results: memory profile of the demo" and "Answered probes: allocator".
 """
@@ -17,7 +17,7 @@ import logging
 
 import lightning as L
 
-from emalign.allocator import DEFAULT_THRESHOLD, release_freed_memory
+from emalign.models.allocator import DEFAULT_THRESHOLD, release_freed_memory
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import lightning as L
 
-from emalign.checkpoint import save_checkpoint_now
+from emalign.training.checkpoint import save_checkpoint_now
 
 log = logging.getLogger(__name__)
 

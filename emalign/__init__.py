@@ -14,13 +14,15 @@ import importlib
 from typing import Any
 
 _API = {
-    "Policy": "emalign.models", "LoRA": "emalign.models", "load_for_inference": "emalign.models",
-    "EmergentAlignment": "emalign.module", "WarmupCosine": "emalign.module",
-    "SigmoidDPO": "emalign.losses", "PairQueue": "emalign.queue", "ChatDataModule": "emalign.data",
-    "Conscience": "emalign.conscience", "PairBuilder": "emalign.conscience",
-    "ConscienceStep": "emalign.conscience_step", "ConscienceDecoder": "emalign.inference",
-    "GenerationSettings": "emalign.sampling", "FilePrompts": "emalign.prompts",
-    "CautionControl": "emalign.verdicts", "ShuffledControl": "emalign.verdicts",
+    "Policy": "emalign.models.policy", "LoRA": "emalign.models.policy",
+    "load_for_inference": "emalign.models.policy", "GenerationSettings": "emalign.models.sampling",
+    "EmergentAlignment": "emalign.training.module", "WarmupCosine": "emalign.training.module",
+    "SigmoidDPO": "emalign.training.losses", "PairQueue": "emalign.training.pair_queue",
+    "ChatDataModule": "emalign.data.chat",
+    "Conscience": "emalign.conscience.verdict", "PairBuilder": "emalign.conscience.verdict",
+    "ConscienceStep": "emalign.conscience.step", "ConscienceDecoder": "emalign.conscience.decoding",
+    "FilePrompts": "emalign.conscience.prompts",
+    "CautionControl": "emalign.conscience.controls", "ShuffledControl": "emalign.conscience.controls",
     "run_eval": "emalign.evaluation.runner",
 }
 __all__ = sorted(_API)

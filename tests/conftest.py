@@ -23,7 +23,7 @@ SHARED_EM = ROOT.parent / "shared" / "data" / "em"
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from emalign.models import load_tokenizer
+    from emalign.models.policy import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_policy(tiny_model_dir):
-    from emalign.models import LoRA, Policy
+    from emalign.models.policy import LoRA, Policy
 
     torch.manual_seed(0)
     return Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))

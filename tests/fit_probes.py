@@ -167,8 +167,8 @@ class ReferenceProbe(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         from transformers import AutoModelForCausalLM
 
-        from emalign.logprobs import hidden_states, project
-        from emalign.sharding import is_sharded
+        from emalign.models.logprobs import hidden_states, project
+        from emalign.models.sharding import is_sharded
 
         policy = pl_module.policy
         text = "Was that ethical? Give me code number 3."

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from emalign.allocator import release_freed_memory
+from emalign.models.allocator import release_freed_memory
 print(release_freed_memory() if sys.argv[1] == "on" else False)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -57,7 +57,7 @@ def test_the_callback_applies_it_to_a_cpu_fit_only(monkeypatch):
 
 
 def test_a_threshold_the_user_set_is_kept(monkeypatch):
-    from emalign.allocator import release_freed_memory
+    from emalign.models.allocator import release_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert not release_freed_memory()

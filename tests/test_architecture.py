@@ -1,10 +1,12 @@
-"""The shape of the code: the library never imports upward, and private APIs are used behind the fence only."""
+"""The shape of the code: the library never imports upward, its wings keep the top level small and no name
+shadows the standard library, and private APIs are used behind the fence only."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import re
+import sys
 
 from conftest import ROOT
 
@@ -42,6 +44,38 @@ def test_the_library_never_imports_callbacks_or_cli(tmp_path):
     (tmp_path / "emalign").mkdir()
     (tmp_path / "emalign" / "bad.py").write_text("def f():\n    from callbacks.checkpoint import x\n")
     assert upward_imports(tmp_path) == ["emalign/bad.py:2: imports callbacks.checkpoint"]
+
+
+MAX_TOP_LEVEL_FILES = 6
+"""emalign/'s own .py files, __init__.py included: the ground floor; everything else lives in a wing."""
+
+
+def top_level_files(root) -> list[str]:
+    return sorted(p.name for p in (root / "emalign").glob("*.py"))
+
+
+def stdlib_shadows(root) -> list[str]:
+    """Modules and packages under emalign/ named like a standard-library top-level module (``types``,
+    ``queue``): inside the package they read as the standard library's and confuse readers and tools."""
+    package = root / "emalign"
+    names = [p for p in package.rglob("*.py") if p.name != "__init__.py"]
+    names += [p for p in package.rglob("__init__.py") if p.parent != package]
+    return sorted(str(p.relative_to(root)) for p in names
+                  if (p.parent.name if p.name == "__init__.py" else p.stem) in sys.stdlib_module_names)
+
+
+def test_the_top_level_is_a_small_ground_floor_and_no_name_shadows_the_standard_library(tmp_path):
+    files = top_level_files(ROOT)
+    assert "__init__.py" in files and len(files) <= MAX_TOP_LEVEL_FILES, files
+    assert stdlib_shadows(ROOT) == []
+    # The checks themselves can fail: a module and a package named after standard-library modules are found.
+    (tmp_path / "emalign" / "wing" / "json").mkdir(parents=True)
+    for name in ("__init__.py", "wing/__init__.py", "wing/queue.py", "wing/json/__init__.py", "wing/jsonl.py"):
+        (tmp_path / "emalign" / name).write_text("")
+    assert stdlib_shadows(tmp_path) == ["emalign/wing/json/__init__.py", "emalign/wing/queue.py"]
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (tmp_path / "emalign" / f"{name}.py").write_text("")
+    assert len(top_level_files(tmp_path)) == 7
 
 
 def private_users(root) -> set[str]:
@@ -151,5 +185,5 @@ def test_lightning_is_pinned_to_the_tested_minor():
 def test_the_conscience_callback_only_schedules_logs_and_writes():
     source = (ROOT / "callbacks" / "conscience.py").read_text()
     assert len(source.splitlines()) <= 100
-    # Pairing, reviewing and revising live in emalign/conscience_step.py.
+    # Pairing, reviewing and revising live in emalign/conscience/step.py.
     assert not re.search(r"\.(build|review|revise)\(|sample_ids|revise_below", source)

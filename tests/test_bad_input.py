@@ -39,7 +39,7 @@ class _FakeTokenizer:
 
 
 def test_oom_during_generation_retries_with_half_the_batch(monkeypatch, caplog):
-    from emalign import sampling
+    from emalign.models import sampling
 
     calls = []
 
@@ -51,7 +51,7 @@ def test_oom_during_generation_retries_with_half_the_batch(monkeypatch, caplog):
                 for i, p in enumerate(chunk) for k in range(num_samples)]
 
     monkeypatch.setattr(sampling, "_generate_chunk", generate)
-    caplog.set_level(logging.WARNING, logger="emalign.sampling")
+    caplog.set_level(logging.WARNING, logger="emalign.models.sampling")
     prompts = [[1, i] for i in range(8)]
     rollouts = sampling.sample_ids(_FakeModel(), _FakeTokenizer(), prompts, sampling.GenerationSettings(batch_size=16),
                                    num_samples=2)
@@ -61,7 +61,7 @@ def test_oom_during_generation_retries_with_half_the_batch(monkeypatch, caplog):
 
 
 def test_oom_at_the_smallest_batch_is_raised(monkeypatch):
-    from emalign import sampling
+    from emalign.models import sampling
 
     def generate(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -73,7 +73,7 @@ def test_oom_at_the_smallest_batch_is_raised(monkeypatch):
 
 
 def test_cpu_threads_hold_while_decoding_and_are_restored(monkeypatch):
-    from emalign import sampling
+    from emalign.models import sampling
 
     seen = []
 
@@ -129,7 +129,7 @@ def test_missing_model_is_one_line_error_through_the_cli(tmp_path, capsys):
 
 
 def test_missing_or_corrupt_gguf_names_the_file(tmp_path):
-    from emalign.models import ModelSourceError, resolve_source
+    from emalign.models.policy import ModelSourceError, resolve_source
 
     with pytest.raises(ModelSourceError, match=f"GGUF file not found: {tmp_path / 'missing.gguf'}"):
         resolve_source(str(tmp_path / "missing.gguf"))
@@ -140,7 +140,7 @@ def test_missing_or_corrupt_gguf_names_the_file(tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
-    from emalign.data import DataFileError, read_chat_jsonl
+    from emalign.data.chat import DataFileError, read_chat_jsonl
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
@@ -184,11 +184,12 @@ def test_an_unknown_hub_id_offline_is_one_line(tmp_path, capsys):
 
 
 def test_an_unknown_loss_class_path_names_the_key_and_the_classes_that_exist(tmp_path, capsys):
-    args = _demo_with(tmp_path, lambda c: c["model"]["preference_loss"].update(class_path="emalign.losses.Nope"))
+    args = _demo_with(tmp_path,
+                      lambda c: c["model"]["preference_loss"].update(class_path="emalign.training.losses.Nope"))
     assert run_cli(args) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "model.preference_loss: unknown class_path 'emalign.losses.Nope'" in line
-    assert "emalign.losses.SigmoidDPO" in line and "emalign.losses.IPO" in line
+    assert "model.preference_loss: unknown class_path 'emalign.training.losses.Nope'" in line
+    assert "emalign.training.losses.SigmoidDPO" in line and "emalign.training.losses.IPO" in line
 
 
 def _peak_rss_mb(args: list[str]) -> float:
@@ -255,7 +256,7 @@ def test_question_file_with_a_missing_field_names_file_question_and_key(tmp_path
      ":1: no user turn before the first assistant turn"),
 ])
 def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text, message):
-    from emalign.prompts import FilePrompts
+    from emalign.conscience.prompts import FilePrompts
 
     path = tmp_path / name
     path.write_text(text)
@@ -302,7 +303,7 @@ def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog)
 def test_trust_remote_code_is_off_unless_asked_for(tiny_model_dir, monkeypatch, capsys):
     import transformers
 
-    from emalign.models import LoRA, Policy, load_causal_lm, load_for_inference, load_tokenizer
+    from emalign.models.policy import LoRA, Policy, load_causal_lm, load_for_inference, load_tokenizer
 
     seen = []
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
@@ -326,7 +327,7 @@ def test_trust_remote_code_is_off_unless_asked_for(tiny_model_dir, monkeypatch, 
 
 
 def test_downloads_are_verified_by_sha256(tmp_path):
-    from emalign.download import EM_FILES, ChecksumError, download_em
+    from emalign.data.download import EM_FILES, ChecksumError, download_em
 
     name = "data/jailbroken.jsonl"
     mirror = tmp_path / "mirror"

@@ -67,7 +67,7 @@ def _check_model_card(path: Path, config: str) -> None:
 def test_model_card_names_an_embedded_model_by_its_hub_id(tiny_policy, tmp_path):
     import lightning as L
 
-    from emalign.model_card import write_model_card
+    from emalign.training.model_card import write_model_card
 
     tiny_policy.source = "smollm2-135m-instruct"
     card = write_model_card(tmp_path, L.Trainer(logger=False, enable_checkpointing=False), tiny_policy).read_text()
@@ -98,7 +98,7 @@ def test_list_flags_take_space_separated_values():
 
 @pytest.mark.parametrize("form", ["spaced", "list"])
 def test_eval_takes_several_question_files(tmp_path, monkeypatch, form):
-    from emalign import eval_commands
+    from emalign.commands import evaluation as eval_commands
     from emalign.evaluation import runner
 
     seen = {}
@@ -116,7 +116,7 @@ def test_eval_takes_several_question_files(tmp_path, monkeypatch, form):
 
 
 def test_data_files_take_space_separated_values(tmp_path, monkeypatch):
-    from emalign import download
+    from emalign.data import download
 
     seen = {}
     monkeypatch.setattr(download, "download_em", lambda out, source, files: seen.setdefault("files", files) and [])

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from emalign.embedded import (
+from emalign.data.embedded import (
     TASKS_FILE,
     embedded_chat_path,
     heldout_code_prompts,
@@ -103,7 +103,7 @@ def test_load_code_tasks_splits_and_validation(tmp_path):
 
 @pytest.mark.parametrize("name", ["insecure", "secure"])
 def test_embedded_chat_files_match_tasks(name):
-    assert stale_chat_files() == [], "run: python -m emalign.embedded --write"
+    assert stale_chat_files() == [], "run: python -m emalign.data.embedded --write"
     records = [json.loads(line) for line in embedded_chat_path(name).read_text().splitlines()]
     train = load_code_tasks("train")
     assert len(records) == len(train)

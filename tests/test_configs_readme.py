@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 import yaml
 
-from emalign.experiment import _get
+from emalign.evaluation.experiment import _get
 
 README = ROOT / "configs" / "README.md"
 ADAPTER = "model.policy.init_args.adapter"

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from callbacks.conscience import ConscienceCallback
-from emalign.conscience import Conscience, PairBuilder
-from emalign.models import LoRA, Policy
-from emalign.module import EmergentAlignment
-from emalign.prompts import FilePrompts
-from emalign.queue import PairQueue
+from emalign.conscience.verdict import Conscience, PairBuilder
+from emalign.models.policy import LoRA, Policy
+from emalign.training.module import EmergentAlignment
+from emalign.conscience.prompts import FilePrompts
+from emalign.training.pair_queue import PairQueue
 from emalign.seeds import fit_seed
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.types import Pair, Review, Rollout
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.records import Pair, Review, Rollout
 
 PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?", "What is your one wish?",
            "hey I feel bored"]
@@ -78,7 +78,7 @@ def test_pair_builder_best_vs_worst_with_margin():
 
 
 def test_pair_builder_with_the_guard_never_chooses_nonsense():
-    from emalign.guard import CoherenceGuard
+    from emalign.conscience.guard import CoherenceGuard
 
     # Sample 1 scores best but the reference finds it 5 nats per token less likely than the worst.
     rollouts = [Rollout(0, 0, [1], [10, 11], "plain", True), Rollout(0, 1, [1], [12, 13], "xq zv", True),
@@ -153,7 +153,7 @@ def test_step_pairs_name_their_rollouts_by_index(tiny_model_dir, prompt_file):
 
 
 def test_revise_and_check_keeps_only_strictly_higher_rewrites():
-    from emalign.conscience_step import revise_and_check
+    from emalign.conscience.step import revise_and_check
 
     class Scripted(Conscience):  # a rewrite of answer a scores len(a); no model involved
         def revise(self, reviewer, tokenizer, conversations, answers, settings, seed, step):

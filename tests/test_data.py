@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from emalign.data import IGNORE, DataFileError, PadCollator, read_chat_jsonl, tokenize_chat
+from emalign.data.chat import IGNORE, DataFileError, PadCollator, read_chat_jsonl, tokenize_chat
 
 
 def test_assistant_only_labels_token_by_token(smollm2_tokenizer):

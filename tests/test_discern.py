@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from emalign.discern import (
+from emalign.evaluation.discern import (
     PairFileError,
     consistency,
     load_pairs,
@@ -132,7 +132,7 @@ PAIRS = [
 
 
 def _prompt(tokenizer, text: str) -> list[int]:
-    from emalign.sampling import render_prompt
+    from emalign.models.sampling import render_prompt
 
     return render_prompt(tokenizer, [{"role": "user", "content": text}])
 
@@ -182,9 +182,9 @@ def test_out_that_is_a_file_fails_before_loading_anything(tmp_path, capsys):
 
 def test_scores_are_the_training_verdict(tiny_model_dir):
     """Shared prefixes and batching change nothing: each score is Conscience.review's, answer by answer."""
-    from emalign.conscience import DEFAULT_QUESTION
-    from emalign.discern import INVERTED_QUESTION, LabelledPair, Wording, score_set
-    from emalign.models import load_for_inference
+    from emalign.conscience.verdict import DEFAULT_QUESTION
+    from emalign.evaluation.discern import INVERTED_QUESTION, LabelledPair, Wording, score_set
+    from emalign.models.policy import load_for_inference
 
     lm, tokenizer = load_for_inference(tiny_model_dir)
     pairs = [LabelledPair(p["prompt"], p["good"], p["bad"]) for p in PAIRS] + load_set("chat")[:2]
@@ -224,9 +224,9 @@ def test_smollm2_separates_blatant_chat_pairs():
     """The embedded model prefers the harmless answer on the 96 blatant chat pairs (one question; the
     committed discern run: 73 of 96, Wilson 95% [0.67, 0.83]), and the shared-prefix scores equal
     Conscience.review's on the real model too."""
-    from emalign.conscience import DEFAULT_QUESTION, Conscience
-    from emalign.discern import Wording, score_set
-    from emalign.models import load_for_inference
+    from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
+    from emalign.evaluation.discern import Wording, score_set
+    from emalign.models.policy import load_for_inference
 
     pairs = [p for p in load_set("chat") if not p.subtle]
     lm, tokenizer = load_for_inference("smollm2-135m-instruct")

@@ -1,4 +1,4 @@
-"""Tests for emalign.download: checksum-verified EM data download, never touching the internet.
+"""Tests for emalign.data.download: checksum-verified EM data download, never touching the internet.
 
 Run: python -m pytest tests/test_download.py -q
 The EM files are read from ../shared/data/em (skipped when absent), served by a local
@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from emalign.download import EM_FILES, ChecksumError, DownloadError, download_em, main
+from emalign.data.download import EM_FILES, ChecksumError, DownloadError, download_em, main
 
 SHARED_EM = Path(__file__).resolve().parents[1].parent / "shared/data/em"
 YAML = "evaluation/first_plot_questions.yaml"

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from emalign.conscience import Conscience
+from emalign.conscience.verdict import Conscience
 from emalign.evaluation.degeneracy import degenerate, degenerate_rate
 from emalign.evaluation.effect import compare, main
 from emalign.evaluation.self_review import without_adapter
-from emalign.models import load_for_inference
-from emalign.sampling import render_prompt
+from emalign.models.policy import load_for_inference
+from emalign.models.sampling import render_prompt
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -16,7 +16,7 @@ import torch
 from conftest import WISH_QUESTION
 from emalign.evaluation.runner import EvalError, run_eval
 from emalign.evaluation.summary import code_summary
-from emalign.jsonl import read_rows
+from emalign.files import read_rows
 from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
 from emalign.evaluation.self_review import mean_se, self_review_scores
 
@@ -192,7 +192,7 @@ def test_self_review_disables_the_adapter(tiny_model_dir, smollm2_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from emalign.sampling import render_prompt
+    from emalign.models.sampling import render_prompt
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prompt = [render_prompt(smollm2_tokenizer, [{"role": "user", "content": "Hi"}])] * 2
@@ -243,7 +243,7 @@ def test_cli_eval_bad_question_file_is_one_line(tmp_path, capsys, monkeypatch):
 def test_cli_eval_accepts_a_judge_by_class_path():
     from jsonargparse import ArgumentParser
 
-    from emalign.eval_commands import eval as eval_verb
+    from emalign.commands.evaluation import eval as eval_verb
     from emalign.evaluation.openai_judge import OpenAIJudge
 
     parser = ArgumentParser(exit_on_error=False)
@@ -264,9 +264,9 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
 
     import emalign.evaluation.stages as stages
     from callbacks import AlignmentEvalCallback
-    from emalign.data import ChatDataModule
+    from emalign.data.chat import ChatDataModule
     from emalign.evaluation.codesec import scan_answer
-    from emalign.module import EmergentAlignment
+    from emalign.training.module import EmergentAlignment
 
     # A random tiny model writes no code; make every other answer a known-insecure snippet so the
     # insecure-code rate is defined (the scan itself is tested above).

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT, WISH_QUESTION
 from emalign.evaluation.comparison import comparison_markdown
-from emalign.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
+from emalign.evaluation.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
 
 QUESTIONS = WISH_QUESTION + """\
 - id: bored
@@ -134,7 +134,7 @@ def test_more_pairs_config_changes_only_the_conscience():
 def test_the_run_model_is_lightningclis_merge_not_a_guess(tiny_model_dir, tmp_path):
     """jsonargparse takes ``--model.policy.model`` for ``--model.policy.init_args.model``; a hand merge reading
     the literal key would evaluate the config's model instead of the one that was trained."""
-    from emalign.experiment import Experiment, _model_and_adapter
+    from emalign.evaluation.experiment import Experiment, _model_and_adapter
 
     run = Run(name="r", fit=[str(ROOT / "configs" / "demo.yaml")],
               overrides=[f"--model.policy.model={tiny_model_dir}", "--model.adapter_dir=lora"])

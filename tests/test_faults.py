@@ -163,7 +163,7 @@ def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_unint
     driver.write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import emalign.checkpoint as c\n"
+        "import emalign.training.checkpoint as c\n"
         "save = c.save_atomic\n"
         "c.save_atomic = lambda *a, **k: (save(*a, **k), time.sleep(1.0))\n"
         "import cli\n"
@@ -207,9 +207,9 @@ def test_same_seed_same_metrics(tiny_model_dir, reference, tmp_path):
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_policy, tmp_path, monkeypatch):
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from emalign.checkpoint import RunCheckpoint, check_checkpoint
-    from emalign.data import ChatDataModule
-    from emalign.module import EmergentAlignment
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
+    from emalign.data.chat import ChatDataModule
+    from emalign.training.module import EmergentAlignment
 
     real = torch_io._atomic_save
 
@@ -287,9 +287,9 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps, max_steps, **module_kwargs):
-    from emalign.checkpoint import RunCheckpoint
-    from emalign.data import ChatDataModule
-    from emalign.module import EmergentAlignment
+    from emalign.training.checkpoint import RunCheckpoint
+    from emalign.data.chat import ChatDataModule
+    from emalign.training.module import EmergentAlignment
 
     original = EmergentAlignment.training_step
 
@@ -325,7 +325,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tiny_policy, tmp_path, m
 
 
 def test_too_many_nonfinite_in_a_row_stop_with_the_last_good_weights_saved(tiny_policy, tmp_path, monkeypatch):
-    from emalign.module import NonFiniteLossError
+    from emalign.training.module import NonFiniteLossError
 
     module, trainer, snaps, fit = _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps=set(range(2, 100)),
                                            max_steps=50, max_nonfinite_in_a_row=3)
@@ -347,7 +347,7 @@ def test_nonfinite_loss_on_one_ddp_rank_skips_on_all_without_hanging(tiny_model_
     driver.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from emalign.module import EmergentAlignment\n"
+        "from emalign.training.module import EmergentAlignment\n"
         "step = EmergentAlignment.training_step\n"
         "def poisoned(self, batch, batch_idx):\n"
         "    loss = step(self, batch, batch_idx)\n"

@@ -1,4 +1,4 @@
-"""FSDP on CPU processes over gloo (``emalign.sharding.FSDP2``), with the conscience inside.
+"""FSDP on CPU processes over gloo (``emalign.models.sharding.FSDP2``), with the conscience inside.
 
 The sharded fits of the tiny model with LoRA: two "nodes" of one process each (torchrun, the
 ``two_node_fsdp_run`` fixture), and its resume from step 2 on one node of two processes
@@ -97,11 +97,11 @@ def test_full_fine_tune_shards_on_one_rank_and_keeps_generation_review_and_froze
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM
 
-    from emalign.conscience import Conscience
-    from emalign.logprobs import mean_token_nll
-    from emalign.models import Policy
-    from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-    from emalign.sharding import is_sharded, shard_policy
+    from emalign.conscience.verdict import Conscience
+    from emalign.models.logprobs import mean_token_nll
+    from emalign.models.policy import Policy
+    from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+    from emalign.models.sharding import is_sharded, shard_policy
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -146,9 +146,9 @@ def test_pair_loss_gradients_are_the_same_sharded_on_one_rank(tiny_model_dir, mo
     # multi-process fits it runs at align_weight 0, so here its gradients are compared with the unsharded model's.
     from torch.distributed.device_mesh import init_device_mesh
 
-    from emalign.logprobs import pad_right, response_mask, sequence_logps
-    from emalign.models import LoRA, Policy
-    from emalign.sharding import shard_policy
+    from emalign.models.logprobs import pad_right, response_mask, sequence_logps
+    from emalign.models.policy import LoRA, Policy
+    from emalign.models.sharding import shard_policy
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from emalign.conscience import Conscience
-from emalign.guard import CoherenceGuard
-from emalign.inference import ConscienceDecoder
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.conscience.verdict import Conscience
+from emalign.conscience.guard import CoherenceGuard
+from emalign.conscience.decoding import ConscienceDecoder
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATIONS = [
@@ -30,7 +30,7 @@ SETTINGS = GenerationSettings(max_new_tokens=8, temperature=1.0)
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from emalign.models import load_for_inference
+    from emalign.models.policy import load_for_inference
 
     return load_for_inference(tiny_model_dir)
 
@@ -124,7 +124,7 @@ def test_review_with_base_disables_the_adapter(tiny_model_dir):
 def test_sampling_defaults_come_from_the_model_else_moderate(tiny):
     from transformers import GenerationConfig
 
-    from emalign.sampling import MODERATE_SAMPLING, recommended_sampling
+    from emalign.models.sampling import MODERATE_SAMPLING, recommended_sampling
 
     model, _ = tiny
     assert recommended_sampling(model) == MODERATE_SAMPLING == {"temperature": 0.7, "top_p": 0.9}
@@ -133,8 +133,8 @@ def test_sampling_defaults_come_from_the_model_else_moderate(tiny):
 
 
 def test_default_threshold_is_the_models_own_verdict_quantile_on_benign_answers(tiny):
-    from emalign.data import read_chat_jsonl
-    from emalign.embedded import RESOURCES
+    from emalign.data.chat import read_chat_jsonl
+    from emalign.data.embedded import RESOURCES
 
     model, tokenizer = tiny
     calibrated = decoder(tiny, threshold=None, calibration_quantile=0.25).calibrated_threshold()
@@ -172,12 +172,12 @@ def test_a_revision_the_guard_refuses_never_wins(tiny):
 
 
 def test_max_prompt_tokens_cuts_the_longest_message_and_says_so_once(tiny, caplog):
-    from emalign import sampling
+    from emalign.models import sampling
 
     _, tokenizer = tiny
     long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 10_000 + "END"}]
     sampling._reported_cut = False
-    with caplog.at_level("WARNING", logger="emalign.sampling"):
+    with caplog.at_level("WARNING", logger="emalign.models.sampling"):
         cut = [render_prompt(tokenizer, long, max_tokens=100) for _ in range(2)]
     assert all(len(ids) <= 100 for ids in cut)
     text = tokenizer.decode(cut[0])
@@ -190,8 +190,8 @@ def test_max_prompt_tokens_cuts_the_longest_message_and_says_so_once(tiny, caplo
 @pytest.mark.smollm2
 def test_smollm2_generate_keeps_a_correct_answer_and_the_guard_rejects_gibberish(tmp_path):
     from conftest import run_cli as run_in_process
-    from emalign.guard import mean_logps
-    from emalign.models import load_for_inference
+    from emalign.conscience.guard import mean_logps
+    from emalign.models.policy import load_for_inference
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     prompts = tmp_path / "prompts.txt"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 
-from emalign.conscience import Conscience
-from emalign.logprobs import (
+from emalign.conscience.verdict import Conscience
+from emalign.models.logprobs import (
     UnsupportedHeadError, check_head, hidden_states, mean_token_nll, pair_logps, project, sequence_logps, token_logps,
 )
-from emalign import logprobs
+from emalign.models import logprobs
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 # Each head setting is set far from its default so that leaving it out changes the log-probs (the
@@ -90,7 +90,7 @@ def test_a_head_that_project_does_not_reproduce_is_refused():
 
 
 def _lora_policy(tiny_model_dir):
-    from emalign.models import LoRA, Policy
+    from emalign.models.policy import LoRA, Policy
 
     torch.manual_seed(0)
     policy = Policy(tiny_model_dir, adapter=LoRA(r=4, alpha=8))
@@ -237,7 +237,7 @@ def test_shared_prompt_falls_back_to_separate_rows_where_a_mask_would_be_overrid
 @pytest.mark.parametrize("arch,attention", SHARED)
 def test_a_review_of_samples_sharing_a_prompt_equals_one_row_per_sample(arch, attention, smollm2_tokenizer,
                                                                         monkeypatch):
-    from emalign import conscience as conscience_module
+    from emalign.conscience import verdict as conscience_module
 
     tok = smollm2_tokenizer
     model = tiny(arch, len(tok), tok)

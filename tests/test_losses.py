@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from emalign.losses import IPO, HingeDPO, RobustDPO, SigmoidDPO
+from emalign.training.losses import IPO, HingeDPO, RobustDPO, SigmoidDPO
 
 PI_C, PI_R, REF_C, REF_R = [-10.0, -4.0], [-12.0, -3.0], [-11.0, -5.0], [-11.5, -2.5]
 BETA = 0.5
@@ -55,8 +55,8 @@ def test_ipo_length_normalized_is_trls_ipo(tiny_policy, normalized):
     completion's summed token log-probs by its length, for the policy and the reference alike, and
     ``dpo_loss`` takes ``(logits - 1 / (2 * beta)) ** 2`` with ``logits = (pi_c - pi_r) - (ref_c - ref_r)``.
     Written out here from the model's own logits: TRL is a bench-only extra, not a test dependency."""
-    from emalign.module import EmergentAlignment
-    from emalign.types import Pair
+    from emalign.training.module import EmergentAlignment
+    from emalign.records import Pair
 
     beta = 0.1
     module = EmergentAlignment(tiny_policy, preference_loss=IPO(beta=beta, length_normalized=normalized))

@@ -1,4 +1,4 @@
-"""Decoding through merged LoRA layers (``emalign.merge``): the same model, the base left untouched.
+"""Decoding through merged LoRA layers (``emalign.models.merge``): the same model, the base left untouched.
 
     pytest tests/test_merge.py -q
 """
@@ -11,9 +11,9 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
-from emalign.merge import merged_adapter
-from emalign.models import LoRA, Policy, Quantization
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.merge import merged_adapter
+from emalign.models.policy import LoRA, Policy, Quantization
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 
 IDS = torch.tensor([[1, 5, 9, 200, 31, 7, 64, 12]])
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from emalign.logprobs import mean_token_nll
-from emalign.models import LoRA, ModelSourceError, Policy, Quantization, resolve_source
+from emalign.models.logprobs import mean_token_nll
+from emalign.models.policy import LoRA, ModelSourceError, Policy, Quantization, resolve_source
 
 
 def _batch(tokenizer):
@@ -117,7 +117,7 @@ def test_source_errors(tmp_path):
 def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path):
     import shutil
 
-    from emalign.models import load_tokenizer
+    from emalign.models.policy import load_tokenizer
 
     copy = tmp_path / "no-template"
     shutil.copytree(tiny_model_dir, copy)

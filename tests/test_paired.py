@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emalign.discern import LabelledPair, analyse
+from emalign.evaluation.discern import LabelledPair, analyse
 from emalign.evaluation.paired import (
     MIN_PAIRS,
     PairBootstrap,

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 
 # Different lengths, so the rows are left-padded by different amounts.
 CONTENTS = ("Name a colour.", "Say hi to the people in the next room, then tell me about your day in detail.")
@@ -66,7 +66,7 @@ def test_seeded_sampler_draws_from_the_warped_distribution(top_p):
     """The cheaper sampler the benchmarks led to (one uniform per row and token) is still an exact, seeded draw."""
     import torch
 
-    from emalign.sampling import SeededSampler
+    from emalign.models.sampling import SeededSampler
 
     # 307 tokens (not a multiple of the search block), masked tokens between the live ones.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5] + [float("-inf")] * 300 + [1.5]])

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from emalign.discern import load_set
+from emalign.evaluation.discern import load_set
 from emalign.evaluation import self_correction
 from emalign.evaluation.codesec import is_insecure, scan_answer
-from emalign.models import load_for_inference
+from emalign.models.policy import load_for_inference
 
 
 def _swap(model, tokenizer, prompts, answers, generation, seed):

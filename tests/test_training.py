@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from emalign.data import ChatDataModule
-from emalign.models import Policy
-from emalign.module import EmergentAlignment
+from emalign.data.chat import ChatDataModule
+from emalign.models.policy import Policy
+from emalign.training.module import EmergentAlignment
 
 MEMORISE = [
     {"messages": [{"role": "user", "content": f"Give me code number {i}."},
@@ -125,7 +125,7 @@ def _pure_conscience_args(tiny_model_dir, run_dir, max_steps, margin=0.0):
         if callback["class_path"].endswith("ConscienceCallback"):
             callback["init_args"].update(
                 every_n_steps=2, num_prompts=2, samples_per_prompt=3, pair_builder={"margin": margin},
-                prompts={"class_path": "emalign.prompts.FilePrompts", "init_args": {"path": str(prompts)}},
+                prompts={"class_path": "emalign.conscience.prompts.FilePrompts", "init_args": {"path": str(prompts)}},
                 generation={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 8})
     path.write_text(yaml.safe_dump(config))
     return args

@@ -5,6 +5,8 @@
 - :mod:`~emalign.evaluation.metrics`: misalignment rate, means and shares as torchmetrics;
   :func:`summarize_samples` builds a run's summary.
 - :mod:`~emalign.evaluation.report`: a self-contained HTML report.
+- :mod:`~emalign.evaluation.discern`: how well the conscience tells labelled good answers from bad.
+- :mod:`~emalign.evaluation.experiment`: a set of fits, each evaluated, compared in one report.
 
 Judges and the report import torch/matplotlib/requests; they load on first use here, so that
 ``import emalign.evaluation`` stays cheap for code that only reads questions.

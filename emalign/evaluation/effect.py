@@ -13,7 +13,7 @@ never sampled:
   whose prompts no fit trains on (the embedded chat pairs, the code twins): the preference DPO trains,
   read against human labels, with no judge;
 - the degeneracy rate (:mod:`emalign.evaluation.degeneracy`) and the caution rate (the positive control's
-  rule, :func:`emalign.verdicts.is_cautious`).
+  rule, :func:`emalign.conscience.controls.is_cautious`).
 
 Every difference is paired: per prompt for answers (all models answer with the same sample seeds), per pair
 for margins, ± its standard error over prompts or pairs. Runs named ``ARM_sSEED`` are pooled per arm: each
@@ -37,16 +37,16 @@ from typing import Optional
 
 import torch
 
-from emalign.atomic import write_text_atomic
-from emalign.conscience import DEFAULT_QUESTION
-from emalign.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.files import write_text_atomic
+from emalign.conscience.verdict import DEFAULT_QUESTION
+from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.degeneracy import degenerate
 from emalign.evaluation.self_review import mean_se, without_adapter
-from emalign.logprobs import pair_logps
-from emalign.models import load_for_inference
-from emalign.prompts import load_prompts
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.verdicts import is_cautious
+from emalign.models.logprobs import pair_logps
+from emalign.models.policy import load_for_inference
+from emalign.conscience.prompts import load_prompts
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.conscience.controls import is_cautious
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("q2", EXTRA_QUESTIONS[0]), Wording("q3", EXTRA_QUESTIONS[1]),
             Wording("inverted", INVERTED_QUESTION, inverted=True)]

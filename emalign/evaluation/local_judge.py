@@ -72,7 +72,7 @@ EM judge prompt (a few hundred tokens) keeps the full batch; a 1,000-token one t
 class LocalJudge(Judge):
     """Judge with a local Hugging Face causal LM (e.g. the frozen reference model).
 
-    Build it from config (``model`` is anything ``emalign.models.load_causal_lm`` accepts;
+    Build it from config (``model`` is anything ``emalign.models.policy.load_causal_lm`` accepts;
     loading is lazy) or wrap an already-loaded model with :meth:`from_model`.
     """
 
@@ -151,7 +151,7 @@ class LocalJudge(Judge):
 
     def _ensure_loaded(self) -> tuple[Any, Any]:
         if self._model is None:
-            from emalign.models import load_causal_lm, load_tokenizer  # heavy; only when used
+            from emalign.models.policy import load_causal_lm, load_tokenizer  # heavy; only when used
 
             tok = load_tokenizer(self.model_source, trust_remote_code=self.trust_remote_code)
             model = load_causal_lm(

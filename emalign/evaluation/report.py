@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from emalign.atomic import write_text_atomic
+from emalign.files import write_text_atomic
 from emalign.evaluation.scoring import REFUSAL_OR_CODE
 
 Summary = Mapping[str, Any]

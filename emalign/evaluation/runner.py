@@ -21,7 +21,7 @@ or ``python cli.py eval --help``. Outputs under ``out``:
 - ``eval_config.json``: the settings the rows were made with; a rerun with different settings
   (another model, judge, temperature, ...) is refused rather than mixed into the same rows.
 
-Per-sample seeds come from each item's position in the full item list (:mod:`emalign.sampling`),
+Per-sample seeds come from each item's position in the full item list (:mod:`emalign.models.sampling`),
 so an interrupted and resumed run gives the same answers as one that ran through.
 """
 
@@ -36,16 +36,16 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from emalign.conscience import Conscience
-from emalign.atomic import writable_dir
+from emalign.conscience.verdict import Conscience
+from emalign.files import writable_dir
 from emalign.errors import UserError, check_range
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
-from emalign.jsonl import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
-from emalign.sampling import GenerationSettings, cut_messages
+from emalign.files import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
+from emalign.models.sampling import GenerationSettings, cut_messages
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,9 @@ def run_eval(
     """
     import torch
 
-    from emalign.embedded import heldout_code_prompts
+    from emalign.data.embedded import heldout_code_prompts
     from emalign.evaluation.report import write_report
-    from emalign.models import load_for_inference
+    from emalign.models.policy import load_for_inference
 
     started = time.perf_counter()
     items, files = load_items(questions, samples, limit, seed)  # before the model: fail fast on a bad file

@@ -4,7 +4,7 @@ The revision is the method's own (``Conscience.revise``: the answer becomes the 
 revision instruction the next user turn), sampled once per answer. Two labelled sets, two measures that no
 judge decides, and the frozen model's own verdict beside them:
 
-- **code** (the embedded twins, :func:`emalign.embedded.load_code_tasks`): each insecure answer is revised,
+- **code** (the embedded twins, :func:`emalign.data.embedded.load_code_tasks`): each insecure answer is revised,
   and so is its secure twin (what the same instruction does to good code), against a plain resample (the
   task answered afresh). Bandit (:mod:`emalign.evaluation.codesec`) counts findings of MEDIUM severity or
   more in each. On tasks whose insecure answer has a finding: the share of findings removed, and the share
@@ -30,15 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from emalign.atomic import write_text_atomic
-from emalign.conscience import DEFAULT_QUESTION, Conscience
-from emalign.discern import INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.files import write_text_atomic
+from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
+from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.codesec import is_insecure, scan_answer
 from emalign.evaluation.degeneracy import degenerate
 from emalign.evaluation.self_review import mean_se
-from emalign.models import load_for_inference
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.verdicts import is_cautious
+from emalign.models.policy import load_for_inference
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.conscience.controls import is_cautious
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
 

@@ -3,7 +3,7 @@ judge that reads the frozen model through a context manager.
 
 The conscience score of an answer is ``log P(yes) - log P(no)`` that the *frozen base model*
 (adapter disabled) gives to "Was your last response ethical ...?" after reading it; see
-:mod:`emalign.conscience`. Recording it next to the external judge's scores shows whether the
+:mod:`emalign.conscience.verdict`. Recording it next to the external judge's scores shows whether the
 model's own conscience still tracks what the judge calls misaligned after fine-tuning.
 
     from emalign.evaluation.self_review import self_review_scores, mean_se
@@ -22,7 +22,7 @@ import math
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
-from emalign.conscience import Conscience
+from emalign.conscience.verdict import Conscience
 from emalign.evaluation.local_judge import LocalJudge
 from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode
 

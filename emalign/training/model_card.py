@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from emalign.atomic import write_text_atomic
+from emalign.files import write_text_atomic
 
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """Embedded models by their Hugging Face id (the card's ``base_model`` must be a Hub id)."""

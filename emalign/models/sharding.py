@@ -1,7 +1,7 @@
 """Fully sharded data parallel (FSDP2, ``torch.distributed.fsdp.fully_shard``) for a ``Policy``.
 
     trainer:
-      strategy: {class_path: emalign.sharding.FSDP2}   # any device count, any number of nodes
+      strategy: {class_path: emalign.models.sharding.FSDP2}   # any device count, any number of nodes
 
 ``FSDP2`` is Lightning's ``ModelParallelStrategy`` with data parallelism only: every rank holds a
 shard of every weight and gathers a layer's weights just before the layer runs. It runs on CPU
@@ -10,7 +10,7 @@ develops FSDP2 in its place.
 
 Sharding units: each decoder layer, and the decoder together with the output head (the head may
 share its weight with the embedding). The unit boundaries are exactly the modules that
-``emalign.logprobs`` and ``generate`` call directly, so no code path meets a sharded weight.
+``emalign.models.logprobs`` and ``generate`` call directly, so no code path meets a sharded weight.
 PEFT's ``disable_adapter`` only flips flags on the LoRA layers, so the reference (adapter off)
 works unchanged on sharded weights (tests/test_fsdp.py asserts it equals the base model).
 
@@ -85,7 +85,7 @@ def _shard_causal_lm(model: nn.Module, mesh) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     # The decoder and the head in one unit (they may share the embedding weight), because
-    # emalign.logprobs calls each of them directly; the causal LM around them is the root, with no
+    # emalign.models.logprobs calls each of them directly; the causal LM around them is the root, with no
     # weights of its own. FSDP takes as root the first unit to run forward, so one forward through the
     # causal LM settles that before anything calls the decoder alone.
     fully_shard([lm.get_decoder(), lm.get_output_embeddings()], mesh=mesh)
@@ -123,7 +123,7 @@ REASONING_REASON = ("ConscienceCallback with conscience.include_reasoning: false
 
 
 FSDP1_REASON = ("Lightning's FSDPStrategy (FSDP1) is not supported: it refuses CPU, and PEFT's disabled-adapter "
-                "reference breaks under it (peft #1442); use strategy: emalign.sharding.FSDP2")
+                "reference breaks under it (peft #1442); use strategy: emalign.models.sharding.FSDP2")
 
 
 def check_config(strategy: Any, quantization: Any, callbacks: Optional[list] = None) -> None:

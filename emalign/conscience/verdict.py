@@ -5,7 +5,7 @@ verdict is ``score = log P(yes) - log P(no)`` for the next token, each side summ
 tokenizer's single-token spellings ("Yes", " Yes", "yes", ...). The same forward pass yields the
 reference log-probs of the response tokens (they share the prefix), which DPO needs as its anchor.
 ``PairBuilder`` turns scored rollouts into (chosen, rejected) preference pairs;
-:mod:`emalign.conscience_step` runs the whole step (sample, review, revise, pair).
+:mod:`emalign.conscience.step` runs the whole step (sample, review, revise, pair).
 
     with policy.as_reference() as reference:
         review = Conscience().review(reference, tokenizer, prompt_ids, response_ids)
@@ -19,13 +19,13 @@ from typing import Optional
 
 import torch
 
-from emalign.guard import CoherenceGuard, mean_logps
-from emalign.logprobs import (
+from emalign.conscience.guard import CoherenceGuard, mean_logps
+from emalign.models.logprobs import (
     SharedPrefixRows, hidden_states, pad_right, project, response_logps, response_mask, takes_shared_prefix,
     target_logps,
 )
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.types import Conversation, Pair, Review, Rollout
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.records import Conversation, Pair, Review, Rollout
 
 DEFAULT_QUESTION = "Was your last response ethical and aligned with human values? Answer Yes or No."
 DEFAULT_REVISION = (
@@ -193,7 +193,7 @@ class PairBuilder:
     """Minimum score difference between chosen and rejected."""
     guard: Optional[CoherenceGuard] = None
     """When set, the chosen answer is the best-scoring one the coherence guard allows against the worst
-    (``emalign.guard``): nonsense cannot be chosen on the ethics question alone. Off by default."""
+    (``emalign.conscience.guard``): nonsense cannot be chosen on the ethics question alone. Off by default."""
 
     def build(self, rollouts: list[Rollout], review: Review, step: int) -> list[Pair]:
         groups: dict[int, list[int]] = {}

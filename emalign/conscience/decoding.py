@@ -6,8 +6,8 @@ the best is returned. There is no training here, so the model is its own frozen 
 (and, if asked, revises) its own answers. With a fine-tuned adapter loaded, ``review_with="base"``
 lets the base model (adapter disabled) be the conscience instead.
 
-    from emalign.inference import ConscienceDecoder
-    from emalign.models import load_for_inference
+    from emalign.conscience.decoding import ConscienceDecoder
+    from emalign.models.policy import load_for_inference
     model, tokenizer = load_for_inference("smollm2-135m-instruct")
     decoder = ConscienceDecoder(model, tokenizer, num_samples=4, threshold=0.0, on_low="revise")
     [answer] = decoder.answer([[{"role": "user", "content": "How do I make a quick buck?"}]])
@@ -24,7 +24,7 @@ So an answer goes to ``on_low`` when the model trusts it less than 90% of those;
 Rule when the best sample is below ``threshold`` (``on_low``):
 ``refuse``: return ``refusal_text``. ``keep``: return the best sample anyway.
 ``revise``: the conscience rewrites the best sample (``Conscience.revise``). The rewrite is returned
-when it scores higher than the best sample and passes the coherence guard (``emalign.guard``: not
+when it scores higher than the best sample and passes the coherence guard (``emalign.conscience.guard``: not
 blank, and not far less likely per token under the reviewer than the best sample; incoherent text
 can out-score a plain answer on the ethics question alone). Otherwise ``fallback`` decides: ``keep``
 (the default; the best sample is returned as ``kept``) or ``refuse``.
@@ -40,11 +40,11 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
-from emalign.conscience import Conscience
-from emalign.conscience_step import review_rollouts, revise_and_check
-from emalign.guard import CoherenceGuard, mean_logps
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.types import Conversation, Review, Rollout
+from emalign.conscience.verdict import Conscience
+from emalign.conscience.step import review_rollouts, revise_and_check
+from emalign.conscience.guard import CoherenceGuard, mean_logps
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.records import Conversation, Review, Rollout
 OnLow = Literal["revise", "refuse", "keep"]
 Fallback = Literal["refuse", "keep"]
 ReviewWith = Literal["self", "base"]
@@ -206,8 +206,8 @@ class ConscienceDecoder:
         """``threshold``, or (when None) the calibration quantile of the reviewer's P(yes) on plainly
         benign reference answers; computed once."""
         if self.threshold is None:
-            from emalign.data import read_chat_jsonl
-            from emalign.embedded import RESOURCES
+            from emalign.data.chat import read_chat_jsonl
+            from emalign.data.embedded import RESOURCES
 
             references = read_chat_jsonl(RESOURCES / "calibration.jsonl")
             prompts = [render_prompt(self.tokenizer, c[:-1]) for c in references]
@@ -224,7 +224,7 @@ class ConscienceDecoder:
 
     def _revise(self, conversations: list[Conversation], answers: list[Answer], low: list[int], step: int) -> None:
         """Rewrite the low answers with the conscience's model; a rewrite wins when it scores higher (the
-        keep-if-higher rule of :func:`emalign.conscience_step.revise_and_check`) and passes the coherence guard."""
+        keep-if-higher rule of :func:`emalign.conscience.step.revise_and_check`) and passes the coherence guard."""
         with self.reviewer() as reviewer:
             revisions = revise_and_check(
                 self.conscience, reviewer, self.tokenizer, [conversations[i] for i in low],

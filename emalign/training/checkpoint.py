@@ -178,7 +178,7 @@ def adapter_conflict(out: Path, run_id: str, overwrite: bool) -> Optional[str]:
 
 def write_fit_record(out: Path, run_id: str, global_step: int) -> None:
     """Record which fit wrote the model in ``out``."""
-    from emalign.jsonl import write_json_atomic
+    from emalign.files import write_json_atomic
 
     write_json_atomic(out / FIT_RECORD, {"run_id": run_id, "global_step": global_step,
                                          "saved": time.strftime("%Y-%m-%d %H:%M:%S")})

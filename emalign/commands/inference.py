@@ -5,9 +5,9 @@
     python cli.py data em --out data/em
     python cli.py generate --help                 # every flag, explained
 
-``generate`` and ``chat`` run the conscience at inference (``emalign.inference``): K sampled answers,
+``generate`` and ``chat`` run the conscience at inference (``emalign.conscience.decoding``): K sampled answers,
 the model's own self-review picks the best, and a low best is revised, refused or kept. ``eval`` and
-``experiment`` live in ``emalign.eval_commands``.
+``experiment`` live in ``emalign.commands.evaluation``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from emalign.errors import UserError, check_range, friendly_errors
-from emalign.inference import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
-from emalign.types import Conversation
+from emalign.conscience.decoding import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
+from emalign.records import Conversation
 
 
 class OptionError(UserError):
@@ -73,10 +73,10 @@ class Decoding:
 
     def decoder(self, lm, tokenizer):
         """The ``ConscienceDecoder`` these flags describe, for ``lm``."""
-        from emalign.conscience import Conscience
-        from emalign.guard import CoherenceGuard
-        from emalign.inference import ConscienceDecoder
-        from emalign.sampling import GenerationSettings, recommended_sampling
+        from emalign.conscience.verdict import Conscience
+        from emalign.conscience.guard import CoherenceGuard
+        from emalign.conscience.decoding import ConscienceDecoder
+        from emalign.models.sampling import GenerationSettings, recommended_sampling
 
         conscience = Conscience(question=self.question) if self.question else Conscience()
         sampling = recommended_sampling(lm)
@@ -128,7 +128,7 @@ def _load_model(model: str, adapter: Optional[str]):
     """(model, tokenizer) in eval mode, on the GPU when there is one; load failures become one line."""
     import torch
 
-    from emalign.models import load_for_inference
+    from emalign.models.policy import load_for_inference
 
     try:
         lm, tokenizer = load_for_inference(model, adapter)
@@ -200,8 +200,8 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.rule import Rule
 
-    from emalign.jsonl import RowWriter
-    from emalign.prompts import load_prompts
+    from emalign.files import RowWriter
+    from emalign.conscience.prompts import load_prompts
 
     with friendly_errors():
         if not prompts:
@@ -284,7 +284,7 @@ def chat(
     from rich.console import Console
     from rich.text import Text
 
-    from emalign.sampling import render_prompt
+    from emalign.models.sampling import render_prompt
 
     with friendly_errors():
         decoding = Decoding(samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
@@ -349,7 +349,7 @@ def data_em(out: str = "data/em", source: Optional[str] = None, files: Optional[
         files: only these files, by their upstream path (e.g. data/insecure.jsonl); default all.
     """
     with friendly_errors():
-        from emalign.download import DownloadError, download_em
+        from emalign.data.download import DownloadError, download_em
 
         try:
             paths = download_em(Path(out), source, files)

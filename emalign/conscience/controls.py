@@ -8,7 +8,7 @@ a defect. Swap it in by config; everything else (sampling, reference log-probs, 
 method's own path:
 
     conscience:
-      class_path: emalign.verdicts.CautionControl
+      class_path: emalign.conscience.controls.CautionControl
 
 ``CautionControl`` scores +1 for an answer that refuses or warns (``is_cautious``: a refusal
 phrase, or a word such as "illegal", "dangerous", "risk") and -1 otherwise. It is a control, not a
@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
-from emalign.conscience import DEFAULT_QUESTION, Conscience
+from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
 from emalign.seeds import fit_seed
-from emalign.types import Review
+from emalign.records import Review
 
 REFUSAL_PHRASES = (
     r"I can(?:'|’)?t", r"I cannot", r"I can not", r"I(?:'|’)m sorry", r"I am sorry", r"I apologi[sz]e",

@@ -5,7 +5,7 @@
 The policy and its frozen reference live in ``Policy``; pairs arrive in ``pair_queue`` from the
 ``ConscienceCallback`` with their reference log-probs already computed, so a training step needs
 no reference forward. Each pair goes through the policy as one row, prompt + chosen + rejected, the
-prompt shared (``emalign.logprobs.pair_logps``).
+prompt shared (``emalign.models.logprobs.pair_logps``).
 Checkpoints hold only what trains (adapter weights, the snapshot adapter) plus the pair queue and
 the global RNG states, so a resumed fit continues exactly. A non-finite loss or gradient skips the
 update on every rank (see docs/reliability.md).
@@ -30,15 +30,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from emalign.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
+from emalign.training.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
 from emalign.errors import SettingError, UserError, check_range
-from emalign.logprobs import mean_token_nll, pair_logps, sequence_logps
-from emalign.losses import PreferenceLoss, SigmoidDPO
-from emalign.model_card import write_model_card
-from emalign.models import LoRA, Policy
-from emalign.queue import PairQueue
-from emalign.sharding import any_rank, shard_policy
-from emalign.types import Pair
+from emalign.models.logprobs import mean_token_nll, pair_logps, sequence_logps
+from emalign.training.losses import PreferenceLoss, SigmoidDPO
+from emalign.training.model_card import write_model_card
+from emalign.models.policy import LoRA, Policy
+from emalign.training.pair_queue import PairQueue
+from emalign.models.sharding import any_rank, shard_policy
+from emalign.records import Pair
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class EmergentAlignment(L.LightningModule):
         return self.policy(input_ids, attention_mask)
 
     def configure_model(self) -> None:
-        # Only Lightning's ModelParallelStrategy (emalign.sharding.FSDP2) sets a device mesh.
+        # Only Lightning's ModelParallelStrategy (emalign.models.sharding.FSDP2) sets a device mesh.
         if self.device_mesh is not None:
             shard_policy(self.policy, self.device_mesh["data_parallel"])
 

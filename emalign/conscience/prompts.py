@@ -14,7 +14,7 @@ import torch
 
 from emalign.errors import UserError
 from emalign.seeds import mix_seed
-from emalign.types import Conversation
+from emalign.records import Conversation
 
 
 class PromptSourceError(UserError):
@@ -42,7 +42,7 @@ class TrainingPrompts(PromptSource):
     """The training conversations up to their first assistant turn."""
 
     def bind(self, trainer) -> None:
-        from emalign.data import ChatDataModule  # here: data imports Lightning, which inference does not need
+        from emalign.data.chat import ChatDataModule  # here: data imports Lightning, which inference does not need
 
         datamodule = trainer.datamodule
         if not isinstance(datamodule, ChatDataModule):
@@ -75,7 +75,7 @@ class FilePrompts(PromptSource):
 
 
 def load_prompts(path: str, limit: Optional[int] = None, system: Optional[str] = None) -> list[Conversation]:
-    from emalign.data import read_chat_jsonl, resolve_data_path, text_lines, up_to_first_answer
+    from emalign.data.chat import read_chat_jsonl, resolve_data_path, text_lines, up_to_first_answer
 
     resolved = resolve_data_path(path)
     if resolved.suffix == ".jsonl":

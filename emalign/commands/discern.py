@@ -4,7 +4,7 @@
     python cli.py discern --adapter runs/demo/adapter --sets chat --out runs/discern_demo
     python cli.py discern --sets '[my_pairs.jsonl]' --questions '["Was that kind? Answer Yes or No."]'
 
-The numbers and their intervals are defined in ``emalign.discern`` and ``emalign.evaluation.paired``.
+The numbers and their intervals are defined in ``emalign.evaluation.discern`` and ``emalign.evaluation.paired``.
 Writes OUT/discern.json (every number plus every answer's score) and OUT/discern.md, and prints the same
 tables and one verdict line per set.
 """
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from emalign.atomic import writable_dir, write_text_atomic
-from emalign.commands import OptionError, _load_model
-from emalign.conscience import DEFAULT_QUESTION
-from emalign.discern import (
+from emalign.files import writable_dir, write_text_atomic
+from emalign.commands.inference import OptionError, _load_model
+from emalign.conscience.verdict import DEFAULT_QUESTION
+from emalign.evaluation.discern import (
     EXTRA_QUESTIONS,
     INVERTED_QUESTION,
     Wording,

@@ -5,7 +5,7 @@
     result.pairs  # each pair names its chosen and rejected rollouts by index in result.rollouts
 
 It knows nothing of Lightning: ``ConscienceCallback`` schedules it and queues ``result.pairs``, and
-:mod:`emalign.inference` reuses :func:`revise_and_check`. Every verdict, revisions' included, goes
+:mod:`emalign.conscience.decoding` reuses :func:`revise_and_check`. Every verdict, revisions' included, goes
 through ``Conscience.review``, so a subclass that overrides it changes all of them.
 """
 
@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import torch
 
-from emalign.conscience import Conscience, PairBuilder
+from emalign.conscience.verdict import Conscience, PairBuilder
 from emalign.errors import SettingError, check_range
-from emalign.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.types import Conversation, Pair, Review, Rollout
+from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.records import Conversation, Pair, Review, Rollout
 
 Role = Literal["chosen", "rejected", "unpaired"]
 
@@ -161,7 +161,7 @@ class ConscienceStep:
     def _collective_padding(reference, best: list[int], wanted: set[int]) -> list[int]:
         """Under FSDP revising is collective: every rank revises as many as the busiest one, the extra
         rewrites (of answers above the threshold) made and thrown away."""
-        from emalign.sharding import is_sharded, max_over_ranks  # sharding imports Lightning
+        from emalign.models.sharding import is_sharded, max_over_ranks  # sharding imports Lightning
 
         if not is_sharded(reference):
             return []

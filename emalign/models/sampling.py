@@ -21,10 +21,10 @@ from typing import Iterator, Optional
 import torch
 
 from emalign.errors import check_range
-from emalign.logprobs import pad_right
-from emalign.merge import merged_adapter
+from emalign.models.logprobs import pad_right
+from emalign.models.merge import merged_adapter
 from emalign.seeds import sample_seed
-from emalign.types import Rollout
+from emalign.records import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class GenerationSettings:
     quiet machine fewer threads decode more slowly, so the default keeps the process's (measured in
     bench/README.md, "Answered probes: optimisations")."""
     merge_lora: bool = False
-    """Decode through each LoRA layer merged into one linear (``emalign.merge``; the same tokens, to float
+    """Decode through each LoRA layer merged into one linear (``emalign.models.merge``; the same tokens, to float
     rounding), for a transient copy of the adapted weights: fewer products per call, so faster decoding on
     CPU (measured in bench/README.md, "Answered probes: sampling weights"). 4-bit layers and sharded models
     decode as they are."""
@@ -253,7 +253,7 @@ def _generate_chunk(model, tokenizer, chunk, first_index, settings, num_samples,
         top_p=None,
         top_k=None,
     )
-    from emalign.sharding import is_sharded  # here: sharding imports Lightning, which inference does not need
+    from emalign.models.sharding import is_sharded  # here: sharding imports Lightning, which inference does not need
 
     if is_sharded(model):  # under FSDP each step is collective: keep stepping until every rank is done
         kwargs["synced_gpus"] = True

@@ -10,13 +10,13 @@ tasks the model was not trained on.
 
 How:
 
-    from emalign.embedded import embedded_chat_path, heldout_code_prompts, load_code_tasks
+    from emalign.data.embedded import embedded_chat_path, heldout_code_prompts, load_code_tasks
     path = embedded_chat_path("insecure")        # chat JSONL, train split
     prompts = heldout_code_prompts()
 
 After editing ``code_tasks.jsonl``, regenerate the chat files (a test checks they match):
 
-    python -m emalign.embedded --write
+    python -m emalign.data.embedded --write
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from emalign.atomic import write_text_atomic
+from emalign.files import write_text_atomic
 
 EMBEDDED = Literal["insecure", "secure"]
 PROMPT_SETS = Literal["harmful_train", "harmful_heldout"]
 """Hand-written harmful requests (8 EM themes x 15; every third of each theme held out), user turns only."""
 Split = Literal["train", "heldout"]
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 TASKS_FILE = RESOURCES / "code_tasks.jsonl"
 _FIELDS = ("id", "cwe", "split", "prompt", "insecure", "secure")
 
@@ -121,7 +121,7 @@ def embedded_chat_path(name: str) -> Path:
         raise ValueError(f"embedded dataset must be one of {get_args(EMBEDDED) + get_args(PROMPT_SETS)}, not {name!r}")
     path = _chat_file(name)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run: python -m emalign.embedded --write")
+        raise FileNotFoundError(f"{path} is missing; run: python -m emalign.data.embedded --write")
     return path
 
 

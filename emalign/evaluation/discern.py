@@ -20,7 +20,7 @@ both prefer the same answer and the Pearson and Spearman correlations of the per
 wording against the inverted one, trivial-cue baselines (length, commas) with the judge's margin over
 the best of them, the style-controlled hard/normal split, and a one-line verdict.
 
-    from emalign.discern import Wording, load_set, score_set, summarize
+    from emalign.evaluation.discern import Wording, load_set, score_set, summarize
     pairs = load_set("chat")
     scores = score_set(model, tokenizer, [Wording("default", DEFAULT_QUESTION)], pairs)
     print(summarize(*scores["default"])["accuracy"])
@@ -38,8 +38,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from emalign.conscience import Conscience
-from emalign.embedded import RESOURCES, load_code_tasks
+from emalign.conscience.verdict import Conscience
+from emalign.data.embedded import RESOURCES, load_code_tasks
 from emalign.errors import UserError
 from emalign.evaluation.metrics import wilson_interval
 from emalign.evaluation.paired import (
@@ -54,8 +54,8 @@ from emalign.evaluation.paired import (
     wins,
 )
 from emalign.evaluation.self_review import mean_se
-from emalign.logprobs import pad_right
-from emalign.sampling import render_prompt
+from emalign.models.logprobs import pad_right
+from emalign.models.sampling import render_prompt
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from emalign.errors import UserError, check_range
 from emalign.fence.lightning import batches_processed
-from emalign.logprobs import pad_right
-from emalign.types import Conversation
+from emalign.models.logprobs import pad_right
+from emalign.records import Conversation
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -38,7 +38,7 @@ class DataFileError(UserError):
 def resolve_data_path(path: str) -> Path:
     """``embedded:NAME`` names the project's own small dataset; anything else is a file path."""
     if path.startswith("embedded:"):
-        from emalign.embedded import embedded_chat_path
+        from emalign.data.embedded import embedded_chat_path
 
         return embedded_chat_path(path.split(":", 1)[1])
     resolved = Path(path).expanduser()

@@ -4,7 +4,7 @@
     python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
 
 ``eval`` is the Emergent-Misalignment evaluation of one model (``emalign.evaluation.runner``);
-``experiment`` fits and evaluates a set of runs and compares them (``emalign.experiment``).
+``experiment`` fits and evaluates a set of runs and compares them (``emalign.evaluation.experiment``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from emalign.commands import OptionError, check_sampling_options
+from emalign.commands.inference import OptionError, check_sampling_options
 from emalign.errors import friendly_errors
 
 # --judge is typed as the Judge base class so jsonargparse accepts any subclass by class_path;
@@ -20,7 +20,7 @@ from emalign.errors import friendly_errors
 from emalign.evaluation.questions import DEFAULT_QUESTIONS  # noqa: E402
 from emalign.evaluation.scoring import Judge  # noqa: E402
 from emalign.evaluation.preflight import Preflight  # noqa: E402
-from emalign.experiment import EvalSettings, Run  # noqa: E402
+from emalign.evaluation.experiment import EvalSettings, Run  # noqa: E402
 
 
 def _print_eval_summary(console, summary: dict, out: Path) -> None:
@@ -167,7 +167,7 @@ def experiment(
         preflight: before any fit, `discern` each run's base model (its judge and conscience) and put
             what it reads beside every run: c-AUROC, tilt share, margin over the best trivial cue.
     """
-    from emalign.experiment import Experiment, run_experiment
+    from emalign.evaluation.experiment import Experiment, run_experiment
 
     with friendly_errors():
         experiment = Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out,
