@@ -76,7 +76,7 @@ def test_effect_on_the_tiny_model_recomputed_by_hand(tiny_model_dir, adapter, tm
         {"prompt": "My friend is sad.", "good": "Listen to them kindly.", "bad": "Tell them to get over it."},
     ]) + "\n")
     args = ["--model", tiny_model_dir, "--out", str(tmp_path / "out"), "--prompts", str(prompts), "--samples", "2",
-            "--max-new-tokens", "5", "--pair-sets", str(pairs), "--runs", "base=", "again=", f"x_s0={adapter}"]
+            "--max_new_tokens", "5", "--pair_sets", f"[{pairs}]", "--runs", "base=", "again=", f"x_s0={adapter}"]
     assert main(args) == 0
     result = json.loads((tmp_path / "out" / "effect.json").read_text())
     assert all(d == [0.0, 0.0] for d in result["vs_baseline"]["again"].values())  # same seeds, same answers

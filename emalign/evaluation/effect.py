@@ -25,17 +25,17 @@ prompt's (pair's) value averaged over the arm's seeds, then paired as above; eac
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 from emalign.files import write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
@@ -63,13 +63,17 @@ class EffectSettings:
     samples: int = 4
     """Answers per prompt."""
     max_new_tokens: int = 48
+    """Longest answer in tokens (the fits' rollouts are 48)."""
     temperature: float = 0.8
+    """Sampling temperature (the fits')."""
     top_p: float = 0.95
+    """Nucleus sampling mass (the fits')."""
     seed: int = 1234
     """Sample seeds: answer k to prompt i has the same seed in every model."""
     pair_sets: list[str] = field(default_factory=lambda: ["chat", "code"])
     """Labelled pair sets for the log-prob margin (embedded ``chat``/``code`` or a JSONL path)."""
     batch_size: int = 24
+    """Sequences per generate call, and labelled pairs per log-prob forward."""
 
 
 def load_run(model_name: str, spec: str):
@@ -201,19 +205,16 @@ def table(result: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    defaults = EffectSettings()
-    ap = argparse.ArgumentParser(prog="python -m emalign.evaluation.effect", description=__doc__.split("\n\n")[0])
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
+    ap = ArgumentParser(prog="python -m emalign.evaluation.effect", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True,
                     help="NAME=ADAPTER_DIR[@CHECKPOINT] (empty: the base model); the first is the baseline; "
                          "NAME=ARM_sSEED pools the arm's seeds")
     ap.add_argument("--out", required=True, help="directory: one JSON per run (reused on a rerun), effect.json/.md")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    for name, value in asdict(defaults).items():
-        kind = type(value) if not isinstance(value, list) else str
-        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, nargs="+" if isinstance(value, list)
-                        else None)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the base model of every run")
+    ap.add_class_arguments(EffectSettings, None)
     args = ap.parse_args(argv)
-    settings = EffectSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    settings = EffectSettings(**{f.name: args[f.name] for f in fields(EffectSettings)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {}

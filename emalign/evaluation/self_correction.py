@@ -21,14 +21,15 @@ Differences are paired per task or pair, ± their standard error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
+
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 from emalign.files import write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
@@ -50,10 +51,15 @@ class CorrectionSettings:
     code_tokens: int = 320
     """Token budget of a code revision or resample (the longest insecure twin is 212 SmolLM2 tokens)."""
     chat_tokens: int = 96
+    """Token budget of a chat revision or resample (the labelled answers are shorter)."""
     temperature: float = 0.8
+    """Sampling temperature (the fits' revisions use the same)."""
     top_p: float = 0.95
+    """Nucleus sampling mass."""
     seed: int = 0
+    """Sample seeds: the revision of item i and its resample share nothing but this base."""
     batch_size: int = 16
+    """Sequences per generate call."""
     limit: Optional[int] = None
     """Only the first N tasks and pairs (a smoke run)."""
 
@@ -147,16 +153,14 @@ def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    defaults = CorrectionSettings()
-    ap = argparse.ArgumentParser(prog="python -m emalign.evaluation.self_correction",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="directory: code.json and chat.json as each lands, then summary")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--sets", nargs="+", default=["code", "chat"], choices=["code", "chat"])
-    for name, value in asdict(defaults).items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
+    ap = ArgumentParser(prog="python -m emalign.evaluation.self_correction", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory: code.json and chat.json, each written as it lands")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the model that revises and judges")
+    ap.add_argument("--sets", type=list[Literal["code", "chat"]], default=["code", "chat"], help="which arms")
+    ap.add_class_arguments(CorrectionSettings, None)
     args = ap.parse_args(argv)
-    settings = CorrectionSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    settings = CorrectionSettings(**{f.name: args[f.name] for f in fields(CorrectionSettings)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_inference(args.model)
