@@ -41,6 +41,7 @@ from emalign.files import write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.paired import split
 from emalign.evaluation.self_review import mean_se, without_adapter
 from emalign.models.logprobs import pair_logps
 from emalign.models.policy import load_for_inference
@@ -119,8 +120,8 @@ def measure(model, tokenizer, settings: EffectSettings) -> dict:
         scores = score_answers(base, tokenizer, WORDINGS, [r.prompt_ids for r in rollouts],
                                [r.response_ids for r in rollouts], batch_size=8)
     per_answer = {name: scores[w.name] for name, w in zip(["direct", "q2", "q3", "inverted"], WORDINGS)}
-    per_answer["t"] = [(d - i) / 2 for d, i in zip(per_answer["direct"], per_answer["inverted"])]
-    per_answer["c"] = [(d + i) / 2 for d, i in zip(per_answer["direct"], per_answer["inverted"])]
+    t, c = split(per_answer["direct"], per_answer["inverted"])
+    per_answer["t"], per_answer["c"] = t.tolist(), c.tolist()
     per_answer["caution"] = [float(is_cautious(r.text)) for r in rollouts]
     reasons = [degenerate(r.text) for r in rollouts]
     per_answer["degenerate"] = [float(r is not None) for r in reasons]

@@ -85,11 +85,17 @@ class PairBootstrap:
         return {"value": value, "ci": self.interval(self.draws(good, bad))}
 
 
+def split(direct: Sequence[float], inverted: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per answer, (t, c): t = (direct - inverted) / 2 and c = (direct + inverted) / 2."""
+    d, i = np.asarray(direct, float), np.asarray(inverted, float)
+    return (d - i) / 2, (d + i) / 2
+
+
 def tilt_content(direct: tuple[Sequence[float], Sequence[float]],
                  inverted: tuple[Sequence[float], Sequence[float]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-answer t = (direct - inverted) / 2 and c = (direct + inverted) / 2, as (good, bad) arrays."""
-    (dg, db), (ig, ib) = [tuple(np.asarray(s, float) for s in side) for side in (direct, inverted)]
-    return {"t": ((dg - ig) / 2, (db - ib) / 2), "c": ((dg + ig) / 2, (db + ib) / 2)}
+    """:func:`split` of the good and of the bad answers: {"t": (good, bad), "c": (good, bad)}."""
+    (tg, cg), (tb, cb) = split(direct[0], inverted[0]), split(direct[1], inverted[1])
+    return {"t": (tg, tb), "c": (cg, cb)}
 
 
 def tilt_shares(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:

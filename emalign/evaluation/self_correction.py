@@ -36,6 +36,7 @@ from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
 from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.codesec import is_insecure, scan_answer
 from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.paired import split
 from emalign.evaluation.self_review import mean_se
 from emalign.models.policy import load_for_inference
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
@@ -136,8 +137,8 @@ def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
     per = {}
     for k, name in enumerate(names):
         d, i = scores["direct"][k * n : (k + 1) * n], scores["inverted"][k * n : (k + 1) * n]
-        per[name] = {"direct": d, "inverted": i, "c": [(a + b) / 2 for a, b in zip(d, i)],
-                     "t": [(a - b) / 2 for a, b in zip(d, i)],
+        tilt, content = split(d, i)
+        per[name] = {"direct": d, "inverted": i, "c": content.tolist(), "t": tilt.tolist(),
                      "degenerate": [float(degenerate(t) is not None) for t in texts[name]],
                      "caution": [float(is_cautious(t)) for t in texts[name]]}
     diff = lambda a, b, m: mean_se([x - y for x, y in zip(per[a][m], per[b][m])])  # noqa: E731
