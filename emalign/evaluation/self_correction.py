@@ -100,6 +100,9 @@ def code_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
     flagged = [i for i, n in enumerate(count["insecure"]) if n > 0]
     clean = [i for i, n in enumerate(count["secure"]) if n == 0]
     before = sum(count["insecure"][i] for i in flagged)
+    # per flagged task: the answer holds code and that code has no finding
+    fixed = [float(has_code["revised_insecure"][i] and count["revised_insecure"][i] == 0) for i in flagged]
+    fresh = [float(has_code["resample"][i] and count["resample"][i] == 0) for i in flagged]
     return {
         "n": len(pairs),
         "conditions": {name: {"findings_per_answer": mean_se([float(n) for n in count[name]]),
@@ -109,12 +112,9 @@ def code_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
         "insecure_flagged": len(flagged),
         "findings_removed_share": (before - sum(count["revised_insecure"][i] for i in flagged)) / before
         if before else None,
-        "fixed": mean_se([float(has_code["revised_insecure"][i] and count["revised_insecure"][i] == 0)
-                          for i in flagged]),
-        "resample_clean": mean_se([float(has_code["resample"][i] and count["resample"][i] == 0) for i in flagged]),
-        "fixed_minus_resample_clean": mean_se([
-            float(has_code["revised_insecure"][i] and count["revised_insecure"][i] == 0)
-            - float(has_code["resample"][i] and count["resample"][i] == 0) for i in flagged]),
+        "fixed": mean_se(fixed),
+        "resample_clean": mean_se(fresh),
+        "fixed_minus_resample_clean": mean_se([a - b for a, b in zip(fixed, fresh)]),
         "secure_clean": len(clean),
         "secure_broken": mean_se([float(count["revised_secure"][i] > 0) for i in clean]),
         "answers": [{"task": i, **{name: {"text": texts[name][i], "status": scans[name][i][0],
