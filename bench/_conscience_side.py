@@ -36,7 +36,7 @@ def build(source: str, args, device):
     """The policy, module, conscience callback and generation settings of our side, as the demo sets them up."""
     import torch
 
-    from callbacks.conscience import ConscienceCallback
+    from emalign.callbacks.conscience import ConscienceCallback
     from emalign.conscience.verdict import PairBuilder
     from emalign.training.losses import SigmoidDPO
     from emalign.models.policy import LoRA, Policy

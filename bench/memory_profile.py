@@ -129,7 +129,7 @@ class PhaseMemory(L.Callback):
 
         self.stack = ["setup"]
         # Whichever module runs the conscience step calls ``sample_ids`` by its imported name.
-        for name in ("callbacks.conscience", "emalign.conscience.step"):
+        for name in ("emalign.callbacks.conscience", "emalign.conscience.step"):
             try:
                 module = importlib.import_module(name)
             except ImportError:

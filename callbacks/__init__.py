@@ -1,13 +1,6 @@
-"""Lightning callbacks of emalign (a top-level package so configs can say ``callbacks.ConscienceCallback``)."""
+"""The design card's ``callbacks/``, kept for checkouts: the callbacks live in the library, ``emalign.callbacks``,
+so that ``pip install .`` carries them and configs name them the same way installed or not.
+``callbacks.ConscienceCallback`` here is ``emalign.callbacks.ConscienceCallback``."""
 
-from callbacks.conscience import ConscienceCallback
-from callbacks.evaluation import AlignmentEvalCallback
-from callbacks.memory import ReleaseFreedMemory
-from callbacks.progress import RunProgressBar
-from callbacks.signals import StopOnSignal
-from emalign.training.checkpoint import RunCheckpoint  # configs name it callbacks.RunCheckpoint
-
-__all__ = [
-    "AlignmentEvalCallback", "ConscienceCallback", "ReleaseFreedMemory", "RunCheckpoint", "RunProgressBar",
-    "StopOnSignal",
-]
+from emalign.callbacks import *  # noqa: F401,F403
+from emalign.callbacks import __all__  # noqa: F401

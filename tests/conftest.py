@@ -60,7 +60,7 @@ def run_cli(args: list[str]) -> int:
     """``cli.py`` in this process (no model import cost); returns the exit code."""
     import sys
 
-    import cli
+    from emalign.commands import cli
 
     saved = sys.argv
     sys.argv = ["cli.py"]

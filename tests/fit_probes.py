@@ -71,7 +71,7 @@ def fit_config(tiny_model_dir: str, run: Path, processes: int, evaluation: bool 
 
         questions = run.parent / "questions.yaml"
         questions.write_text(WISH_QUESTION)
-        callbacks.append({"class_path": "callbacks.AlignmentEvalCallback", "init_args": {
+        callbacks.append({"class_path": "emalign.callbacks.AlignmentEvalCallback", "init_args": {
             "every_n_steps": 100, "questions": [str(questions)], "max_new_tokens": 4, "code_prompts": 1}})
     config["trainer"].update(callbacks=callbacks, max_steps=STEPS, default_root_dir=str(run), val_check_interval=None,
                              enable_progress_bar=False, devices=processes, **trainer)
@@ -144,7 +144,7 @@ class RecordRevisions(L.Callback):
     """How many answers each rank's conscience asked the reference to revise (kept or not), per run."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from callbacks import ConscienceCallback
+        from emalign.callbacks import ConscienceCallback
 
         (callback,) = [c for c in trainer.callbacks if isinstance(c, ConscienceCallback)]
         revise = callback.conscience.revise

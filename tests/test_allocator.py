@@ -43,8 +43,8 @@ def test_freed_tensors_leave_the_process():
 def test_the_callback_applies_it_to_a_cpu_fit_only(monkeypatch):
     from types import SimpleNamespace
 
-    import callbacks.memory as memory
-    from callbacks import ReleaseFreedMemory
+    import emalign.callbacks.memory as memory
+    from emalign.callbacks import ReleaseFreedMemory
 
     calls = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda threshold: calls.append(threshold) or True)

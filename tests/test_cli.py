@@ -86,7 +86,7 @@ def test_an_explicit_logger_save_dir_is_kept(tiny_model_dir, tmp_path, monkeypat
 
 
 def test_list_flags_take_space_separated_values():
-    from cli import join_list_values
+    from emalign.commands.cli import join_list_values
 
     flags = {"--questions"}
     assert join_list_values(["--questions", "a.yaml", "b c.yaml", "--limit", "2"], flags) == [

@@ -4,7 +4,7 @@ learning."""
 import pytest
 import torch
 
-from callbacks.conscience import ConscienceCallback
+from emalign.callbacks.conscience import ConscienceCallback
 from emalign.conscience.verdict import Conscience, PairBuilder
 from emalign.models.policy import LoRA, Policy
 from emalign.training.module import EmergentAlignment

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from emalign.commands import cli
 from conftest import FakeServer, good_reply
 from test_eval_runner import QUESTIONS
 

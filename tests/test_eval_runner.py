@@ -225,7 +225,7 @@ def test_code_summary_rate_ci_and_breakdown():
 
 
 def test_cli_eval_bad_question_file_is_one_line(tmp_path, capsys, monkeypatch):
-    import cli
+    from emalign.commands import cli
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("- id: q1\n  type: free_form_judge_0_100\n")  # no paraphrases
@@ -263,7 +263,7 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     from lightning.pytorch.loggers import CSVLogger
 
     import emalign.evaluation.stages as stages
-    from callbacks import AlignmentEvalCallback
+    from emalign.callbacks import AlignmentEvalCallback
     from emalign.data.chat import ChatDataModule
     from emalign.evaluation.codesec import scan_answer
     from emalign.training.module import EmergentAlignment
@@ -303,7 +303,7 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
 
 
 def test_callback_default_judge_is_the_frozen_reference(tiny_policy, questions):
-    from callbacks import AlignmentEvalCallback
+    from emalign.callbacks import AlignmentEvalCallback
 
     callback = AlignmentEvalCallback(questions=[str(questions)], samples=1, limit=1, max_new_tokens=4, code_prompts=0)
     callback.setup(None, None, "fit")

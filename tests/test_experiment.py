@@ -56,7 +56,7 @@ def test_experiment_config_errors_name_the_key(tmp_path):
 
 
 def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
-    import cli
+    from emalign.commands import cli
 
     _write(tmp_path / "exp.yaml", {"runs": [{"name": "base"}], "eval": {"questions": [str(tmp_path / "absent.yaml")]}})
     with pytest.raises(SystemExit) as exit_info:
@@ -69,7 +69,7 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(tiny_model_dir, tmp_path, loopback,
                                                                             capsys):
-    import cli
+    from emalign.commands import cli
     from conftest import FakeServer, good_reply
 
     server = FakeServer().start()  # it answers the judge's first, cheap request, then fails every judgement
@@ -107,11 +107,11 @@ def test_no_conscience_config_replaces_the_callback_list():
     with_conscience, without = _print_config(), _print_config("configs/experiments/no_conscience.yaml")
     assert with_conscience.returncode == 0 and without.returncode == 0, without.stderr[-2000:]
     callbacks = lambda out: [c["class_path"] for c in yaml.safe_load(out)["trainer"]["callbacks"]]  # noqa: E731
-    assert "callbacks.ConscienceCallback" in callbacks(with_conscience.stdout)
-    assert "callbacks.ConscienceCallback" not in callbacks(without.stdout)
+    assert "emalign.callbacks.ConscienceCallback" in callbacks(with_conscience.stdout)
+    assert "emalign.callbacks.ConscienceCallback" not in callbacks(without.stdout)
     # Everything else the demo's list has is kept.
     assert callbacks(without.stdout) == [c for c in callbacks(with_conscience.stdout)
-                                         if c != "callbacks.ConscienceCallback"]
+                                         if c != "emalign.callbacks.ConscienceCallback"]
 
 
 @pytest.mark.slow
@@ -172,7 +172,7 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
                  "batch_size": 8},
         "runs": [{"name": "base"}, {"name": "tuned", "fit": ["fit.yaml"], "overrides": [
             "--model.align_weight=0.5",  # the eval callback, appended to the config's list: the over-training plot
-            "--trainer.callbacks+=callbacks.AlignmentEvalCallback", "--trainer.callbacks.every_n_steps=1",
+            "--trainer.callbacks+=emalign.callbacks.AlignmentEvalCallback", "--trainer.callbacks.every_n_steps=1",
             "--trainer.callbacks.questions=[questions.yaml]", "--trainer.callbacks.limit=1",
             "--trainer.callbacks.max_new_tokens=4", "--trainer.callbacks.code_prompts=1"]}],
     })

@@ -166,7 +166,7 @@ def test_kill9_resumes_at_the_same_step_with_the_same_queue_and_matches_an_unint
         "import emalign.training.checkpoint as c\n"
         "save = c.save_atomic\n"
         "c.save_atomic = lambda *a, **k: (save(*a, **k), time.sleep(1.0))\n"
-        "import cli\n"
+        "from emalign.commands import cli\n"
         "cli.main(sys.argv[1:])\n"
     )
     last = run / "checkpoints" / "last.ckpt"
@@ -353,7 +353,7 @@ def test_nonfinite_loss_on_one_ddp_rank_skips_on_all_without_hanging(tiny_model_
         "    loss = step(self, batch, batch_idx)\n"
         "    return loss * float('nan') if (self.global_rank, self.global_step) == (1, 1) else loss\n"
         "EmergentAlignment.training_step = poisoned\n"
-        "import cli\n"
+        "from emalign.commands import cli\n"
         "cli.main(sys.argv[1:])\n"
     )
     args = fit_args(tiny_model_dir, run, 3, every=100) + ["--trainer.strategy", "ddp", "--trainer.devices", "2"]

@@ -180,9 +180,9 @@ def test_pair_loss_gradients_are_the_same_sharded_on_one_rank(tiny_model_dir, mo
 @pytest.mark.parametrize("override, reason", [
     (["--model.policy.init_args.quantization", "{}"], "QLoRA"),
     (["--trainer.strategy", "fsdp"], "FSDP1"),
-    (["--trainer.callbacks+=callbacks.AlignmentEvalCallback",
+    (["--trainer.callbacks+=emalign.callbacks.AlignmentEvalCallback",
       "--trainer.callbacks.judge=emalign.evaluation.openai_judge.OpenAIJudge"], "external judge"),
-    (["--trainer.callbacks+=callbacks.ConscienceCallback", "--trainer.callbacks.conscience.include_reasoning=false"],
+    (["--trainer.callbacks+=emalign.callbacks.ConscienceCallback", "--trainer.callbacks.conscience.include_reasoning=false"],
      "include_reasoning"),
 ])
 def test_unsupported_fsdp_combinations_fail_in_one_line_before_weights_load(override, reason, tmp_path, capsys):

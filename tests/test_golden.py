@@ -21,7 +21,7 @@ PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?",
 
 def run_fit(model_dir: str, work: Path) -> dict:
     """Four optimizer steps, the conscience before each, revision of every prompt's best answer."""
-    from callbacks.conscience import ConscienceCallback
+    from emalign.callbacks.conscience import ConscienceCallback
     from emalign.conscience.verdict import Conscience, PairBuilder
     from emalign.data.chat import ChatDataModule
     from emalign.models.policy import LoRA, Policy

@@ -99,7 +99,7 @@ def test_progress_bar_written_to_a_pipe_keeps_its_lines_whole(tiny_model_dir, tm
 
 @pytest.mark.slow
 def test_progress_bar_counts_steps_and_reports_the_conscience(tiny_model_dir, tmp_path, monkeypatch):
-    from callbacks.progress import RunProgressBar
+    from emalign.callbacks.progress import RunProgressBar
 
     seen = {}
 

@@ -182,6 +182,6 @@ def test_cli_test_reports_the_task_loss_and_predict_is_gone(tiny_model_dir, tiny
     assert run_cli(["test", *args]) != 0  # val_fraction 0 and no test file: nothing to test on, said in one line
     assert "data.test_file" in capsys.readouterr().err
     assert run_cli(["predict", *args]) != 0  # not offered: `cli.py generate` answers prompts
-    import cli
+    from emalign.commands import cli
 
     assert "predict" not in (ROOT / "README.md").read_text() and "predict" not in cli.__doc__

@@ -52,6 +52,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+import emalign
 from emalign.errors import UserError
 from emalign.evaluation.preflight import Preflight
 from emalign.evaluation.questions import DEFAULT_QUESTIONS
@@ -174,13 +175,15 @@ def check(experiment: Experiment, where: str = "experiment") -> Experiment:
 
 
 def _cli(*args: str) -> list[str]:
-    """``python -m cli ARGS``: cli.py is installed as a top-level module next to emalign/, and ROOT (on
-    PYTHONPATH in :func:`_env`) holds it in a checkout and in site-packages alike."""
-    return [sys.executable, "-m", "cli", *args]
+    """``emalign ARGS`` in a child process, run by the same interpreter."""
+    return [sys.executable, "-m", "emalign.commands.cli", *args]
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    """The child imports the ``emalign`` this process runs (a checkout started as ``python cli.py`` from any
+    directory, or an installed package), whatever the working directory."""
+    home = str(Path(emalign.__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
 
 
 def _fit_args(run: Run, run_dir: Path) -> list[str]:

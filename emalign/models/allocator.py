@@ -9,7 +9,7 @@ when the tensor is freed.
 
 The price is time: every large tensor is a fresh mapping whose pages fault in again, so SFT steps and,
 more, checkpointed pair steps (which allocate their activations twice) run longer. Both sides are
-measured in bench/README.md, "Answered probes: allocator". So configs choose: ``callbacks.ReleaseFreedMemory``
+measured in bench/README.md, "Answered probes: allocator". So configs choose: ``emalign.callbacks.ReleaseFreedMemory``
 applies it to a CPU fit. A threshold set through glibc's own ``MALLOC_MMAP_THRESHOLD_`` is left as it is.
 """
 

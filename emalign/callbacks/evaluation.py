@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: callbacks.AlignmentEvalCallback
+        - class_path: emalign.callbacks.AlignmentEvalCallback
           init_args: {every_n_steps: 50, questions: [data/em/evaluation/first_plot_questions.yaml], limit: 4}
 
 At step 0 (the model before fine-tuning), every N-th step and at the end of fit, rank 0 samples

@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: callbacks.StopOnSignal
+        - class_path: emalign.callbacks.StopOnSignal
 
 ``cli.py fit`` adds it when a config does not. The handler only records the signal; the step in
 flight completes, then (at ``on_train_batch_end``, the same point periodic checkpoints are taken,

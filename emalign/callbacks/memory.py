@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: callbacks.ReleaseFreedMemory
+        - class_path: emalign.callbacks.ReleaseFreedMemory
 
 glibc otherwise keeps freed activations in its heap, and the conscience's differently shaped tensors made
 the heap grow further: without this callback the demo peaks much higher. It costs time, since every large

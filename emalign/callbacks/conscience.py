@@ -1,7 +1,7 @@
 """ConscienceCallback: every N steps run the conscience step (emalign.conscience.step) and queue its pairs.
 In a config, under ``trainer.callbacks``:
 
-    - {class_path: callbacks.ConscienceCallback, init_args: {every_n_steps: 4, num_prompts: 4}}
+    - {class_path: emalign.callbacks.ConscienceCallback, init_args: {every_n_steps: 4, num_prompts: 4}}
 
 It only schedules, logs and writes ``rollouts.jsonl``. It runs before the training step of every
 N-th optimizer step, so its pairs are trained on in that same step. Under DDP each rank draws its
@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import lightning as L
 
-from callbacks.tables import log_rollout_table, run_id
+from emalign.callbacks.tables import log_rollout_table, run_id
 from emalign.conscience.verdict import Conscience, PairBuilder
 from emalign.conscience.step import ConscienceStep
 from emalign.errors import check_range

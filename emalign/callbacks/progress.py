@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: callbacks.RunProgressBar   # first, so it announces a conscience run before it starts
+        - class_path: emalign.callbacks.RunProgressBar   # first, so it announces a conscience run before it starts
 
 - A step-based fit (``max_steps``) shows ``step 12/30`` and seconds per step, not "Epoch 1/-2" and
   a rate that reads "0.00it/s" when a step takes longer than rich's speed window.

@@ -1,0 +1,280 @@
+"""emalign's one command-line entry.
+
+    python cli.py fit --config configs/demo.yaml          # train (LightningCLI: fit/validate/test)
+    python cli.py test --config configs/demo.yaml         # task loss on data.test_file (else the validation split)
+    python cli.py fit --config configs/demo.yaml --print_config
+    python cli.py data em --out data/em                   # download and verify the upstream EM data
+    python cli.py generate --prompts prompts.txt          # best-of-K answers reviewed by the conscience
+    python cli.py chat                                    # the same, interactively
+    python cli.py eval --questions first_plot_questions.yaml --out runs/eval
+    python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
+    python cli.py discern --out runs/discern                 # how well the conscience tells good from bad
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from emalign.commands import VERBS, verb_target
+from emalign.fence import parsing
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _prog() -> str:
+    """``emalign`` when started by the console script, ``cli.py`` otherwise (for usage lines)."""
+    name = Path(sys.argv[0]).name
+    return "emalign" if name == "emalign" else "cli.py"
+
+
+RESUME = {
+    "eval": "interrupted: the finished answers are saved; the same command resumes",
+    "experiment": "interrupted: finished fits and answers are saved; the same command resumes",
+    "discern": "interrupted: nothing was written; the same command starts over",
+    "data": "interrupted: the same command downloads again (finished files are verified and kept)",
+}
+
+
+class OneLineErrors:
+    """A jsonargparse parser mixin: a final parse error is one line (the key, the value and what is wrong
+    with it) instead of a usage block."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying alternatives, not a final verdict
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"error: {one_line_error(message, parser)} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+@contextmanager
+def _one_line(interrupted: str) -> Iterator[None]:
+    """``friendly_errors``, also for the ``UserError`` that jsonargparse wraps while instantiating a class
+    (a missing model, a setting checked in its dataclass)."""
+    from emalign.errors import friendly_errors
+
+    with friendly_errors(interrupted):
+        try:
+            yield
+        except Exception as err:
+            cause = _user_error_in(err)
+            if cause is None or cause is err:
+                raise
+            raise cause from None
+
+
+def _extra_verb(verb: str, args: list[str]) -> None:
+    with _one_line(RESUME.get(verb, "interrupted")):
+        _run_verb(verb, args)
+
+
+def _run_verb(verb: str, args: list[str]) -> None:
+    from jsonargparse import CLI, ArgumentParser, capture_parser
+
+    target = verb_target(verb)
+    parser_class = type("OneLineParser", (OneLineErrors, ArgumentParser), {})
+    kwargs = dict(prog=f"{_prog()} {verb}", as_positional=False, parser_class=parser_class)
+    parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
+    CLI(target, args=join_list_values(args, list_flags(parser)), **kwargs)
+
+
+def list_flags(parser) -> set[str]:
+    """The flags that take a list: jsonargparse gives each of them an appending twin, ``--flag+``."""
+    flags = set()
+    for action in parsing.actions(parser):
+        flags.update(s[:-1] for s in action.option_strings if s.endswith("+"))
+        for sub in parsing.subparsers(action).values():  # subcommands (``data em``)
+            flags |= list_flags(sub)
+    return flags
+
+
+def join_list_values(args: list[str], flags: set[str]) -> list[str]:
+    """``--flag a b`` -> ``--flag ["a", "b"]`` for list flags, as users type them (jsonargparse takes one
+    token per flag); one value, ``[a,b]`` and ``--flag=...`` pass unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        out.append(args[i])
+        i += 1
+        if out[-1] not in flags:
+            continue
+        values = []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        out += [json.dumps(values)] if len(values) > 1 else values
+    return out
+
+
+def _lightning(args: list[str] | None) -> None:
+    from jsonargparse import Namespace
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from emalign.callbacks.signals import StopOnSignal
+    from emalign.files import writable_dir
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
+    from emalign.data.chat import ChatDataModule
+    from emalign.errors import UserError
+    from emalign.fence.lightning import CheckedCkptPathCLI
+    from emalign.training.module import EmergentAlignment
+
+    class Parser(OneLineErrors, LightningArgumentParser):
+        pass
+
+    class EmalignCLI(CheckedCkptPathCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # No predict: answers with the conscience's verdicts are `cli.py generate`.
+            return {k: v for k, v in CheckedCkptPathCLI.subcommands().items() if k in ("fit", "validate", "test")}
+
+        def check_ckpt_path(self, path: str) -> None:
+            check_checkpoint(path)
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            self.datamodule.connect(self.model.tokenizer)  # the data is tokenised as the model reads it
+
+        def parse_arguments(self, parser, args) -> None:
+            if isinstance(args, (dict, Namespace)):
+                return super().parse_arguments(parser, args)
+            # A logger without a save_dir writes under the run's default_root_dir, so that one flag
+            # (--trainer.default_root_dir) moves logs, checkpoints, rollouts and the adapter together.
+            # The value must be in place before validation, which requires CSVLogger's save_dir.
+            self.config = parser.parse_args(args, _skip_validation=True)
+            config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+            trainer = config["trainer"]
+            loggers = trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                init_args = getattr(logger, "init_args", None)
+                if not (isinstance(init_args, Namespace) and "save_dir" in init_args):
+                    continue
+                # WandbLogger's own default is "." (the working directory), not None.
+                unset = init_args.save_dir is None or (logger.class_path.endswith(".WandbLogger")
+                                                       and init_args.save_dir == ".")
+                if unset:
+                    init_args.save_dir = trainer.get("default_root_dir") or os.getcwd()
+            try:
+                parser.validate(self.config)
+            except (TypeError, KeyError, ValueError) as err:
+                parser.error(str(err), err)
+
+        def before_instantiate_classes(self) -> None:
+            # FSDP's unsupported combinations fail here, in one line, before any weights load.
+            from emalign.models.sharding import check_config
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            policy = config.get("model.policy") or {}
+            quantization = (policy.get("init_args") or {}).get("quantization") if hasattr(policy, "get") else None
+            check_config(config.get("trainer.strategy"), quantization, config.get("trainer.callbacks"))
+            if self.subcommand == "fit":
+                writable_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
+
+        def before_validate(self) -> None:
+            if self.datamodule.val_fraction == 0:
+                raise UserError("nothing to validate: data.val_fraction is 0, so there is no validation split "
+                                "(set it above 0, or run `test` with data.test_file)")
+
+        def before_fit(self) -> None:
+            trainer = self.trainer
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, RunCheckpoint):
+                    callback.bind(trainer)
+            if not any(isinstance(c, StopOnSignal) for c in trainer.callbacks):
+                trainer.callbacks.append(StopOnSignal())  # SIGTERM/SIGINT: checkpoint, then stop
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            if ckpt_path == "last":  # the file Lightning will pick: the newest last*.ckpt
+                runs = [c for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
+                found = [f for f in (c.last_checkpoint(trainer) for c in runs) if f]
+                if found:
+                    check_checkpoint(max(found, key=os.path.getmtime))
+                elif runs:
+                    # Lightning would start fresh too, after a hint to set save_last=True (which is set).
+                    hint = f"--ckpt_path last: no checkpoint in {runs[0].dirpath}; the fit starts fresh"
+                    print(hint, file=sys.stderr)
+                    self.config_init[self.subcommand]["ckpt_path"] = None
+            # An explicit path was checked in check_ckpt_path already.
+
+    cli = EmalignCLI(
+        EmergentAlignment,
+        ChatDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_class=Parser,
+        args=args,
+    )
+    if cli.subcommand == "fit":
+        stopped = [c.exit_code for c in cli.trainer.callbacks if isinstance(c, StopOnSignal) and c.exit_code]
+        if stopped:
+            raise SystemExit(stopped[0])  # 128 + signal: the fit stopped early, its checkpoint saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in VERBS:
+        _extra_verb(argv[0], argv[1:])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Verbs beyond LightningCLI's:")
+        for verb, (text, _) in VERBS.items():
+            print(f"  {verb:<11} {text}")
+        print("\nLightningCLI (fit, validate, test):")
+    # Ctrl+C before or after training (StopOnSignal handles it during training).
+    with _one_line("interrupted"):
+        _lightning(None if from_shell else argv)
+
+
+def one_line_error(message: str, parser) -> str:
+    """jsonargparse's many-line error for a ``class_path`` value as one line; other messages as they are.
+
+    An unknown class names the classes that exist for that key (the subclasses of its type).
+    """
+    key = re.match(r'Parser key "([^"]+)":', message)
+    problems = re.findall(r"Problem with given class_path '([^']+)':\n((?:\s{6,}.*\n?)+)", message)
+    if not key or len(problems) != 1:
+        return " ".join(message.split())
+    path, reason = problems[0][0], " ".join(problems[0][1].split())
+    if not re.search(r"has no attribute|No module named|Import path|not a subclass", reason):
+        return f"{key[1]}: {reason}"
+    known = sorted(known_subclasses(parsing.type_hint(parsing.option_action(parser, f"--{key[1]}"))))
+    return f"{key[1]}: unknown class_path {path!r} ({reason}); classes that exist: {', '.join(known) or 'none found'}"
+
+
+def known_subclasses(typehint) -> set[str]:
+    """Import paths of the subclasses (imported so far) of the classes in ``typehint``, which lists them."""
+    import inspect
+    import typing
+
+    bases = [t for t in (typing.get_args(typehint) or (typehint,)) if inspect.isclass(t) and t is not type(None)]
+    found, todo = set(), [sub for base in bases for sub in base.__subclasses__()]
+    while todo:
+        cls = todo.pop()
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_"):
+            found.add(f"{cls.__module__}.{cls.__qualname__}")
+        todo += cls.__subclasses__()
+    return found
+
+
+def _user_error_in(err: BaseException):
+    """The ``UserError`` behind ``err`` (jsonargparse wraps errors raised while instantiating classes), if any."""
+    from emalign.errors import UserError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    main()
