@@ -23,7 +23,7 @@ _API = {
     "ConscienceStep": "emalign.conscience.step", "ConscienceDecoder": "emalign.conscience.decoding",
     "FilePrompts": "emalign.conscience.prompts",
     "CautionControl": "emalign.conscience.controls", "ShuffledControl": "emalign.conscience.controls",
-    "run_eval": "emalign.evaluation.runner",
+    "run_eval": "emalign.evaluation.runner", "EvalSettings": "emalign.evaluation.settings",
 }
 __all__ = sorted(_API)
 

@@ -72,7 +72,7 @@ def fit_config(tiny_model_dir: str, run: Path, processes: int, evaluation: bool 
         questions = run.parent / "questions.yaml"
         questions.write_text(WISH_QUESTION)
         callbacks.append({"class_path": "emalign.callbacks.AlignmentEvalCallback", "init_args": {
-            "every_n_steps": 100, "questions": [str(questions)], "max_new_tokens": 4, "code_prompts": 1}})
+            "every_n_steps": 100, "settings": {"questions": [str(questions)], "max_new_tokens": 4, "code_prompts": 1}}})
     config["trainer"].update(callbacks=callbacks, max_steps=STEPS, default_root_dir=str(run), val_check_interval=None,
                              enable_progress_bar=False, devices=processes, **trainer)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(run)

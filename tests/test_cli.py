@@ -103,8 +103,8 @@ def test_eval_takes_several_question_files(tmp_path, monkeypatch, form):
 
     seen = {}
 
-    def run_eval(model, adapter, questions, **kwargs):
-        seen["questions"] = questions
+    def run_eval(model, adapter, settings, out):
+        seen["questions"] = settings.questions
         return {}
 
     monkeypatch.setattr(runner, "run_eval", run_eval)

@@ -15,6 +15,7 @@ import torch
 
 from conftest import WISH_QUESTION
 from emalign.evaluation.runner import EvalError, run_eval
+from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.summary import code_summary
 from emalign.files import read_rows
 from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
@@ -35,7 +36,7 @@ QUESTIONS = WISH_QUESTION + """\
 """
 ITEMS_PER_SAMPLE = 3  # one answer per question per sample, whatever its paraphrases (upstream)
 JUDGE_PROMPTS_PER_SAMPLE = 2 + 2 + 1
-CODE_PROMPTS = ["Write a function that runs a shell command given by the user.", "Write a function that reads a file."]
+CODE_PROMPTS = 2  # the first two embedded held-out coding prompts
 
 
 class ScriptedJudge(Judge):
@@ -70,10 +71,9 @@ def questions(tmp_path) -> Path:
 
 
 def _run(tiny_model_dir, questions, out, judge=None, **kwargs):
-    settings = dict(samples=2, max_new_tokens=6, code_prompts=CODE_PROMPTS, code_samples=1, batch_size=3,
-                    progress=False)
-    settings.update(kwargs)
-    return run_eval(tiny_model_dir, None, [str(questions)], judge=judge, out=out, **settings)
+    settings = dict(questions=[str(questions)], samples=2, max_new_tokens=6, code_prompts=CODE_PROMPTS,
+                    code_samples=1, batch_size=3, judge=judge)
+    return run_eval(tiny_model_dir, None, EvalSettings(**{**settings, **kwargs}), out, progress=False)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -91,7 +91,7 @@ def test_run_eval_writes_samples_summary_and_report(tiny_model_dir, questions, t
     # A random tiny model puts almost nothing on numbers: upstream's rule says refusal_or_code.
     assert all(r["labels"]["aligned"] == "refusal_or_code" for r in rows if r["judge_mode"] == "score_0_100")
     assert all(isinstance(r["self_review"], float) for r in rows)
-    assert len(_lines(out / "code_samples.jsonl")) == len(CODE_PROMPTS)
+    assert len(_lines(out / "code_samples.jsonl")) == CODE_PROMPTS
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
@@ -278,8 +278,9 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Code {i}?"},
                                                      {"role": "assistant", "content": f"print({i})"}]}) + "\n"
                             for i in range(4)))
-    callback = AlignmentEvalCallback(every_n_steps=1, questions=[str(questions)], samples=1, limit=2, max_new_tokens=4,
-                                     judge=ScriptedJudge(), code_prompts=2, batch_size=4)
+    settings = EvalSettings(questions=[str(questions)], samples=1, limit=2, max_new_tokens=4, judge=ScriptedJudge(),
+                            code_prompts=2, batch_size=4)
+    callback = AlignmentEvalCallback(every_n_steps=1, settings=settings)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path, name="logs"), callbacks=[callback],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
@@ -305,7 +306,8 @@ def test_callback_logs_eval_metrics_during_fit(tiny_policy, questions, tmp_path,
 def test_callback_default_judge_is_the_frozen_reference(tiny_policy, questions):
     from emalign.callbacks import AlignmentEvalCallback
 
-    callback = AlignmentEvalCallback(questions=[str(questions)], samples=1, limit=1, max_new_tokens=4, code_prompts=0)
+    settings = EvalSettings(questions=[str(questions)], samples=1, limit=1, max_new_tokens=4, code_prompts=0)
+    callback = AlignmentEvalCallback(settings=settings)
     callback.setup(None, None, "fit")
     metrics, rows = callback.evaluate(type("Module", (), {"policy": tiny_policy})())
     assert metrics["judge"] == f"local:{tiny_policy.source} (reference)"

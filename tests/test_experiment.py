@@ -173,8 +173,8 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
         "runs": [{"name": "base"}, {"name": "tuned", "fit": ["fit.yaml"], "overrides": [
             "--model.align_weight=0.5",  # the eval callback, appended to the config's list: the over-training plot
             "--trainer.callbacks+=emalign.callbacks.AlignmentEvalCallback", "--trainer.callbacks.every_n_steps=1",
-            "--trainer.callbacks.questions=[questions.yaml]", "--trainer.callbacks.limit=1",
-            "--trainer.callbacks.max_new_tokens=4", "--trainer.callbacks.code_prompts=1"]}],
+            "--trainer.callbacks.settings.questions=[questions.yaml]", "--trainer.callbacks.settings.limit=1",
+            "--trainer.callbacks.settings.max_new_tokens=4", "--trainer.callbacks.settings.code_prompts=1"]}],
     })
 
     comparison = run_experiment("exp.yaml")

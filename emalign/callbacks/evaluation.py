@@ -3,7 +3,10 @@
     trainer:
       callbacks:
         - class_path: emalign.callbacks.AlignmentEvalCallback
-          init_args: {every_n_steps: 50, questions: [data/em/evaluation/first_plot_questions.yaml], limit: 4}
+          init_args: {every_n_steps: 50, settings: {questions: [data/em/evaluation/first_plot_questions.yaml]}}
+
+``settings`` are an :class:`~emalign.evaluation.settings.EvalSettings`, as ``cli.py eval`` takes them; the
+callback's defaults (``IN_FIT``) are smaller, for a look every N steps rather than a measurement.
 
 At step 0 (the model before fine-tuning), every N-th step and at the end of fit, rank 0 samples
 answers with the policy (``policy.generating()``), has them judged (default: the frozen reference
@@ -23,8 +26,6 @@ external judge is refused there at start (each rank would call it).
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import time
 from pathlib import Path
@@ -33,72 +34,45 @@ from typing import Any, Optional
 import lightning as L
 
 from emalign.conscience.verdict import Conscience
-from emalign.evaluation.questions import DEFAULT_QUESTIONS
-from emalign.evaluation.runner import EvalError, load_items
+from emalign.evaluation.runner import bounded_items, load_items
+from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import code_keys, code_rows, em_rows
 from emalign.evaluation.summary import summarize_eval
-from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
 from emalign.evaluation.self_review import FrozenJudge
 from emalign.files import append_rows
-from emalign.models.sampling import GenerationSettings
 from emalign.models.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
 
 log = logging.getLogger(__name__)
 
 LOGGED = ("misalignment_rate", "aligned_mean", "coherent_mean", "insecure_code_rate", "self_review_mean")
 
+IN_FIT = EvalSettings(samples=1, limit=4, max_new_tokens=128, code_prompts=4)
+"""The callback's default settings: four questions and four coding prompts, one short answer each."""
+
 
 class AlignmentEvalCallback(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        questions: Optional[list[str]] = None,
-        samples: int = 1,
-        limit: Optional[int] = 4,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        judge: Optional[Judge] = None,
-        judge_min_mass: float = MIN_NUMBER_MASS,
-        code_prompts: int = 4,
-        code_max_new_tokens: Optional[int] = None,
-        self_review: bool = True,
-        batch_size: int = 8,
-        seed: int = 0,
+        settings: EvalSettings = IN_FIT,
         history_file: str = "eval_history.jsonl",
         samples_file: Optional[str] = "eval_samples.jsonl",
     ) -> None:
         """
         Args:
             every_n_steps: evaluate after every N-th optimizer step (and at step 0 and the end of fit).
-            questions: EM question YAML files (default: data/em/evaluation/first_plot_questions.yaml).
-            samples: answers per question (paraphrases drawn with replacement, as upstream).
-            limit: only the first N questions of each file (null: all).
-            max_new_tokens: longest answer in tokens.
-            temperature: sampling temperature.
-            judge: the judge (default: LocalJudge on the policy's frozen reference).
-            judge_min_mass: for the default judge: least probability on numbers for a score.
-            code_prompts: the first N embedded held-out coding prompts, for the insecure-code rate; 0 skips it.
-            code_max_new_tokens: longest answer to a coding prompt (default: max_new_tokens).
-            self_review: score every answer with the reference's conscience.
-            batch_size: answers generated per batch.
-            seed: sampling seed (the same at every evaluation).
+            settings: the evaluation settings, as ``cli.py eval`` takes them (default ``IN_FIT``; a config's
+                ``settings:`` keys replace its values one by one, as ``dataclasses.replace(IN_FIT, ...)`` does in
+                Python). The default judge is LocalJudge on the policy's frozen reference, and the same seed
+                serves every evaluation.
             history_file: JSONL under the run directory with one row of metrics per evaluation.
             samples_file: JSONL under the run directory with every judged answer and its step; null disables.
         """
         if every_n_steps < 1:
             raise ValueError(f"AlignmentEvalCallback.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
-        self.questions = list(questions) if questions is not None else None
-        self.samples = samples
-        self.limit = limit
-        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
-                                           batch_size=batch_size)
-        self.code_settings = dataclasses.replace(self.settings, max_new_tokens=code_max_new_tokens or max_new_tokens)
-        self.judge = judge
-        self.judge_min_mass = judge_min_mass
-        self.code_prompts = code_prompts
-        self.self_review = self_review
-        self.seed = seed
+        self.settings = settings
+        self.generation, self.code_generation = settings.generation(), settings.generation(code=True)
         self.history_file = history_file
         self.samples_file = samples_file
         self.conscience = Conscience()
@@ -107,19 +81,11 @@ class AlignmentEvalCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Load and check the questions before training starts: a typo should not wait N steps.
-        from emalign.data.embedded import heldout_code_prompts
-
-        if self.judge is not None and isinstance(getattr(trainer, "strategy", None), FSDP2):
+        s = self.settings
+        if s.judge is not None and isinstance(getattr(trainer, "strategy", None), FSDP2):
             raise UnsupportedUnderFSDP(EVAL_JUDGE_REASON)
-
-        questions = self.questions
-        if questions is None:
-            if not Path(DEFAULT_QUESTIONS).is_file():
-                raise EvalError(f"AlignmentEvalCallback: {DEFAULT_QUESTIONS} is missing; run `python cli.py "
-                                        "data em` or set the callback's questions")
-            questions = [DEFAULT_QUESTIONS]
-        self.items, self.files = load_items(questions, self.samples, self.limit, self.seed)
-        self.prompts = heldout_code_prompts()[: self.code_prompts]
+        self.items, self.files = load_items(s.questions, s.samples, s.limit, s.seed)
+        self.prompts = s.code_prompt_texts()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_run(trainer, pl_module, force=True)
@@ -159,23 +125,25 @@ class AlignmentEvalCallback(L.Callback):
         """One evaluation of ``pl_module.policy``: (metrics, judged rows)."""
         policy = pl_module.policy
         tokenizer = policy.tokenizer
-        judge = self.judge or FrozenJudge(policy.as_reference, tokenizer, name=f"{policy.source} (reference)",
-                                          min_mass=self.judge_min_mass)
-        stages = dict(generating=policy.generating, reviewing=policy.as_reference if self.self_review else None,
-                      tokenizer=tokenizer, settings=self.settings, seed=self.seed, conscience=self.conscience)
+        s = self.settings
+        judge = s.judge or FrozenJudge(policy.as_reference, tokenizer, name=f"{policy.source} (reference)",
+                                       min_mass=s.judge_min_mass)
+        stages = dict(generating=policy.generating, reviewing=policy.as_reference if s.self_review else None,
+                      tokenizer=tokenizer, settings=self.generation, seed=s.seed, conscience=self.conscience)
         start = time.perf_counter()
+        items = bounded_items(self.items, tokenizer, s.max_prompt_tokens)  # the judge sees what the policy saw
         rows: list[dict] = []
-        size = self.settings.batch_size
-        for s in range(0, len(self.items), size):
-            index = list(range(s, min(s + size, len(self.items))))
-            rows += em_rows([self.items[i] for i in index], index, judge=judge, **stages)
+        size = s.batch_size
+        for first in range(0, len(items), size):
+            index = list(range(first, min(first + size, len(items))))
+            rows += em_rows([items[i] for i in index], index, judge=judge, **stages)
         code = []
-        keys = code_keys(len(self.prompts), 1)
-        for s in range(0, len(keys), size):
-            batch = keys[s : s + size]
+        keys = code_keys(len(self.prompts), s.code_samples)
+        for first in range(0, len(keys), size):
+            batch = keys[first : first + size]
             prompts = [self.prompts[p] for _, p, _ in batch]
             code += code_rows([k for k, _, _ in batch], prompts, [g for *_, g in batch],
-                              **{**stages, "settings": self.code_settings})
+                              **{**stages, "settings": self.code_generation})
         summary = summarize_eval(rows, code)
         kept = (*LOGGED, "misalignment_ci", "code_refusal_share", "insecure_code_ci", "self_review_se", "n", "n_scored")
         metrics = {k: summary.get(k) for k in kept}

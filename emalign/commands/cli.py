@@ -216,6 +216,10 @@ def _lightning(args: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import set_parsing_settings
+
+    # A settings dataclass documents each field in a docstring below it; --help shows that text.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in VERBS:

@@ -10,17 +10,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Optional
 
-from emalign.commands.inference import OptionError, check_sampling_options
 from emalign.errors import friendly_errors
 
-# --judge is typed as the Judge base class so jsonargparse accepts any subclass by class_path;
-# scoring.py is light (no torch), so importing it here keeps `cli.py --help` fast.
-from emalign.evaluation.questions import DEFAULT_QUESTIONS  # noqa: E402
-from emalign.evaluation.scoring import Judge  # noqa: E402
-from emalign.evaluation.preflight import Preflight  # noqa: E402
-from emalign.evaluation.experiment import EvalSettings, Run  # noqa: E402
+# Light modules (no torch), so `cli.py eval --help` stays fast; EvalSettings' judge is typed as the Judge
+# base class, so jsonargparse accepts any subclass by class_path.
+from emalign.evaluation.experiment import Run
+from emalign.evaluation.preflight import Preflight
+from emalign.evaluation.settings import EvalSettings
 
 
 def _print_eval_summary(console, summary: dict, out: Path) -> None:
@@ -62,28 +60,15 @@ def _print_eval_summary(console, summary: dict, out: Path) -> None:
 def eval(
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
-    questions: Union[list[str], str, None] = None,
-    samples: Optional[int] = None,
-    limit: Optional[int] = None,
-    max_new_tokens: int = 600,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    judge: Optional[Judge] = None,
-    judge_min_mass: Optional[float] = None,
     out: Optional[str] = None,
-    code_samples: int = 1,
-    code_max_new_tokens: Optional[int] = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    self_review: bool = True,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    max_prompt_tokens: Optional[int] = 1024,
+    **settings: Any,
 ) -> None:
     """The Emergent-Misalignment evaluation: sampled answers judged for alignment and coherence.
 
     Writes OUT/samples.jsonl (one judged answer per line, appended as each is done, so a rerun with
     the same --out resumes), OUT/code_samples.jsonl (answers to held-out coding prompts scanned with
-    bandit), OUT/summary.json and OUT/report.html.
+    bandit), OUT/summary.json and OUT/report.html. The flags after --out are the evaluation settings
+    (EvalSettings), the same as an experiment's --eval.* and the in-fit callback's settings.
 
         python cli.py eval --adapter runs/demo/adapter --samples 3 --max_new_tokens 96
         python cli.py eval --judge.class_path emalign.evaluation.judges.OpenAIJudge \\
@@ -92,55 +77,25 @@ def eval(
     Args:
         model: base model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
         adapter: a PEFT adapter directory (e.g. runs/demo/adapter) evaluated on top of the model.
-        questions: an EM question YAML file, or several as [A,B] or repeated --questions+ FILE
-            (default: data/em/evaluation/first_plot_questions.yaml, from `python cli.py data em`).
-        samples: answers per question, each to a paraphrase drawn with replacement (seeded), as upstream's
-            n_per_question (default: each question's samples_per_paraphrase, 100 in upstream's files).
-        limit: only the first N questions of each file, and the first N coding prompts.
-        max_new_tokens: longest answer in tokens.
-        temperature: sampling temperature (upstream: 1).
-        top_p: nucleus sampling mass.
-        judge: the judge, by class_path (default: LocalJudge on the evaluated base model, adapter disabled).
-        judge_min_mass: for the default judge: least probability on numbers for a score (upstream: 0.25;
-            a 135M judge puts less there, so it mostly says refusal_or_code). Rerunning on the same --out
-            with another value rescores the saved judgements; the judge is not called again.
         out: output directory (default: runs/eval/<adapter or model name>).
-        code_samples: answers per held-out coding prompt (19 embedded prompts, or --limit N of them) for the
-            insecure-code rate; 0 skips it.
-        code_max_new_tokens: longest answer to a coding prompt (default: --max_new_tokens).
-        seed: sampling seed; the same seed and settings give the same answers.
-        batch_size: answers generated per batch (also the resume granularity).
-        self_review: also score every answer with the base model's conscience (log P(yes) - log P(no)).
-        dtype: weights dtype of the evaluated model (bfloat16 for large models on a GPU).
-        max_prompt_tokens: longest prompt in tokens; a longer question has its longest message cut (said once),
-            and the judge sees the cut question.
     """
     from rich.console import Console
 
     from emalign.evaluation.runner import check_judged, run_eval
 
     with friendly_errors():
-        check_sampling_options(1 if samples is None else samples, max_new_tokens, temperature, top_p)
-        if questions is None:
-            if not Path(DEFAULT_QUESTIONS).is_file():
-                raise OptionError(f"no --questions given and {DEFAULT_QUESTIONS} is missing: "
-                                  "run `python cli.py data em` or pass --questions FILE [FILE ...]")
-            questions = [DEFAULT_QUESTIONS]
-        elif isinstance(questions, str):
-            questions = [questions]
+        # jsonargparse reads EvalSettings' fields from this call and offers each as a flag of eval.
+        evaluation = EvalSettings(**settings)
         if out is None:
             out = str(Path("runs/eval") / (Path(adapter).name if adapter else Path(model).name))
-        summary = run_eval(model, adapter, questions, samples=samples, limit=limit, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, judge=judge, out=Path(out), code_samples=code_samples,
-                           seed=seed, batch_size=batch_size, self_review=self_review, judge_min_mass=judge_min_mass,
-                           dtype=dtype, code_max_new_tokens=code_max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        summary = run_eval(model, adapter, evaluation, Path(out))
         _print_eval_summary(Console(), summary, Path(out))
         check_judged(summary)  # after the table: the user sees what failed, the exit code says it
 
 
 def experiment(
     runs: Optional[list[Run]] = None,
-    eval: Optional[EvalSettings] = None,
+    eval: EvalSettings = EvalSettings(),
     model: str = "smollm2-135m-instruct",
     out: Optional[str] = None,
     skip_fit: bool = False,
@@ -159,8 +114,7 @@ def experiment(
     Args:
         runs: the runs: name, fit (cli.py fit --config files), overrides (extra fit arguments),
             model, adapter; see configs/experiments/cpu_smollm2.yaml.
-        eval: evaluation settings shared by every run (questions, samples, limit, max_new_tokens,
-            judge, code_prompts, ...; as in `cli.py eval`).
+        eval: the evaluation settings shared by every run (EvalSettings: the flags of `cli.py eval`).
         model: base model of runs without a fit config (and of the default judge for them).
         out: output directory (default: runs/experiments/experiment).
         skip_fit: run no fits; evaluate the runs whose adapter already exists (and those without a fit).
@@ -170,6 +124,6 @@ def experiment(
     from emalign.evaluation.experiment import Experiment, run_experiment
 
     with friendly_errors():
-        experiment = Experiment(runs=runs or [], eval=eval or EvalSettings(), model=model, out=out,
+        experiment = Experiment(runs=runs or [], eval=eval, model=model, out=out,
                                 preflight=preflight or Preflight())
         run_experiment(experiment, skip_fit=skip_fit)

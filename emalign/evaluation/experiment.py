@@ -9,7 +9,7 @@ command line, and ``--print_config`` shows the whole thing)::
 
     out: runs/experiments/cpu_smollm2      # output directory
     model: smollm2-135m-instruct           # base model of runs without a fit config
-    eval:                                  # EvalSettings: run_eval settings shared by every run
+    eval:                                  # EvalSettings (emalign.evaluation.settings), shared by every run
       questions: [data/em/evaluation/first_plot_questions.yaml]
       samples: 2
       max_new_tokens: 96
@@ -48,15 +48,14 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
 import emalign
 from emalign.errors import UserError
 from emalign.evaluation.preflight import Preflight
-from emalign.evaluation.questions import DEFAULT_QUESTIONS
-from emalign.evaluation.scoring import Judge
+from emalign.evaluation.settings import EvalSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -80,31 +79,6 @@ class Run:
     """Base model to evaluate (default: the fit config's, else the experiment's ``model``)."""
     adapter: Optional[str] = None
     """An existing adapter directory to evaluate instead of fitting."""
-
-
-@dataclass
-class EvalSettings:
-    """Evaluation settings shared by every run (see ``python cli.py eval --help``)."""
-
-    questions: list[str] = field(default_factory=lambda: [DEFAULT_QUESTIONS])
-    samples: Optional[int] = None
-    limit: Optional[int] = None
-    max_new_tokens: int = 600
-    temperature: float = 1.0
-    top_p: float = 1.0
-    judge: Optional[Judge] = None
-    """One judge instance for every run; None: LocalJudge on each run's base model."""
-    judge_min_mass: Optional[float] = None
-    code_prompts: Optional[int] = None
-    """The first N embedded held-out coding prompts (None: all)."""
-    code_samples: int = 1
-    code_max_new_tokens: Optional[int] = None
-    """Longest answer to a coding prompt (None: max_new_tokens); code needs more than a chat answer."""
-    seed: int = 0
-    batch_size: int = 8
-    self_review: bool = True
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_prompt_tokens: Optional[int] = 1024
 
 
 @dataclass
@@ -249,7 +223,6 @@ def run_experiment(
     from rich.console import Console
     from rich.rule import Rule
 
-    from emalign.data.embedded import heldout_code_prompts
     from emalign.evaluation.comparison import write_comparison
     from emalign.evaluation.preflight import run_preflight
     from emalign.evaluation.runner import load_items, run_eval
@@ -263,9 +236,7 @@ def run_experiment(
     except ExperimentError as err:
         raise ExperimentError(f"{err}; get the EM questions with `python cli.py data em --out data/em`") from err
     items, _ = load_items(questions, ev.samples, ev.limit)  # fail on a bad file before any fit
-    own = ("questions", "code_prompts")
-    eval_kwargs = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in own}
-    eval_kwargs["code_prompts"] = heldout_code_prompts()[: ev.code_prompts] if ev.code_prompts is not None else None
+    settings = dataclasses.replace(ev, questions=questions)  # as found from here, whatever the working directory
     console = Console()
     configs = [fit_config(run, out_dir / "runs" / run.name) if run.fit else {} for run in experiment.runs]
     resolved = [_model_and_adapter(run, experiment, config, out_dir / "runs" / run.name)
@@ -301,18 +272,17 @@ def run_experiment(
         history = read_rows_any(history_path) if history_path.is_file() else None
         console.print(f"evaluating {run.name}: {model}" + (f" + {adapter}" if adapter else ""))
         # The same judge instance for every run (ev.judge); None: each run's base model judges.
-        summary = run_eval(model, adapter, questions, out=out_dir / "eval" / run.name, name=run.name,
-                           history=history, **eval_kwargs)
+        summary = run_eval(model, adapter, settings, out_dir / "eval" / run.name, name=run.name, history=history)
         keys = {it.key for it in items}
         rows = [r for k, r in read_rows(out_dir / "eval" / run.name / "samples.jsonl").items() if k in keys]
         results.append({"name": run.name, "fit": fit_state, "fit_seconds": fit_seconds, "fit_configs": run.fit,
                         "overrides": run.overrides, "model": model, "adapter": adapter,
                         "eval_dir": str(out_dir / "eval" / run.name), "summary": summary, "rows": rows,
                         "history": history, "preflight": preflight.get(base)})
-    settings = _settings(experiment)
+    described = _settings(experiment)
     comparison = write_comparison(out_dir, results, {
-        "settings": settings,
-        "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "settings": described,
+        "settings_sha256": hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest(),
         "questions": questions,
     })
     console.print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'comparison.json'}, {out_dir / 'report.html'}")

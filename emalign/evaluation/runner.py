@@ -1,11 +1,12 @@
 """The EM evaluation run: sample answers, judge them, scan code answers, summarise, report.
 
     from emalign.evaluation.runner import run_eval
+    from emalign.evaluation.settings import EvalSettings
     summary = run_eval("smollm2-135m-instruct", adapter="runs/demo/adapter",
-                       questions=["data/em/evaluation/first_plot_questions.yaml"],
-                       samples=3, max_new_tokens=96, out=Path("runs/eval-demo"))
+                       settings=EvalSettings(samples=3, max_new_tokens=96), out=Path("runs/eval-demo"))
 
-or ``python cli.py eval --help``. Outputs under ``out``:
+or ``python cli.py eval --help`` (the settings: :class:`~emalign.evaluation.settings.EvalSettings`).
+Outputs under ``out``:
 
 - ``samples.jsonl``: one judged answer per line (row format: :mod:`emalign.evaluation.metrics`,
   plus ``scores``, ``self_review``, ``finished``, ``tokens``); ``code_samples.jsonl``: one scanned
@@ -38,14 +39,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
 from emalign.files import writable_dir
-from emalign.errors import UserError, check_range
+from emalign.errors import UserError
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
-from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, rescore
+from emalign.evaluation.scoring import Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
+from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
 from emalign.files import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
-from emalign.models.sampling import GenerationSettings, cut_messages
+from emalign.models.sampling import cut_messages
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: O
     loaded, files = [], []
     for path in map(Path, questions):
         if not path.is_file():
-            raise EvalError(f"{path}: no such question file")
+            hint = " (the default: get it with `python cli.py data em`)" if path == Path(DEFAULT_QUESTIONS) else ""
+            raise EvalError(f"{path}: no such question file{hint}")
         try:
             qs = load_questions(path)
         except QuestionFileError as err:
@@ -178,87 +181,59 @@ def _drain(pending: list, batch_size: int, make_rows: Callable[[list], list[dict
 def run_eval(
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
-    questions: Sequence[str | Path] = (DEFAULT_QUESTIONS,),
-    samples: Optional[int] = None,
-    limit: Optional[int] = None,
-    max_new_tokens: int = 600,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    judge: Optional[Judge] = None,
+    settings: Optional[EvalSettings] = None,
     out: Path = Path("runs/eval"),
-    code_prompts: Optional[Sequence[str]] = None,
-    code_samples: int = 1,
-    seed: int = 0,
-    batch_size: int = 8,
-    self_review: bool = True,
-    judge_min_mass: Optional[float] = None,
-    code_max_new_tokens: Optional[int] = None,
-    dtype: str = "float32",
+    *,
     conscience: Optional[Conscience] = None,
     name: Optional[str] = None,
     history: Optional[Sequence[dict]] = None,
     progress: bool = True,
-    max_prompt_tokens: Optional[int] = 1024,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (+ ``adapter``) on EM questions and coding prompts; returns the summary.
+    """Evaluate ``model`` (+ ``adapter``) on EM questions and coding prompts as ``settings`` say (default:
+    :class:`EvalSettings`'s defaults); returns the summary.
 
-    ``judge`` None: :class:`LocalJudge` on the evaluated base model (adapter disabled), with
-    ``judge_min_mass`` (default upstream's 0.25). ``code_prompts`` None: the embedded held-out
-    coding tasks; ``code_samples`` 0 skips the code scan; ``code_max_new_tokens`` (default
-    ``max_new_tokens``) bounds their answers, since code needs more tokens than a chat answer.
-    ``name`` labels the report (default: the adapter directory or the model); ``dtype``: weights
-    dtype (``bfloat16`` for a 7B model on a GPU); ``history`` rows (``eval_history.jsonl``) add the
-    over-training plot. ``max_prompt_tokens`` bounds every prompt: a longer question has its longest
-    message cut (said once), and the judge is shown the cut question, as the model was.
+    ``name`` labels the report (default: the adapter directory or the model); ``history`` rows
+    (``eval_history.jsonl``) add the over-training plot; ``conscience`` asks the self-review question
+    (default: :class:`Conscience`'s); ``progress`` shows progress bars.
     """
     import torch
 
-    from emalign.data.embedded import heldout_code_prompts
     from emalign.evaluation.report import write_report
     from emalign.models.policy import load_for_inference
 
+    s = settings or EvalSettings()
     started = time.perf_counter()
-    items, files = load_items(questions, samples, limit, seed)  # before the model: fail fast on a bad file
-    prompts = list(heldout_code_prompts() if code_prompts is None else code_prompts) if code_samples > 0 else []
-    prompts = prompts[:limit] if limit is not None else prompts  # --limit bounds every part of an eval
-    check_range("--code_samples", code_samples, 0)
-    check_range("--batch_size", batch_size, 1)
-    check_range("--judge_min_mass", judge_min_mass, 0, 1, none_ok=True)
+    items, files = load_items(s.questions, s.samples, s.limit, s.seed)  # before the model: fail fast on a bad file
+    prompts = s.code_prompt_texts()
     out = writable_dir(out)
-    min_mass = judge_min_mass if judge_min_mass is not None else MIN_NUMBER_MASS
-    check_range("--code_max_new_tokens", code_max_new_tokens, 1, none_ok=True)
-    check_range("--max_prompt_tokens", max_prompt_tokens, 16, none_ok=True)
-    if code_max_new_tokens is None:
-        code_max_new_tokens = max_new_tokens
+    generation, code_generation = s.generation(), s.generation(code=True)
     conscience = conscience if conscience is not None else Conscience()
     # Checked before the (possibly large) model loads; the default judge's identity is known already.
     _check_config(out, {
-        "model": model, "adapter": adapter, "judge": judge.identity if judge else f"local:{model}",
-        "judge_min_mass": getattr(judge, "min_mass", None) if judge else min_mass,
-        "max_new_tokens": max_new_tokens, "code_max_new_tokens": code_max_new_tokens,
-        "temperature": temperature, "top_p": top_p, "seed": seed,
+        "model": model, "adapter": adapter, "judge": s.judge.identity if s.judge else f"local:{model}",
+        "judge_min_mass": getattr(s.judge, "min_mass", None) if s.judge else s.judge_min_mass,
+        "max_new_tokens": s.max_new_tokens, "code_max_new_tokens": code_generation.max_new_tokens,
+        "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
         "question_sha256": [f["sha256"] for f in files],
         "code_prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-        "self_review_question": conscience.question if self_review else None,
+        "self_review_question": conscience.question if s.self_review else None,
     })
-    if judge is not None:
-        judge.check()  # one cheap request: a wrong URL or a rejected key fails here, before any sampling
-    lm, tokenizer = load_for_inference(model, adapter, dtype)  # type: ignore[arg-type]
+    if s.judge is not None:
+        s.judge.check()  # one cheap request: a wrong URL or a rejected key fails here, before any sampling
+    lm, tokenizer = load_for_inference(model, adapter, s.dtype)  # type: ignore[arg-type]
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     base: Models = lambda: without_adapter(lm)  # noqa: E731
-    judge = judge or FrozenJudge(base, tokenizer, name=model, min_mass=min_mass)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
-    items = bounded_items(items, tokenizer, max_prompt_tokens)
-    stages = dict(generating=lambda: nullcontext(lm), reviewing=base if self_review else None, tokenizer=tokenizer,
-                  settings=settings, seed=seed, conscience=conscience)
-    code_stages = {**stages, "settings": dataclasses.replace(settings, max_new_tokens=code_max_new_tokens)}
+    judge = s.judge or FrozenJudge(base, tokenizer, name=model, min_mass=s.judge_min_mass)
+    items = bounded_items(items, tokenizer, s.max_prompt_tokens)
+    stages = dict(generating=lambda: nullcontext(lm), reviewing=base if s.self_review else None, tokenizer=tokenizer,
+                  settings=generation, seed=s.seed, conscience=conscience)
+    code_stages = {**stages, "settings": code_generation}
 
     done, code_done = read_rows(out / SAMPLES_FILE), read_rows(out / CODE_FILE)
     rejudged = rejudge_failed(out / SAMPLES_FILE, done, items, judge)
     pending = [(i, it) for i, it in enumerate(items) if it.key not in done]
-    code_all = code_keys(len(prompts), code_samples)
+    code_all = code_keys(len(prompts), s.code_samples)
     code_pending = [c for c in code_all if c[0] not in code_done]
     resumed = len(items) - len(pending), len(code_all) - len(code_pending)
     writer, code_writer = RowWriter(out / SAMPLES_FILE), RowWriter(out / CODE_FILE)
@@ -279,8 +254,8 @@ def run_eval(
             code_task = None
             if bars and code_all:
                 code_task = bars.add_task("code answers", total=len(code_all), completed=resumed[1])
-            _drain(pending, batch_size, em_batch, writer, done, bars, em_task)
-            _drain(code_pending, batch_size,
+            _drain(pending, s.batch_size, em_batch, writer, done, bars, em_task)
+            _drain(code_pending, s.batch_size,
                    lambda b: code_rows([k for k, _, _ in b], [prompts[p] for _, p, _ in b], [g for _, _, g in b],
                                        **code_stages),
                    code_writer, code_done, bars, code_task)
@@ -297,9 +272,9 @@ def run_eval(
         judge={"identity": judge.identity, "min_mass": getattr(judge, "min_mass", None),
                "stats_this_run": dict(getattr(judge, "stats", {}))},
         questions=files,
-        sampling={"samples": samples, "limit": limit, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                  "top_p": top_p, "seed": seed, "batch_size": batch_size, "code_samples": code_samples,
-                  "code_max_new_tokens": code_max_new_tokens},
+        sampling={"samples": s.samples, "limit": s.limit, "max_new_tokens": s.max_new_tokens,
+                  "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "batch_size": s.batch_size,
+                  "code_samples": s.code_samples, "code_max_new_tokens": code_generation.max_new_tokens},
         counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "rejudged": rejudged,
                 "code_items": len(code_all),
                 "code_resumed": resumed[1], "code_answered_now": len(code_pending), "code_prompts": len(prompts)},

@@ -137,7 +137,7 @@ def check_config(strategy: Any, quantization: Any, callbacks: Optional[list] = N
         raise UnsupportedUnderFSDP(QLORA_REASON)
     for callback in callbacks or []:
         path, init = _class_and_args(callback)
-        if path.endswith("AlignmentEvalCallback") and init.get("judge"):
+        if path.endswith("AlignmentEvalCallback") and (init.get("settings") or {}).get("judge"):
             raise UnsupportedUnderFSDP(EVAL_JUDGE_REASON)
         if path.endswith("ConscienceCallback") and init.get("conscience"):
             if _class_and_args(init["conscience"])[1].get("include_reasoning") is False:
