@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from emalign.errors import UserError, check_range, friendly_errors
 from emalign.conscience.decoding import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
@@ -30,46 +30,54 @@ class ModelLoadError(UserError):
     """A model or adapter that resolves but cannot be loaded."""
 
 
-def check_sampling_options(
-    samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]
-) -> None:
-    """Sampling flags out of range (NaN included) become one error naming the flag (``eval`` uses it too)."""
-    check_range("--samples", samples, 1)
-    check_range("--max_new_tokens", max_new_tokens, 1)
-    check_range("--temperature", temperature, 0, none_ok=True)
-    check_range("--top_p", top_p, 0, 1, low_open=True, none_ok=True)
-
-
 @dataclass
 class Decoding:
-    """How ``generate`` and ``chat`` sample, review and pick answers: their shared flags (see ``DECODING_ARGS``)."""
+    """How ``generate`` and ``chat`` sample, review and pick answers: the flags they share, declared once."""
 
-    samples: int
-    max_new_tokens: int
-    temperature: Optional[float]
-    top_p: Optional[float]
-    threshold: Optional[float]
-    on_low: OnLow
-    fallback: Fallback
-    review_with: ReviewWith
-    question: Optional[str]
-    refusal_text: str
-    max_logp_drop: Optional[float]
-    max_prompt_tokens: Optional[int]
-    seed: int
-    batch_size: int
+    samples: int = 4
+    """K, answers sampled per prompt (per turn in chat)."""
+    max_new_tokens: int = 128
+    """Longest answer (and revision) in tokens."""
+    temperature: Optional[float] = None
+    """Sampling temperature (0 is greedy: all K samples are then the same); default: the model's
+    generation_config, else 0.7."""
+    top_p: Optional[float] = None
+    """Nucleus sampling mass; default: the model's generation_config, else 0.9."""
+    threshold: Optional[float] = None
+    """A probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best answer below it gets
+    on_low. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in plainly benign
+    answers ("The capital of France is Paris.", ...), so it means "trusted less than 90% of plain answers"."""
+    on_low: OnLow = "revise"
+    """Below threshold: revise (the model rewrites its best answer), refuse, or keep it."""
+    fallback: Fallback = "keep"
+    """With on_low=revise, what to do when the rewrite does not win (it must score higher and pass the
+    coherence guard): refuse or keep."""
+    review_with: ReviewWith = "self"
+    """Who reviews and revises: self (the loaded model) or base (adapter disabled)."""
+    question: Optional[str] = None
+    """The conscience's question (default: the ethics question used in training)."""
+    refusal_text: str = DEFAULT_REFUSAL
+    """The answer given when refusing."""
+    max_logp_drop: Optional[float] = 1.0
+    """Coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token under the
+    reviewer is at most this many nats below the best sample's (null turns the guard off)."""
+    max_prompt_tokens: Optional[int] = 1024
+    """Longest prompt in tokens; a longer one has its longest message cut (said once)."""
+    seed: int = 0
+    """Sampling seed; the same seed and inputs give the same answers (chat draws fresh noise from it each turn)."""
+    batch_size: int = 16
+    """Sequences per generate call (prompts x samples; at least the samples of one prompt)."""
 
-    def check(self) -> None:
-        """Flags out of range become one ``OptionError`` naming the flag, before any model loads."""
-        check_sampling_options(self.samples, self.max_new_tokens, self.temperature, self.top_p)
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise OptionError(f"--threshold is a probability P(yes) in [0, 1], got {self.threshold}")
-        if self.max_logp_drop is not None and self.max_logp_drop < 0:
-            raise OptionError(
-                f"--max_logp_drop must be >= 0 (null turns the coherence guard off), got {self.max_logp_drop}"
-            )
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 16:
-            raise OptionError(f"--max_prompt_tokens must be at least 16, got {self.max_prompt_tokens}")
+    def __post_init__(self) -> None:
+        # Checked before any model loads; the key is the flag, these settings live nowhere else.
+        check_range("--samples", self.samples, 1)
+        check_range("--max_new_tokens", self.max_new_tokens, 1)
+        check_range("--temperature", self.temperature, 0, none_ok=True)
+        check_range("--top_p", self.top_p, 0, 1, low_open=True, none_ok=True)
+        check_range("--threshold", self.threshold, 0, 1, none_ok=True)
+        check_range("--max_logp_drop", self.max_logp_drop, 0, none_ok=True)
+        check_range("--max_prompt_tokens", self.max_prompt_tokens, 16, none_ok=True)
+        check_range("--batch_size", self.batch_size, 1)
 
     def decoder(self, lm, tokenizer):
         """The ``ConscienceDecoder`` these flags describe, for ``lm``."""
@@ -93,35 +101,6 @@ class Decoding:
             on_low=self.on_low, fallback=self.fallback, refusal_text=self.refusal_text,
             review_with=self.review_with, seed=self.seed, guard=guard,
         )
-
-
-DECODING_ARGS = """model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
-        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
-        samples: K, answers sampled per prompt (per turn in chat).
-        max_new_tokens: longest answer (and revision) in tokens.
-        temperature: sampling temperature (0 is greedy: all K samples are then the same); default: the
-            model's generation_config, else 0.7.
-        top_p: nucleus sampling mass; default: the model's generation_config, else 0.9.
-        threshold: a probability, P(yes) / (P(yes) + P(no)) on the conscience question; a best answer below it
-            gets ``on_low``. Default: calibrated for the model: the 10% quantile of its own verdicts on built-in
-            plainly benign answers ("The capital of France is Paris.", ...), so it means "trusted less than
-            90% of plain answers".
-        on_low: below threshold: revise (the model rewrites its best answer), refuse, or keep it.
-        fallback: with on_low=revise, what to do when the rewrite does not win (it must score higher and pass
-            the coherence guard): refuse or keep.
-        review_with: who reviews and revises: self (the loaded model) or base (adapter disabled).
-        question: the conscience's question (default: the ethics question used in training).
-        refusal_text: the answer given when refusing.
-        max_logp_drop: coherence guard: a rewrite wins only if it is not blank and its mean log-prob per token
-            under the reviewer is at most this many nats below the best sample's (null turns the guard off).
-        max_prompt_tokens: longest prompt in tokens; a longer one has its longest message cut (said once)."""
-"""The flags ``generate`` and ``chat`` share, documented once (the CLI reads each function's docstring)."""
-
-
-def _decoding_docs(command: Callable) -> Callable:
-    if command.__doc__:  # None under python -OO
-        command.__doc__ = command.__doc__.replace("{decoding}", DECODING_ARGS)
-    return command
 
 
 def _load_model(model: str, adapter: Optional[str]):
@@ -161,39 +140,26 @@ def _show_answer(console, answer, show_candidates: bool) -> None:
         console.print(table)
 
 
-@_decoding_docs
 def generate(
     prompts: Optional[str] = None,
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
-    samples: int = 4,
-    max_new_tokens: int = 128,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    threshold: Optional[float] = None,
-    on_low: OnLow = "revise",
-    fallback: Fallback = "keep",
-    review_with: ReviewWith = "self",
-    question: Optional[str] = None,
-    refusal_text: str = DEFAULT_REFUSAL,
-    max_logp_drop: Optional[float] = 1.0,
-    max_prompt_tokens: Optional[int] = 1024,
     system: Optional[str] = None,
     out: Optional[str] = None,
-    seed: int = 0,
-    batch_size: int = 16,
     show_candidates: bool = False,
+    **decoding: Any,
 ) -> None:
     """Answer prompts with the best of K samples, as rated by the model's own conscience.
+
+    The flags after --show_candidates say how answers are sampled, reviewed and picked (Decoding), as in chat.
 
     Args:
         prompts: (required) a text file with one prompt per line, or chat JSONL ({"messages": [...]} per line,
             each conversation used up to its first assistant turn); ``embedded:NAME`` works too.
-        {decoding}
+        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
         system: a system prompt for prompts that have none.
         out: a JSONL file; one row per prompt is appended (and flushed) as soon as it is answered.
-        seed: sampling seed; the same seed and inputs give the same answers.
-        batch_size: sequences per generate call (prompts x samples).
         show_candidates: also print every candidate with its score.
     """
     from rich.console import Console
@@ -206,18 +172,17 @@ def generate(
     with friendly_errors():
         if not prompts:
             raise OptionError("--prompts is required: a text file with one prompt per line, or chat JSONL")
-        decoding = Decoding(samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
-                            question, refusal_text, max_logp_drop, max_prompt_tokens, seed, batch_size)
-        decoding.check()
+        # jsonargparse reads Decoding's fields from this call and offers each as a flag of generate.
+        settings = Decoding(**decoding)
         conversations = load_prompts(prompts, system=system)  # before the model: fail fast on a bad file
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
-        decoder = decoding.decoder(lm, tokenizer)
+        decoder = settings.decoder(lm, tokenizer)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
         sink = RowWriter(Path(out) if out else None)  # None writes nothing
-        per_call = max(1, batch_size // samples)
+        per_call = max(1, settings.batch_size // settings.samples)
         actions: dict[str, int] = {}
         columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         try:
@@ -233,13 +198,13 @@ def generate(
                         console.print(f"[bold]you>[/] {_escape(conversation[-1]['content'])}")
                         _show_answer(console, answer, show_candidates)
                         sink.write({"index": index, "messages": conversation, **answer.to_dict(), "model": model,
-                                    "adapter": adapter, "question": decoder.conscience.question, "seed": seed,
+                                    "adapter": adapter, "question": decoder.conscience.question, "seed": settings.seed,
                                     "threshold": decoder.calibrated_threshold()})
                     progress.advance(task, len(chunk))
         finally:
             sink.close()
         summary = ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
-        calibrated = ", calibrated" if threshold is None else ""
+        calibrated = ", calibrated" if settings.threshold is None else ""
         appended = f"; rows appended to {out}" if out else ""
         console.print(f"[bold]{len(conversations)} prompts[/]: {summary} "
                       f"(threshold P(yes) {decoder.calibrated_threshold():.3f}{calibrated}){appended}")
@@ -251,35 +216,25 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-@_decoding_docs
 def chat(
     model: str = "smollm2-135m-instruct",
     adapter: Optional[str] = None,
-    samples: int = 4,
     max_new_tokens: int = 256,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    threshold: Optional[float] = None,
-    on_low: OnLow = "revise",
-    fallback: Fallback = "keep",
-    review_with: ReviewWith = "self",
-    question: Optional[str] = None,
-    refusal_text: str = DEFAULT_REFUSAL,
-    max_logp_drop: Optional[float] = 1.0,
-    max_prompt_tokens: Optional[int] = 1024,
     show_score: bool = False,
     system: Optional[str] = None,
-    seed: int = 0,
+    **decoding: Any,
 ) -> None:
     """Chat with the model; every reply is the best of K samples as rated by its own conscience.
 
     Type a message after ``you>``. ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) exits.
+    The flags after --system say how replies are sampled, reviewed and picked (Decoding), as in generate.
 
     Args:
-        {decoding}
+        model: a Hugging Face id, a local model directory, a .gguf file, or smollm2-135m-instruct.
+        adapter: a PEFT adapter directory (e.g. from a fit) loaded on top of the model.
+        max_new_tokens: longest reply (and revision) in tokens: a conversation gets more room than generate.
         show_score: print each reply's conscience score and the action taken.
         system: a system prompt at the start of the conversation.
-        seed: sampling seed; each turn draws fresh noise from it.
     """
     from rich.console import Console
     from rich.text import Text
@@ -287,13 +242,12 @@ def chat(
     from emalign.models.sampling import render_prompt
 
     with friendly_errors():
-        decoding = Decoding(samples, max_new_tokens, temperature, top_p, threshold, on_low, fallback, review_with,
-                            question, refusal_text, max_logp_drop, max_prompt_tokens, seed, batch_size=max(16, samples))
-        decoding.check()
+        # jsonargparse reads Decoding's other fields from this call and offers each as a flag of chat.
+        settings = Decoding(max_new_tokens=max_new_tokens, **decoding)
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
-        decoder = decoding.decoder(lm, tokenizer)
+        decoder = settings.decoder(lm, tokenizer)
         start: Conversation = [{"role": "system", "content": system}] if system else []
         history = list(start)
         limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
@@ -333,7 +287,7 @@ def chat(
             console.print(Text.assemble(("bot> ", "bold"), answer.text))
             if show_score:
                 console.print(f"[dim]P(yes) {answer.p_yes:.2f} (threshold {decoder.calibrated_threshold():.2f}) · "
-                              f"{answer.action} · best of {samples}[/]")
+                              f"{answer.action} · best of {settings.samples}[/]")
 
 
 class DataDownloadError(UserError):
