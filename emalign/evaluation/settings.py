@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from emalign.errors import check_range
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 class EvalSettings:
     """What an EM evaluation asks, and how it samples and judges the answers."""
 
-    questions: Union[list[str], str] = field(default_factory=lambda: [DEFAULT_QUESTIONS])
-    """EM question YAML files: one, or several as [A,B] or space-separated (the default file comes from
-    `python cli.py data em`)."""
+    questions: Union[list[str], str, None] = None
+    """EM question YAML files: one, or several as [A,B], space-separated or by repeated --questions+ (null:
+    data/em/evaluation/first_plot_questions.yaml, from `python cli.py data em`)."""
     samples: Optional[int] = None
     """Answers per question, each to a paraphrase drawn with replacement (seeded), as upstream's
     n_per_question (null: each question's samples_per_paraphrase, 100 in upstream's files)."""
@@ -68,7 +68,9 @@ class EvalSettings:
 
     def __post_init__(self):
         # The key is the setting's name: the same in eval's flags, an experiment's eval: and the callback's settings:.
-        if isinstance(self.questions, str):
+        if self.questions is None:
+            self.questions = [DEFAULT_QUESTIONS]
+        elif isinstance(self.questions, str):
             self.questions = [self.questions]
         check_range("samples", self.samples, 1, none_ok=True)
         check_range("limit", self.limit, 0, none_ok=True)
