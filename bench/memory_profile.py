@@ -7,7 +7,7 @@
 
 Each variant is ``python cli.py fit --config configs/demo.yaml --config VARIANT.yaml`` in its own process,
 one after the other. The variant keeps the demo as it is (validation, checkpoints, CSV logger) and only
-puts ``PhaseMemory`` first in the callback list (without the ConscienceCallback for ``none``), writes
+puts ``PhaseMemory`` first in the callback list (and ``--conscience null`` for ``none``), writes
 under the work dir and, with ``--steps``, shortens the fit. The overall peak is the child's peak RSS
 (``os.wait4``). ``PhaseMemory`` labels what the process is doing (generation, review, preference
 forward, SFT forward, backward, optimizer step, validation) by wrapping those functions in the child,
@@ -173,14 +173,12 @@ class PhaseMemory(L.Callback):
         Path(self.out).write_text(json.dumps(data))
 
 
-def demo_callbacks(configs: tuple[Path, ...], conscience: bool, without: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """The last config's callback list, minus the ConscienceCallback when ``conscience`` is False and minus
-    the classes named in ``without``."""
+def demo_callbacks(configs: tuple[Path, ...], without: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The last config's callback list, minus the classes named in ``without``."""
     found: list[dict[str, Any]] = []
     for path in configs:
         found = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or found
-    dropped = set(without) | (set() if conscience else {"ConscienceCallback"})
-    return [c for c in found if c["class_path"].rsplit(".", 1)[-1] not in dropped]
+    return [c for c in found if c["class_path"].rsplit(".", 1)[-1] not in without]
 
 
 def run_variant(
@@ -194,7 +192,7 @@ def run_variant(
         "default_root_dir": str(run_dir),
         "enable_progress_bar": False,
         "callbacks": [{"class_path": "bench.memory_profile.PhaseMemory", "init_args": {"out": str(out)}}]
-        + [c for c in demo_callbacks(configs, conscience, tuple(args.without))
+        + [c for c in demo_callbacks(configs, tuple(args.without))
            if not c["class_path"].endswith("ProgressBar")],
     }
     if args.steps:
@@ -202,7 +200,7 @@ def run_variant(
     trainer["logger"] = {
         "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}
     }
-    variant = {"trainer": trainer}
+    variant = {"trainer": trainer, **({} if conscience else {"conscience": None})}
     if args.tiny:
         variant["model"] = {"policy": {"init_args": {"model": args.tiny_model}}}
     config = run_dir / "variant.yaml"

@@ -34,17 +34,14 @@ from bench._common import (
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def config_conscience(configs: tuple[Path, ...] = (DEMO,), with_class_path: bool = False) -> Any:
-    """The conscience settings (``ConscienceCallback`` init_args) of the last config that has one
-    (with its class path too when asked: a subclass stays itself)."""
+def config_conscience(configs: tuple[Path, ...] = (DEMO,)) -> dict[str, Any]:
+    """The conscience settings (the ``conscience`` section) of the last config that has one."""
     found = None
     for path in configs:
-        for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
-            if callback["class_path"].endswith("ConscienceCallback"):
-                found = callback["class_path"], callback.get("init_args", {})
+        found = yaml.safe_load(path.read_text()).get("conscience") or found
     if found is None:
-        raise SystemExit(f"none of {[str(p) for p in configs]} has a ConscienceCallback")
-    return found if with_class_path else found[1]
+        raise SystemExit(f"none of {[str(p) for p in configs]} has a conscience section")
+    return found
 
 
 def run_fit(
@@ -64,13 +61,11 @@ def run_fit(
     times = run_dir / "step_times.json"
     times.unlink(missing_ok=True)
     callbacks: list[dict[str, Any]] = [{"class_path": "bench.timing.StepTimer", "init_args": {"out": str(times)}}]
-    if every is not None:
-        class_path, init_args = config_conscience(configs, with_class_path=True)
-        settings = {**init_args, "every_n_steps": every}
-        if generation:
-            settings["generation"] = generation
-        callbacks.append({"class_path": class_path, "init_args": settings})
+    conscience = None if every is None else {"every_n_steps": every}
+    if conscience is not None and generation:
+        conscience["generation"] = generation
     variant = {
+        "conscience": conscience,  # merged onto the configs' conscience; None: none
         "trainer": {
             "accelerator": accelerator,
             "max_steps": steps + 1,

@@ -60,10 +60,9 @@ def fit_config(tiny_model_dir: str, run: Path, processes: int, evaluation: bool 
     for callback in callbacks:
         if callback["class_path"].endswith("RunCheckpoint"):
             callback["init_args"] = {"every_n_train_steps": 2, "save_last": True, "save_top_k": -1}
-        if callback["class_path"].endswith("ConscienceCallback"):
-            generation = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 4}
-            callback["init_args"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2, generation=generation,
-                                         pair_builder={"margin": 0.0}, conscience={"revise_below": 100.0})
+    generation = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 4}
+    config["conscience"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2, generation=generation,
+                                pair_builder={"margin": 0.0}, conscience={"revise_below": 100.0})
     callbacks += [{"class_path": "fit_probes.RecordLosses"}, {"class_path": "fit_probes.RecordRevisions"},
                   {"class_path": "fit_probes.ReferenceProbe", "init_args": {"base_model": tiny_model_dir}}]
     if evaluation:  # at the start and the end of fit only; the reference judges

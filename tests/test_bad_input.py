@@ -228,10 +228,8 @@ def test_a_50000_character_record_keeps_the_fit_bounded(tiny_model_dir, tmp_path
                                      default_root_dir=str(tmp_path / name))
             config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
                                               if "ProgressBar" not in c["class_path"]]
-            for callback in config["trainer"]["callbacks"]:
-                if "ConscienceCallback" in callback["class_path"]:  # every prompt, the long one included
-                    callback["init_args"].update(every_n_steps=1, num_prompts=len(rows),
-                                                 generation={"max_new_tokens": 8, "batch_size": 16})
+            config["conscience"].update(every_n_steps=1, num_prompts=len(rows),  # every prompt, the long one too
+                                        generation={"max_new_tokens": 8, "batch_size": 16})
 
         (tmp_path / name).mkdir()
         peaks[name] = _peak_rss_mb(_demo_with(tmp_path / name, edit))

@@ -21,10 +21,8 @@ def _demo_on_tiny(tiny_model_dir: str, where: Path, max_steps: int = 4) -> Path:
     """The demo config as shipped (its default_root_dir and logger kept), on the tiny model and data."""
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
-    for callback in config["trainer"]["callbacks"]:
-        if "ConscienceCallback" in callback["class_path"]:
-            callback["init_args"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},
-                                         pair_builder={"margin": 0.0})
+    config["conscience"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},
+                                pair_builder={"margin": 0.0})
     config["trainer"].update(max_steps=max_steps, val_check_interval=None, enable_progress_bar=False)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir
     train = where / "train.jsonl"
@@ -83,6 +81,27 @@ def test_an_explicit_logger_save_dir_is_kept(tiny_model_dir, tmp_path, monkeypat
     assert run_cli(args) == 0
     assert (tmp_path / "logs_here" / "logs" / "version_0" / "metrics.csv").is_file()
     assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_the_conscience_is_off_with_one_flag(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The demo with ``--conscience null`` is the same fit without the conscience step: plain SFT."""
+    monkeypatch.chdir(tmp_path)
+    demo = str(ROOT / "configs" / "demo.yaml")
+    shown = {}
+    for name, flags in (("on", []), ("off", ["--conscience", "null"])):
+        assert run_cli(["fit", "--config", demo, *flags, "--print_config"]) == 0
+        shown[name] = yaml.safe_load(capsys.readouterr().out)
+    assert shown["on"].pop("conscience")["init_args"]["every_n_steps"] == 4
+    assert shown["off"].pop("conscience") is None and shown["off"] == shown["on"]
+    config = _demo_on_tiny(tiny_model_dir, tmp_path, max_steps=1)
+    for name, flags in (("on", []), ("off", ["--conscience", "null"])):
+        assert run_cli(["fit", "--config", str(config), "--trainer.default_root_dir", name, *flags]) == 0
+    assert (tmp_path / "on" / "rollouts.jsonl").is_file() and not (tmp_path / "off" / "rollouts.jsonl").exists()
+    assert "No conscience ran in this fit" in (tmp_path / "off" / "adapter" / "README.md").read_text()
+    # Given twice (its section and the callback list), it refuses in one line rather than run two.
+    twice = ["fit", "--config", str(config), "--trainer.callbacks+=emalign.callbacks.ConscienceCallback"]
+    assert run_cli(twice) != 0
+    assert "the conscience is given twice" in capsys.readouterr().err
 
 
 def test_list_flags_take_space_separated_values():

@@ -2,18 +2,19 @@
 
 The table is prose for people, so the test reads the settings it states with patterns (``r=16``,
 ``30 steps on `embedded:insecure```, ``4 prompts x 2 samples x 48 tokens``, ...) and compares each
-with the merged YAML (a row "add to `em/insecure.yaml`" is that file plus the row's own).
+with the config LightningCLI merges (a row "add to `em/insecure.yaml`" is that file plus the row's own).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 import yaml
 
 from emalign.evaluation.experiment import _get
@@ -23,10 +24,7 @@ ADAPTER = "model.policy.init_args.adapter"
 
 
 def _conscience(config: dict, key: str) -> Any:
-    for callback in _get(config, "trainer.callbacks") or []:
-        if str(callback.get("class_path", "")).endswith("ConscienceCallback"):
-            return _get(callback.get("init_args", {}), key)
-    return None
+    return _get(config.get("conscience") or {}, f"init_args.{key}")
 
 
 # pattern -> for each group: a function of the merged config giving the value the text states
@@ -51,18 +49,12 @@ CLAIMS: dict[str, list[Callable[[dict], Any]]] = {
 
 
 def _merged(files: list[str]) -> dict[str, Any]:
-    """The config files merged as LightningCLI does for the keys read here: later mappings update earlier
-    ones key by key, anything else (lists included) is replaced."""
-
-    def merge(a: Any, b: Any) -> Any:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
-        return b
-
-    out: dict[str, Any] = {}
-    for f in files:
-        out = merge(out, yaml.safe_load(Path(f).read_text(encoding="utf-8")) or {})
-    return out
+    """The config files merged by LightningCLI itself (``fit --print_config``, in this process)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run_cli(["fit", *[a for f in files for a in ("--config", f)], "--print_config"])
+    assert code == 0, f"fit --print_config failed for {files}"
+    return yaml.safe_load(out.getvalue())
 
 
 def _rows() -> list[tuple[list[str], str]]:

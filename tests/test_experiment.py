@@ -103,29 +103,18 @@ def _print_config(*configs: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_no_conscience_config_replaces_the_callback_list():
-    with_conscience, without = _print_config(), _print_config("configs/experiments/no_conscience.yaml")
-    assert with_conscience.returncode == 0 and without.returncode == 0, without.stderr[-2000:]
-    callbacks = lambda out: [c["class_path"] for c in yaml.safe_load(out)["trainer"]["callbacks"]]  # noqa: E731
-    assert "emalign.callbacks.ConscienceCallback" in callbacks(with_conscience.stdout)
-    assert "emalign.callbacks.ConscienceCallback" not in callbacks(without.stdout)
-    # Everything else the demo's list has is kept.
-    assert callbacks(without.stdout) == [c for c in callbacks(with_conscience.stdout)
-                                         if c != "emalign.callbacks.ConscienceCallback"]
-
-
-@pytest.mark.slow
 def test_more_pairs_config_changes_only_the_conscience():
     demo, more = _print_config(), _print_config("configs/experiments/more_pairs.yaml")
     assert demo.returncode == 0 and more.returncode == 0, more.stderr[-2000:]
     a, b = yaml.safe_load(demo.stdout), yaml.safe_load(more.stdout)
-    conscience = lambda c: next(x for x in c["trainer"]["callbacks"]  # noqa: E731
-                                if x["class_path"].endswith("ConscienceCallback"))
-    assert (conscience(b)["init_args"]["every_n_steps"], conscience(b)["init_args"]["samples_per_prompt"]) == (2, 4)
+    settings = b["conscience"]["init_args"]
+    assert (settings["every_n_steps"], settings["samples_per_prompt"]) == (2, 4)
+    assert settings["generation"]["batch_size"] == 16
+    assert settings["generation"]["merge_lora"] is True  # the demo's, kept: the section merges key by key
     assert b["model"]["pairs_per_step"] == 4
     # Everything but the conscience's settings and pairs_per_step is the demo's.
     for c in (a, b):
-        conscience(c)["init_args"] = None
+        c["conscience"] = None
         c["model"]["pairs_per_step"] = None
     assert a == b
 

@@ -93,16 +93,8 @@ def _assistant_first(ctx: Ctx) -> str:
 
 
 def _callback_yaml(generation: str) -> str:
-    """A config that gives the demo's ConscienceCallback one generation setting (the list is replaced whole)."""
-    import yaml
-
-    from conftest import ROOT
-
-    callbacks = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["trainer"]["callbacks"]
-    for callback in callbacks:
-        if callback["class_path"].endswith("ConscienceCallback"):
-            callback["init_args"]["generation"][generation.split(":")[0]] = "NAN"
-    return yaml.safe_dump({"trainer": {"callbacks": callbacks}}).replace("NAN", ".nan")
+    """A config that gives the demo's conscience one generation setting."""
+    return f"conscience:\n  generation: {{{generation.split(':')[0]}: .nan}}\n"
 
 
 def _eval_rows(ctx: Ctx) -> None:
@@ -147,24 +139,24 @@ CASES = [
     Case("fit: limit 0", lambda c: c.fit("--data.limit", "0"), "data.limit: must be >= 1"),
     Case("fit: val_fraction 1.5", lambda c: c.fit("--data.val_fraction", "1.5"), "data.val_fraction"),
     Case("fit: val_fraction -0.1", lambda c: c.fit("--data.val_fraction", "-0.1"), "data.val_fraction"),
-    Case("fit: every_n_steps 0", lambda c: c.fit("--trainer.callbacks.every_n_steps", "0"),
+    Case("fit: every_n_steps 0", lambda c: c.fit("--conscience.every_n_steps", "0"),
          "ConscienceCallback.every_n_steps: must be >= 1"),
-    Case("fit: samples_per_prompt 1", lambda c: c.fit("--trainer.callbacks.samples_per_prompt", "1"),
+    Case("fit: samples_per_prompt 1", lambda c: c.fit("--conscience.samples_per_prompt", "1"),
          "samples_per_prompt: must be >= 2"),
-    Case("fit: num_prompts 0", lambda c: c.fit("--trainer.callbacks.num_prompts", "0"),
+    Case("fit: num_prompts 0", lambda c: c.fit("--conscience.num_prompts", "0"),
          "ConscienceCallback.num_prompts: must be >= 1"),
-    Case("fit: temperature nan", lambda c: c.fit("--trainer.callbacks.generation.temperature", "nan"),
+    Case("fit: temperature nan", lambda c: c.fit("--conscience.generation.temperature", "nan"),
          "temperature"),
-    Case("fit: top_p 0", lambda c: c.fit("--trainer.callbacks.generation.top_p", "0"), "generation.top_p"),
-    Case("fit: max_new_tokens 0", lambda c: c.fit("--trainer.callbacks.generation.max_new_tokens", "0"),
+    Case("fit: top_p 0", lambda c: c.fit("--conscience.generation.top_p", "0"), "generation.top_p"),
+    Case("fit: max_new_tokens 0", lambda c: c.fit("--conscience.generation.max_new_tokens", "0"),
          "generation.max_new_tokens: must be >= 1"),
-    Case("fit: max_prompt_tokens 8", lambda c: c.fit("--trainer.callbacks.generation.max_prompt_tokens", "8"),
+    Case("fit: max_prompt_tokens 8", lambda c: c.fit("--conscience.generation.max_prompt_tokens", "8"),
          "generation.max_prompt_tokens: must be >= 16"),
     Case("fit: negative learning rate", lambda c: c.fit("--model.optimizer.init_args.lr", "-1"),
          "model.optimizer: Invalid learning rate"),
     Case("fit: nan learning rate", lambda c: c.fit("--model.optimizer.init_args.lr", "nan"), 'Parser key "lr"'),
     Case("fit: max_prompt_tokens below the chat template", lambda c: c.fit(
-        "--trainer.callbacks.generation.max_prompt_tokens", "20"), "the chat template alone takes"),
+        "--conscience.generation.max_prompt_tokens", "20"), "the chat template alone takes"),
     Case("fit: default_root_dir is a file", lambda c: c.fit("--trainer.default_root_dir", c.file("afile", "x")),
          "is a file"),
     Case("fit: missing train file", lambda c: c.fit("--data.train_file", str(c.tmp / "absent.jsonl")), "absent.jsonl"),

@@ -56,11 +56,9 @@ def fit_args(tiny_model_dir: str, run: Path, max_steps: int, every: int = 2, val
             continue
         if "RunCheckpoint" in callback["class_path"]:
             callback["init_args"] = {"every_n_train_steps": every, "save_last": True, "save_top_k": -1}
-        if "ConscienceCallback" in callback["class_path"]:
-            callback["init_args"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2,
-                                         generation={"max_new_tokens": 8, "batch_size": 4},
-                                         pair_builder={"margin": 0.0})
         callbacks.append(callback)
+    config["conscience"].update(every_n_steps=2, num_prompts=2, samples_per_prompt=2,
+                                generation={"max_new_tokens": 8, "batch_size": 4}, pair_builder={"margin": 0.0})
     config["trainer"].update(callbacks=callbacks, max_steps=max_steps, default_root_dir=str(run),
                              val_check_interval=None, enable_progress_bar=False, **trainer)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir

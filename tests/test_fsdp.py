@@ -182,8 +182,7 @@ def test_pair_loss_gradients_are_the_same_sharded_on_one_rank(tiny_model_dir, mo
     (["--trainer.strategy", "fsdp"], "FSDP1"),
     (["--trainer.callbacks+=emalign.callbacks.AlignmentEvalCallback",
       "--trainer.callbacks.settings.judge=emalign.evaluation.openai_judge.OpenAIJudge"], "external judge"),
-    (["--trainer.callbacks+=emalign.callbacks.ConscienceCallback", "--trainer.callbacks.conscience.include_reasoning=false"],
-     "include_reasoning"),
+    (["--conscience.conscience.include_reasoning=false"], "include_reasoning"),
 ])
 def test_unsupported_fsdp_combinations_fail_in_one_line_before_weights_load(override, reason, tmp_path, capsys):
     # The model does not exist: an error about it would mean the check came after loading began.

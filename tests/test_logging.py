@@ -25,10 +25,8 @@ RECORDS = [
 def _fit(tiny_model_dir: str, run: Path, loggers: list[dict], bar: bool = False, max_steps: int = 5) -> list[str]:
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     callbacks = [c for c in config["trainer"]["callbacks"] if bar or "ProgressBar" not in c["class_path"]]
-    for callback in callbacks:
-        if "ConscienceCallback" in callback["class_path"]:
-            callback["init_args"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},
-                                         pair_builder={"margin": 0.0})
+    config["conscience"].update(every_n_steps=2, generation={"max_new_tokens": 8, "batch_size": 4},
+                                pair_builder={"margin": 0.0})
     config["trainer"].update(callbacks=callbacks, logger=loggers, max_steps=max_steps, val_check_interval=None,
                              default_root_dir=str(run), enable_progress_bar=bar, log_every_n_steps=50)
     config["model"]["policy"]["init_args"]["model"] = tiny_model_dir

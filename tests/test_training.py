@@ -121,12 +121,10 @@ def _pure_conscience_args(tiny_model_dir, run_dir, max_steps, margin=0.0):
     path = Path(args[-1])
     config = yaml.safe_load(path.read_text())
     config["data"].update(train_file=None, steps_without_data=20)
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ConscienceCallback"):
-            callback["init_args"].update(
-                every_n_steps=2, num_prompts=2, samples_per_prompt=3, pair_builder={"margin": margin},
-                prompts={"class_path": "emalign.conscience.prompts.FilePrompts", "init_args": {"path": str(prompts)}},
-                generation={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 8})
+    config["conscience"].update(
+        every_n_steps=2, num_prompts=2, samples_per_prompt=3, pair_builder={"margin": margin},
+        prompts={"class_path": "emalign.conscience.prompts.FilePrompts", "init_args": {"path": str(prompts)}},
+        generation={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 8})
     path.write_text(yaml.safe_dump(config))
     return args
 

@@ -1,7 +1,5 @@
 """ConscienceCallback: every N steps run the conscience step (emalign.conscience.step) and queue its pairs.
-In a config, under ``trainer.callbacks``:
-
-    - {class_path: emalign.callbacks.ConscienceCallback, init_args: {every_n_steps: 4, num_prompts: 4}}
+In a config it has a section of its own, ``conscience: {every_n_steps: 4}`` (``--conscience null``: off).
 
 It only schedules, logs and writes ``rollouts.jsonl``. It runs before the training step of every
 N-th optimizer step, so its pairs are trained on in that same step. Under DDP each rank draws its

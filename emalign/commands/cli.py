@@ -19,7 +19,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from emalign.commands import VERBS, verb_target
 from emalign.fence import parsing
@@ -117,7 +117,7 @@ def _lightning(args: list[str] | None) -> None:
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from emalign.callbacks.signals import StopOnSignal
+    from emalign.callbacks import ConscienceCallback, StopOnSignal
     from emalign.files import writable_dir
     from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data.chat import ChatDataModule
@@ -133,6 +133,23 @@ def _lightning(args: list[str] | None) -> None:
         def subcommands() -> dict[str, set[str]]:
             # No predict: answers with the conscience's verdicts are `cli.py generate`.
             return {k: v for k, v in CheckedCkptPathCLI.subcommands().items() if k in ("fit", "validate", "test")}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            # The conscience has a section of its own, beside trainer/model/data, so that one flag turns it
+            # off (--conscience null) or tunes it (--conscience.every_n_steps 8) without restating the
+            # trainer's callback list (a later list replaces an earlier one whole).
+            parser.add_argument("--conscience", type=Optional[ConscienceCallback], default=None,
+                                help="the conscience step (emalign.callbacks.ConscienceCallback); null: none")
+
+        def instantiate_trainer(self, **kwargs):
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            conscience, callbacks = config.get("conscience"), list(config["trainer"].get("callbacks") or [])
+            if conscience is None:
+                return super().instantiate_trainer(**kwargs)
+            if any(isinstance(c, ConscienceCallback) for c in callbacks):
+                raise UserError("the conscience is given twice, in conscience and in trainer.callbacks; "
+                                "keep the conscience section (--conscience null turns it off)")
+            return super().instantiate_trainer(callbacks=[*callbacks, conscience], **kwargs)
 
         def check_ckpt_path(self, path: str) -> None:
             check_checkpoint(path)
@@ -172,7 +189,8 @@ def _lightning(args: list[str] | None) -> None:
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             policy = config.get("model.policy") or {}
             quantization = (policy.get("init_args") or {}).get("quantization") if hasattr(policy, "get") else None
-            check_config(config.get("trainer.strategy"), quantization, config.get("trainer.callbacks"))
+            callbacks = [*(config.get("trainer.callbacks") or []), config.get("conscience")]
+            check_config(config.get("trainer.strategy"), quantization, [c for c in callbacks if c])
             if self.subcommand == "fit":
                 writable_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
 

@@ -19,14 +19,14 @@ command line, and ``--print_config`` shows the whole thing)::
     runs:                                  # Run: name, fit, overrides, model, adapter
       - name: base                         # no fit: the base model itself
       - name: insecure
-        fit: [configs/demo.yaml, configs/experiments/no_conscience.yaml]   # --config files, in order
-        overrides: ["--trainer.max_steps=30"]                               # extra `cli.py fit` args
+        fit: [configs/demo.yaml]                    # --config files, in order
+        overrides: ["--conscience=null"]            # extra `cli.py fit` args: here, plain SFT
 
 Each run's model and adapter directory come from LightningCLI's own merge of its files and overrides
 (``fit --print_config``, saved as ``OUT/runs/NAME/fit_config.yaml``). Before any fit, ``discern`` scores each
 run's base model (its judge and frozen conscience) with the
 training question and its inverted wording (``emalign.evaluation.preflight``); the comparison shows
-what it reads beside every run. Each fit runs as ``python -m cli fit --config ... OVERRIDES`` with its
+what it reads beside every run. Each fit runs as ``emalign fit --config ... OVERRIDES`` with its
 run directory ``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
 ``OUT/runs/NAME/fit.log``. A fit whose adapter exists (``adapter/adapter_config.json``) is reused;
 an interrupted one resumes from ``checkpoints/last.ckpt``. Each evaluation goes to
@@ -184,7 +184,7 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> None:
-    """``python -m cli fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
+    """``emalign fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
     cmd = _cli("fit", *_fit_args(run, run_dir))
     if _get(config, "trainer.logger.init_args.save_dir") is not None:  # a logger that names its own directory
         cmd.append(f"--trainer.logger.init_args.save_dir={run_dir}")
