@@ -105,7 +105,7 @@ class EmergentAlignment(L.LightningModule):
         scheduler: Optional[LRSchedulerCallable] = WarmupCosine,
         adapter_dir: str = "adapter",
         max_nonfinite_in_a_row: int = 5,
-        checkpoint_pairs: bool = True,
+        checkpoint_pairs: bool = False,
         overwrite_adapter: bool = False,
     ) -> None:
         """
@@ -120,9 +120,9 @@ class EmergentAlignment(L.LightningModule):
             adapter_dir: where the trained adapter goes at the end of fit, under ``trainer.default_root_dir``.
             max_nonfinite_in_a_row: a non-finite loss skips the update; this many in a row stop the fit.
             checkpoint_pairs: recompute the pairs' decoder layers during backward instead of keeping their
-                activations (``Policy.checkpointed``): the pairs' graph, alive next to the task loss's until the
-                one backward, then adds little memory, for one more forward of the pairs (measured in
-                bench/README.md, "Current results: memory profile of the demo").
+                activations (``Policy.checkpointed``). Off by default: on the demo it cost a 1.6x slower pair
+                step to save 9% of the peak (bench/README.md, "defaults cost"); a policy with
+                ``gradient_checkpointing`` checkpoints every layer already.
             overwrite_adapter: let this fit replace a model that another fit saved in ``adapter_dir`` (without
                 it, such a fit stops before training, in one line naming both; resuming the same fit is allowed).
         """
