@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         _extra_verb(argv[0], argv[1:])
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(__doc__.replace("python cli.py", "emalign") if _prog() == "emalign" else __doc__)
         print("Verbs beyond LightningCLI's:")
         for verb, (text, _) in VERBS.items():
             print(f"  {verb:<11} {text}")
