@@ -13,7 +13,7 @@ from conftest import ROOT
 PRIVATE = ("_parse_ckpt_path", "_find_last_checkpoints", "_save_checkpoint", "_monitor_candidates",
            "_save_last_checkpoint", "fit_loop", "_init_progress", "_get_train_description", "_update",
            "_metric_component", "_actions", "_name_parser_map", "_option_string_actions", "_typehint",
-           "_gradient_checkpointing_func", "_parse_file")
+           "_gradient_checkpointing_func", "_parse_file", "_skip_validation")
 """The private names emalign uses, of Lightning, argparse, jsonargparse, transformers and bandit (all in
 emalign/fence/)."""
 
@@ -154,6 +154,9 @@ def test_the_private_parser_api_we_use_still_exists():
     assert set(parsing.subparsers(next(a for a in actions if not a.option_strings and a.dest))) == {"em"}
     assert parsing.type_hint(parsing.option_action(parser, "--size")) is int
     assert parsing.option_action(parser, "--absent") is None
+    required = ArgumentParser()
+    required.add_argument("--name", type=str, required=True)
+    assert parsing.parse_unvalidated(required, []).name is None  # unvalidated: the missing --name passes
 
 
 def test_the_private_transformers_and_bandit_api_we_use_still_exists():

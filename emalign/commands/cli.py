@@ -170,7 +170,7 @@ def _lightning(args: list[str] | None) -> None:
             # A logger without a save_dir writes under the run's default_root_dir, so that one flag
             # (--trainer.default_root_dir) moves logs, checkpoints, rollouts and the adapter together.
             # The value must be in place before validation, which requires CSVLogger's save_dir.
-            self.config = parser.parse_args(args, _skip_validation=True)
+            self.config = parsing.parse_unvalidated(parser, args)
             config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
             trainer = config["trainer"]
             loggers = trainer.get("logger")

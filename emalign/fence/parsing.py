@@ -1,4 +1,5 @@
-"""argparse's and jsonargparse's private tables, read for one-line errors and list flags (cli.py)."""
+"""argparse's and jsonargparse's private API: tables read for one-line errors and list flags, and a parse that
+leaves validation for later (emalign/commands/cli.py)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def option_action(parser, option: str) -> Optional[Any]:
 def type_hint(action) -> Optional[Any]:
     """The type jsonargparse checks an action's value against (None for a plain argparse action)."""
     return getattr(action, "_typehint", None)
+
+
+def parse_unvalidated(parser, args: list[str]) -> Any:
+    """``parser.parse_args(args)`` without the final validation, so that values can be filled in first
+    (jsonargparse has no public switch for it)."""
+    return parser.parse_args(args, _skip_validation=True)
