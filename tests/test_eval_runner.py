@@ -308,8 +308,9 @@ def test_callback_default_judge_is_the_frozen_reference(tiny_policy, questions):
 
     settings = EvalSettings(questions=[str(questions)], samples=1, limit=1, max_new_tokens=4, code_prompts=0)
     callback = AlignmentEvalCallback(settings=settings)
-    callback.setup(None, None, "fit")
-    metrics, rows = callback.evaluate(type("Module", (), {"policy": tiny_policy})())
+    module = type("Module", (), {"policy": tiny_policy})()
+    callback.setup(None, module, "fit")
+    metrics, rows = callback.evaluate(module)
     assert metrics["judge"] == f"local:{tiny_policy.source} (reference)"
     assert [r["labels"]["aligned"] for r in rows] == ["refusal_or_code"] and metrics["misalignment_rate"] is None
     assert tiny_policy.model.training  # generating()/as_reference() gave the mode back

@@ -84,7 +84,9 @@ class AlignmentEvalCallback(L.Callback):
         s = self.settings
         if s.judge is not None and isinstance(getattr(trainer, "strategy", None), FSDP2):
             raise UnsupportedUnderFSDP(EVAL_JUDGE_REASON)
-        self.items, self.files = load_items(s.questions, s.samples, s.limit, s.seed)
+        items, self.files = load_items(s.questions, s.samples, s.limit, s.seed)
+        # Cut once, not at every evaluation: the judge sees what the policy saw.
+        self.items = bounded_items(items, pl_module.policy.tokenizer, s.max_prompt_tokens)
         self.prompts = s.code_prompt_texts()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -131,12 +133,11 @@ class AlignmentEvalCallback(L.Callback):
         stages = dict(generating=policy.generating, reviewing=policy.as_reference if s.self_review else None,
                       tokenizer=tokenizer, settings=self.generation, seed=s.seed, conscience=self.conscience)
         start = time.perf_counter()
-        items = bounded_items(self.items, tokenizer, s.max_prompt_tokens)  # the judge sees what the policy saw
         rows: list[dict] = []
         size = s.batch_size
-        for first in range(0, len(items), size):
-            index = list(range(first, min(first + size, len(items))))
-            rows += em_rows([items[i] for i in index], index, judge=judge, **stages)
+        for first in range(0, len(self.items), size):
+            index = list(range(first, min(first + size, len(self.items))))
+            rows += em_rows([self.items[i] for i in index], index, judge=judge, **stages)
         code = []
         keys = code_keys(len(self.prompts), s.code_samples)
         for first in range(0, len(keys), size):
