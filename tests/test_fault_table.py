@@ -92,11 +92,6 @@ def _assistant_first(ctx: Ctx) -> str:
     return ctx.file("first.jsonl", json.dumps(ok) + "\n" + json.dumps(row) + "\n")
 
 
-def _callback_yaml(generation: str) -> str:
-    """A config that gives the demo's conscience one generation setting."""
-    return f"conscience:\n  generation: {{{generation.split(':')[0]}: .nan}}\n"
-
-
 def _eval_rows(ctx: Ctx) -> None:
     """An earlier eval whose rows must survive the mistake."""
     assert run_cli(ctx.eval()) == 0
@@ -131,7 +126,7 @@ CASES = [
          lambda c: c.fit("--config", c.file("nan.yaml", "model:\n  align_weight: .nan\n")),
          "model.align_weight: must be >= 0, got nan"),
     Case("fit: temperature .nan in YAML",
-         lambda c: c.fit("--config", c.file("t.yaml", _callback_yaml("temperature: .nan"))),
+         lambda c: c.fit("--config", c.file("t.yaml", "conscience:\n  generation: {temperature: .nan}\n")),
          "generation.temperature: must be >= 0, got nan"),
     Case("fit: align_weight -1", lambda c: c.fit("--model.align_weight", "-1"), "model.align_weight"),
     Case("fit: max_length -1", lambda c: c.fit("--data.max_length", "-1"), "data.max_length: must be >= 16"),
