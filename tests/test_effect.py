@@ -33,7 +33,7 @@ def _run(direct, inverted, margin):
     return {"per_prompt": {"direct": direct, "inverted": inverted}, "margins": {"chat": margin}}
 
 
-def test_compare_pairs_by_prompt_and_pools_seeds_by_hand():
+def test_compare_pairs_by_prompt_and_takes_seeds_as_the_unit_by_hand():
     runs = {"base": _run([0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [1.0, 1.0]),
             "m_s0": _run([1.0, 2.0, 4.0], [0.0, -1.0, -2.0], [2.0, 1.0]),
             "m_s1": _run([1.0, 2.0, 2.0], [0.0, -1.0, 0.0], [1.0, 3.0]),
@@ -41,17 +41,31 @@ def test_compare_pairs_by_prompt_and_pools_seeds_by_hand():
     out = compare(runs, "base")
     assert out["vs_baseline"]["m_s0"]["direct"] == pytest.approx([4 / 3, (1 / 3) ** 0.5 / 3 ** 0.5])
     assert out["vs_baseline"]["base"]["direct"] == [0.0, 0.0]
-    pooled = out["arms"]["m"]
-    assert pooled["runs"] == ["m_s0", "m_s1"]
-    assert pooled["delta"]["direct"][0] == pytest.approx(1.0)  # per prompt (1, 1, 1): se 0
-    assert pooled["delta"]["direct"][1] == pytest.approx(0.0)
-    assert pooled["delta"]["inverted"][0] == pytest.approx(-2 / 3)
-    assert pooled["delta"]["margin_chat"][0] == pytest.approx(0.75)  # pairs (0.5, 1.0)
-    assert pooled["prediction"]["inverted_over_direct"] == pytest.approx(-2 / 3)
-    assert pooled["prediction"]["reading"].startswith("tilt")
-    assert out["arms"]["z"]["prediction"]["reading"] == "no direct effect to read"  # direct did not move
-    assert out["arm_vs_arm"]["m - z"]["inverted"][0] == pytest.approx(-2 / 3 - 1)
+    arm = out["arms"]["m"]
+    assert arm["runs"] == ["m_s0", "m_s1"] and arm["seeds"] == [0, 1]
+    direct = arm["delta"]["direct"]  # per prompt: seed 0 (1, 1, 2), seed 1 (1, 1, 0); pooled (1, 1, 1)
+    assert direct["per_seed"]["0"] == pytest.approx([4 / 3, 1 / 3]) and direct["per_seed"]["1"][0] == pytest.approx(2 / 3)
+    assert direct["mean"] == pytest.approx(1.0) and direct["unit_se"] == pytest.approx(0.0)
+    assert direct["seed_se"] == pytest.approx(1 / 3)  # seed means 4/3 and 2/3
+    half = 12.706204736174707 / 3  # t(0.975, 1 df) x 1/3: two seeds say little
+    assert direct["ci"] == pytest.approx([1 - half, 1 + half]) and direct["reading"].startswith("not detected")
+    assert arm["delta"]["margin_chat"]["mean"] == pytest.approx(0.75)  # pairs (0.5, 1.0)
+    assert arm["prediction"]["reading"].startswith("no direct effect to read")
+    assert out["arms"]["z"]["delta"]["direct"]["reading"] == "no interval (one seed)"
+    vs = out["arm_vs_arm"]["m - z"]["inverted"]
+    assert vs["mean"] == pytest.approx(-2 / 3 - 1) and vs["ci"] is None  # z has one seed: no Welch
+    assert vs["per_seed"] == {"0": pytest.approx([-2.0, 3 ** -0.5])}  # the seed both arms ran: (-1, -2, -3)
     assert "base" not in out["arms"]
+
+
+def test_a_detected_tilt_reads_as_tilt():
+    runs = {"base": _run([0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0])}
+    for seed, shift in enumerate([0.50, 0.52, 0.49, 0.51]):
+        runs[f"m_s{seed}"] = _run([shift, shift + 0.01, shift - 0.01, shift], [-shift] * 4, [0.0, 0.0])
+    arm = compare(runs, "base")["arms"]["m"]
+    assert arm["delta"]["direct"]["reading"] == "detected"
+    assert arm["prediction"]["inverted_over_direct"] == pytest.approx(-1.0, abs=0.01)
+    assert arm["prediction"]["reading"].startswith("tilt")
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ never sampled:
   rule, :func:`emalign.conscience.controls.is_cautious`).
 
 Every difference is paired: per prompt for answers (all models answer with the same sample seeds), per pair
-for margins, ± its standard error over prompts or pairs. Runs named ``ARM_sSEED`` are pooled per arm: each
-prompt's (pair's) value averaged over the arm's seeds, then paired as above; each seed's difference is kept.
+for margins. Runs named ``ARM_sSEED`` are the seeds of one arm, and the training seed is the unit of an arm's
+effect: per-seed values, an interval over seeds, a flag where the seeds disagree beyond their per-unit noise
+(:mod:`emalign.evaluation.seeds`). Each run's own difference keeps its ± over prompts or pairs alone.
 
     python -m emalign.evaluation.effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter \\
         shuffled_s0=runs/shuffled_s0/adapter
@@ -42,6 +43,7 @@ from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.degeneracy import degenerate
 from emalign.evaluation.paired import split
+from emalign.evaluation.seeds import disagreeing, effect as seeds_effect
 from emalign.evaluation.self_review import mean_se, without_adapter
 from emalign.models.logprobs import pair_logps
 from emalign.models.policy import load_for_inference
@@ -149,42 +151,41 @@ def _values(run: dict) -> dict[str, list[float]]:
     return {**run["per_prompt"], **{f"margin_{s}": v for s, v in run["margins"].items()}}
 
 
-def _pool(runs: list[dict]) -> dict[str, list[float]]:
-    """The seeds' per-unit values averaged (the arm's estimate on each prompt or pair)."""
-    values = [_values(r) for r in runs]
-    return {k: [sum(col) / len(col) for col in zip(*(v[k] for v in values))] for k in values[0]}
-
-
 def compare(runs: dict[str, dict], baseline: str) -> dict:
-    """Each run's and each pooled arm's paired differences to ``baseline``, and between arms."""
+    """Each run's paired differences to ``baseline`` (± over units), and each arm's (runs ``ARM_sSEED``) to
+    the baseline and to every other arm with seeds as the unit (:func:`emalign.evaluation.seeds.effect`)."""
     base = _values(runs[baseline])
     out: dict = {"vs_baseline": {}, "arms": {}, "arm_vs_arm": {}}
     for name, run in runs.items():
         out["vs_baseline"][name] = {k: _paired(v, base[k]) for k, v in _values(run).items()}
-    arms: dict[str, list[str]] = {}
+    arms: dict[str, dict[int, dict]] = {}
     for name in runs:
         if (match := _ARM.match(name)) and name != baseline:
-            arms.setdefault(match["arm"], []).append(name)
-    pooled = {arm: _pool([runs[n] for n in names]) for arm, names in arms.items()}
-    for arm, values in pooled.items():
-        delta = {k: _paired(v, base[k]) for k, v in values.items()}
-        out["arms"][arm] = {"runs": arms[arm], "delta": delta, "prediction": _prediction(delta)}
-    names = list(pooled)
+            arms.setdefault(match["arm"], {})[int(match["seed"])] = _values(runs[name])
+    for arm, seeds in arms.items():
+        delta = {k: seeds_effect([v[k] for v in seeds.values()], [base[k]], list(seeds), fixed_b=True)
+                 for k in base}
+        out["arms"][arm] = {"runs": [f"{arm}_s{s}" for s in seeds], "seeds": list(seeds), "delta": delta,
+                            "prediction": _prediction(delta)}
+    names = list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            out["arm_vs_arm"][f"{a} - {b}"] = {k: _paired(pooled[a][k], pooled[b][k]) for k in pooled[a]}
+            out["arm_vs_arm"][f"{a} - {b}"] = {
+                k: seeds_effect([v[k] for v in arms[a].values()], [v[k] for v in arms[b].values()],
+                                list(arms[a]), list(arms[b])) for k in base}
     return out
 
 
 def _prediction(delta: dict) -> dict:
     """Δinverted / Δdirect: about -1 if the gain is tilt, about +1 if the judge reads it from the answers; no
-    reading while Δdirect is within two standard errors of zero."""
-    (d, d_se), (i, _) = delta["direct"], delta["inverted"]
-    if d is None or d_se is None or d == 0 or abs(d) < 2 * d_se:
-        return {"inverted_over_direct": None, "reading": "no direct effect to read"}
-    return {"inverted_over_direct": i / d,
-            "reading": "tilt (inverted moves against direct)" if i / d < -0.5 else
-                       "content (inverted moves with direct)" if i / d > 0.5 else "mixed"}
+    reading unless the seed-level interval of Δdirect excludes zero."""
+    d, i = delta["direct"], delta["inverted"]
+    if d["reading"] != "detected":
+        return {"inverted_over_direct": None, "reading": f"no direct effect to read (Δdirect {d['reading']})"}
+    ratio = i["mean"] / d["mean"]
+    return {"inverted_over_direct": ratio,
+            "reading": "tilt (inverted moves against direct)" if ratio < -0.5 else
+                       "content (inverted moves with direct)" if ratio > 0.5 else "mixed"}
 
 
 def _fmt(pair: list[Optional[float]]) -> str:
@@ -192,16 +193,40 @@ def _fmt(pair: list[Optional[float]]) -> str:
     return "—" if mean is None else f"{mean:+.3f} ± {se:.3f}" if se is not None else f"{mean:+.3f}"
 
 
+def _seed_rows(effects: dict, keys: list[str], seeds: list[str], arms: list[str]) -> list[str]:
+    """One comparison, a row per quantity: per seed (± over units), the seed-level interval, the reading."""
+    lines = ["| Δ | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% CI, seeds as unit (df) "
+             "| se over units | reading |", "|---" * (len(seeds) + 5) + "|"]
+    for k in keys:
+        e = effects[k]
+        ci = "—" if e["ci"] is None else f"[{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}] ({e['df']:.1f})"
+        flag = "".join(f"; **{arm}'s seeds disagree**" for side, arm in zip("ab", arms) if side in disagreeing(e))
+        lines.append(f"| {k} | " + " | ".join(_fmt(e["per_seed"].get(s, [None, None])) for s in seeds)
+                     + f" | {e['mean']:+.3f} | {ci} | {e['unit_se']:.3f} | {e['reading']}{flag} |")
+    return lines
+
+
 def table(result: dict) -> str:
-    """Markdown: each run's and arm's paired differences to the baseline."""
-    keys = ["direct", "inverted", "c", "t", *[f"margin_{s}" for s in result["settings"]["pair_sets"]],
+    """Markdown: each run against the baseline (± over units), then each arm against the baseline and every
+    pair of arms with seeds as the unit."""
+    keys = ["direct", "inverted", "c", "t", "q2", "q3", *[f"margin_{s}" for s in result["settings"]["pair_sets"]],
             "degenerate", "caution"]
-    lines = ["| vs " + result["baseline"] + " | " + " | ".join(f"Δ{k}" for k in keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
-    rows = [(n, d) for n, d in result["vs_baseline"].items() if n != result["baseline"]]
-    rows += [(f"**{arm}** (pooled)", a["delta"]) for arm, a in result["arms"].items()]
-    rows += [(f"**{pair}**", d) for pair, d in result["arm_vs_arm"].items()]
-    lines += ["| " + name + " | " + " | ".join(_fmt(d[k]) for k in keys) + " |" for name, d in rows]
+    base = result["baseline"]
+    lines = [f"## Each run against {base}", "",
+             "± is the standard error over that run's units (prompts for answers, labelled pairs for margins); "
+             "it leaves out the training seed.", "",
+             f"| vs {base} | " + " | ".join(f"Δ{k}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(_fmt(d[k]) for k in keys) + " |"
+              for n, d in result["vs_baseline"].items() if n != base]
+    lines += ["", "## Seeds as the unit", "",
+              "Per seed: that seed's Δ ± its se over units. The interval: Student t over the seed means, its se "
+              "the seeds' spread (Welch's between two arms) plus the se over units "
+              "(`emalign.evaluation.seeds`), df by Satterthwaite. **X's seeds disagree**: arm X's seeds differ "
+              "beyond their per-unit noise (F test, p < 0.05)."]
+    comparisons = [(f"{arm} - {base}", a["delta"], [str(s) for s in a["seeds"]]) for arm, a in result["arms"].items()]
+    comparisons += [(name, d, list(d["direct"]["per_seed"])) for name, d in result["arm_vs_arm"].items()]
+    for name, effects, seeds in comparisons:
+        lines += ["", f"### {name}", "", *_seed_rows(effects, keys, seeds, name.split(" - "))]
     return "\n".join(lines) + "\n"
 
 
