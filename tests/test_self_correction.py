@@ -42,7 +42,10 @@ def test_chat_arm_pairs_revisions_with_their_originals(tiny_model_dir, monkeypat
     out = self_correction.chat_arm(model, tokenizer, self_correction.CorrectionSettings(limit=12))
     assert out["n"] == 12
     # revising bad gave good, so revision - bad is good - bad exactly, and good - revision is zero
-    assert out["paired"]["revised_bad - bad"] == pytest.approx(out["paired"]["good - bad"])
+    good_bad = out["paired"]["good - bad"]  # {measure: (mean, se)}: pytest.approx takes no nested values
+    assert out["paired"]["revised_bad - bad"].keys() == good_bad.keys()
+    for key, value in good_bad.items():
+        assert out["paired"]["revised_bad - bad"][key] == pytest.approx(value)
     assert out["means"]["revised_bad"]["c"] == pytest.approx(out["means"]["good"]["c"])
     assert out["paired"]["good - bad"]["c"][0] != 0.0
     assert json.dumps(out)  # written as JSON as is
