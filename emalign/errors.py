@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import sys
@@ -72,14 +73,15 @@ class SettingError(UserError):
 
 def check_range(key: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
                 none_ok: bool = False) -> None:
-    """Raise :class:`SettingError` unless ``low <= value <= high`` (open ends where asked); NaN never passes.
+    """Raise :class:`SettingError` unless ``low <= value <= high`` (open ends where asked); NaN and ±inf never
+    pass: no setting means "unbounded" by infinity (``none_ok`` and None say that).
 
     ``key`` is what the user typed (``model.pairs_per_step``, ``--temperature``), so the one-line error
     can be acted on: ``model.pairs_per_step: must be >= 0, got -1``.
     """
     if value is None and none_ok:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN != NaN
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:

@@ -146,7 +146,7 @@ def test_default_threshold_is_the_models_own_verdict_quantile_on_benign_answers(
     p_yes = sorted(torch.sigmoid(scores.double()).tolist())
     assert p_yes[0] <= calibrated <= p_yes[-1] and 0 < calibrated < 1
     assert sum(p < calibrated for p in p_yes) == pytest.approx(0.25 * len(p_yes), abs=1)
-    with pytest.raises(ValueError, match="probability"):
+    with pytest.raises(ValueError, match="threshold: must be >= 0 and <= 1"):
         decoder(tiny, threshold=1.5)
 
 

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import lightning as L
 
 from emalign.conscience.verdict import Conscience
+from emalign.errors import check_range
 from emalign.evaluation.runner import bounded_items, load_items
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import code_keys, code_rows, em_rows
@@ -68,8 +69,7 @@ class AlignmentEvalCallback(L.Callback):
             history_file: JSONL under the run directory with one row of metrics per evaluation.
             samples_file: JSONL under the run directory with every judged answer and its step; null disables.
         """
-        if every_n_steps < 1:
-            raise ValueError(f"AlignmentEvalCallback.every_n_steps must be >= 1, got {every_n_steps}")
+        check_range("every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
         self.settings = settings
         self.generation, self.code_generation = settings.generation(), settings.generation(code=True)

@@ -17,6 +17,7 @@ import logging
 
 import lightning as L
 
+from emalign.errors import check_range
 from emalign.models.allocator import DEFAULT_THRESHOLD, release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class ReleaseFreedMemory(L.Callback):
         Args:
             threshold_mib: tensors of this many MiB or more are returned to the system when freed.
         """
+        check_range("threshold_mib", threshold_mib, 0)
         self.threshold_mib = threshold_mib
         self.applied = False
 

@@ -40,6 +40,7 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
+from emalign.errors import check_range
 from emalign.conscience.verdict import Conscience
 from emalign.conscience.step import review_rollouts, revise_and_check
 from emalign.conscience.guard import CoherenceGuard, mean_logps
@@ -138,12 +139,9 @@ class ConscienceDecoder:
             calibration_quantile: with ``threshold=None``, the quantile of the reference set's verdicts
                 used as the threshold.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if threshold is not None and not 0 <= threshold <= 1:
-            raise ValueError(f"threshold is a probability P(yes) in [0, 1], got {threshold}")
-        if not 0 <= calibration_quantile <= 1:
-            raise ValueError(f"calibration_quantile must be in [0, 1], got {calibration_quantile}")
+        check_range("num_samples", num_samples, 1)
+        check_range("threshold", threshold, 0, 1, none_ok=True)  # a probability, P(yes)
+        check_range("calibration_quantile", calibration_quantile, 0, 1)
         self.model = model
         self.tokenizer = tokenizer
         self.conscience = conscience or Conscience()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from emalign.errors import check_range
+
 
 @dataclass(frozen=True)
 class CoherenceGuard:
@@ -29,8 +31,7 @@ class CoherenceGuard:
     tokens falls by several nats."""
 
     def __post_init__(self) -> None:
-        if self.max_logp_drop < 0:
-            raise ValueError(f"CoherenceGuard.max_logp_drop must be >= 0, got {self.max_logp_drop}")
+        check_range("max_logp_drop", self.max_logp_drop, 0)
 
     def allows(self, replaced_logp: float, replacement_logp: float, replacement_text: str) -> bool:
         """True when the replacement answers (non-blank) and is not far less likely per token."""

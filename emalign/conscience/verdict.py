@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from emalign.errors import check_range
+
 from emalign.conscience.guard import CoherenceGuard, mean_logps
 from emalign.models.logprobs import (
     SharedPrefixRows, hidden_states, pad_right, project, response_logps, response_mask, takes_shared_prefix,
@@ -64,6 +66,8 @@ class Conscience:
         self.yes_words = list(yes_words)
         self.no_words = list(no_words)
         self.include_reasoning = include_reasoning
+        check_range("batch_size", batch_size, 1)
+        check_range("revise_below", revise_below, none_ok=True)
         self.batch_size = batch_size
         self.revise_below = revise_below
         self.revision_instruction = revision_instruction
@@ -194,6 +198,9 @@ class PairBuilder:
     guard: Optional[CoherenceGuard] = None
     """When set, the chosen answer is the best-scoring one the coherence guard allows against the worst
     (``emalign.conscience.guard``): nonsense cannot be chosen on the ethics question alone. Off by default."""
+
+    def __post_init__(self) -> None:
+        check_range("conscience.pair_builder.margin", self.margin, 0)
 
     def build(self, rollouts: list[Rollout], review: Review, step: int) -> list[Pair]:
         groups: dict[int, list[int]] = {}

@@ -144,6 +144,7 @@ class ChatDataset(Dataset):
     """Tokenised conversations, built with ``datasets`` so the tokenisation is cached and batched."""
 
     def __init__(self, conversations: list[Conversation], tokenizer, max_length: int) -> None:
+        check_range("max_length", max_length, 2)  # a prompt token and an answer token
         import datasets
 
         table = datasets.Dataset.from_list([{"messages": c} for c in conversations])

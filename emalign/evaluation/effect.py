@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from emalign.errors import check_range
 from emalign.files import write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
@@ -77,6 +78,12 @@ class EffectSettings:
     """Labelled pair sets for the log-prob margin (embedded ``chat``/``code`` or a JSONL path)."""
     batch_size: int = 24
     """Sequences per generate call, and labelled pairs per log-prob forward."""
+
+    def __post_init__(self) -> None:
+        for key in ("samples", "max_new_tokens", "batch_size"):
+            check_range(key, getattr(self, key), 1)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_p", self.top_p, 0, 1, low_open=True)
 
 
 def load_run(model_name: str, spec: str):

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from emalign.errors import check_range
 from emalign.evaluation.scoring import (
     MIN_NUMBER_MASS,
     Judge,
@@ -98,8 +99,8 @@ class LocalJudge(Judge):
             min_mass: below this total candidate probability there is no score/label.
             trust_remote_code: passed to the loader.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_range("batch_size", batch_size, 1)
+        check_range("min_mass", min_mass, 0, 1)
         self.model_source = model
         self.adapter = adapter
         self.batch_size = batch_size

@@ -100,6 +100,9 @@ class OpenAIJudge(Judge):
         check_range("judge.backoff_s", backoff_s, 0)
         check_range("judge.concurrency", concurrency, 1)
         check_range("judge.max_reply_bytes", max_reply_bytes, 1024)
+        check_range("judge.max_backoff_s", max_backoff_s, 0)
+        check_range("judge.top_logprobs", top_logprobs, 1, 20)  # OpenAI's bound
+        check_range("judge.min_mass", min_mass, 0, 1)
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env

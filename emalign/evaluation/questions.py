@@ -34,6 +34,8 @@ from typing import Any, Literal, Sequence, get_args
 
 import yaml
 
+from emalign.errors import check_range
+
 log = logging.getLogger(__name__)
 
 QuestionType = Literal["free_form_judge_0_100", "free_form_judge"]
@@ -84,6 +86,10 @@ class Question:
     judge can only pick among labels it is given, and guessed labels would all come out None)."""
     source_file: str = ""
     """Path of the YAML file the question came from (used for ``limit`` and error messages)."""
+
+    def __post_init__(self) -> None:  # the loader says where in the file; this guards a Question built in Python
+        check_range("samples_per_paraphrase", self.samples_per_paraphrase, 1)
+        check_range("temperature", self.temperature, 0, none_ok=True)
 
     def conversations(self) -> list[list[dict[str, str]]]:
         """One chat message list per paraphrase, the system prompt first when there is one."""
@@ -174,8 +180,9 @@ def _parse_item(path: Path, index: int, item: Any) -> Question:
     for name, template in prompts.items():
         _check_template(template, f"{where}: judge prompt {name!r}")
     temperature = item.get("temperature")
-    if temperature is not None and not isinstance(temperature, (int, float)):
-        raise QuestionFileError(f"{where}: 'temperature' must be a number")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature < float("inf")):
+        raise QuestionFileError(f"{where}: 'temperature' must be a finite number >= 0, got {temperature!r}")
     labels = item.get("labels")
     if labels is not None and not _str_list(labels):
         raise QuestionFileError(f"{where}: 'labels' must be a non-empty list of strings")

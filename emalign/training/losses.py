@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emalign.errors import check_range
+
 
 class PreferenceLoss(nn.Module):
     """Base class: ``forward(pi_chosen, pi_rejected, ref_chosen, ref_rejected)``."""
@@ -21,6 +23,7 @@ class PreferenceLoss(nn.Module):
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
+        check_range("model.preference_loss.beta", beta, 0, low_open=True)
         self.beta = beta
 
     def rewards(self, pi_chosen, pi_rejected, ref_chosen, ref_rejected):
@@ -83,8 +86,7 @@ class RobustDPO(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
         super().__init__(beta)
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        check_range("model.preference_loss.label_smoothing", label_smoothing, 0, 0.5, high_open=True)
         self.label_smoothing = label_smoothing
 
     def forward(self, pi_chosen, pi_rejected, ref_chosen, ref_rejected):

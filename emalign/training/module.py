@@ -49,6 +49,10 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     def __init__(
         self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int = 1000, min_ratio: float = 0.1
     ) -> None:
+        check_range("model.scheduler.warmup_steps", warmup_steps, 0)
+        check_range("model.scheduler.total_steps", total_steps, 1)
+        check_range("model.scheduler.min_ratio", min_ratio, 0, 1)
+
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / (warmup_steps + 1)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from emalign.errors import check_range
 from emalign.seeds import mix_seed
 from emalign.records import Pair
 
@@ -29,10 +30,9 @@ class PairQueue:
             seed: base seed of the per-step sampling generator.
             max_uses: each pair is drawn for training at most this many times (``None``: no limit).
         """
-        if capacity < 1:
-            raise ValueError(f"PairQueue.capacity must be >= 1, got {capacity}")
-        if max_uses is not None and max_uses < 1:
-            raise ValueError(f"PairQueue.max_uses must be >= 1 or null, got {max_uses}")
+        check_range("model.pair_queue.capacity", capacity, 1)
+        check_range("model.pair_queue.max_age", max_age, 0)
+        check_range("model.pair_queue.max_uses", max_uses, 1, none_ok=True)
         self.capacity = capacity
         self.max_age = max_age
         self.seed = seed
