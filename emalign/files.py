@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ def writable_dir(path: Path | str, key: str = "--out") -> Path:
     return path
 
 
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of JSONL text, split on "\\n" alone. ``str.splitlines`` also splits on U+2028,
+    U+0085, \\x1c and others, which ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside strings:
+    a row holding one would read back as two broken halves."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return enumerate(lines, 1)
+
+
 def read_rows(path: Path) -> dict[str, dict]:
     """Rows of a JSONL file by ``key``. A truncated last line (a kill mid-write) is cut off the
     file so that later appends start on a fresh line; other unreadable lines are skipped."""
@@ -69,7 +79,7 @@ def read_rows(path: Path) -> dict[str, dict]:
             f.truncate(keep)
         data = data[:keep]
     rows: dict[str, dict] = {}
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in jsonl_lines(data.decode("utf-8", errors="replace")):
         try:
             row = json.loads(line)
             rows[str(row["key"])] = row

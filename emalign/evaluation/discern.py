@@ -42,6 +42,7 @@ from emalign.conscience.verdict import Conscience
 from emalign.data.embedded import RESOURCES, load_code_tasks
 from emalign.errors import UserError
 from emalign.evaluation.metrics import wilson_interval
+from emalign.files import jsonl_lines
 from emalign.evaluation.paired import (
     PairBootstrap,
     cue_functions,
@@ -110,7 +111,7 @@ def load_pairs(path: Path | str) -> list[LabelledPair]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise PairFileError(f"{path}: not UTF-8 (byte {err.start}); save the file as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in jsonl_lines(text):
         if not line.strip():
             continue
         try:

@@ -56,6 +56,7 @@ import emalign
 from emalign.errors import UserError
 from emalign.evaluation.preflight import Preflight
 from emalign.evaluation.settings import EvalSettings
+from emalign.files import jsonl_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -309,7 +310,7 @@ def _check_judged(results: list[dict[str, Any]]) -> None:
 def read_rows_any(path: Path) -> list[dict]:
     """Every readable JSON line of a file (eval_history.jsonl has no keys)."""
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for _, line in jsonl_lines(path.read_text(encoding="utf-8", errors="replace")):
         try:
             rows.append(json.loads(line))
         except ValueError:
