@@ -142,6 +142,15 @@ class FakeServer:
                         self.wfile.flush()
                         time.sleep(action[1])
                     return
+                if kind == "trickle_head":  # ("trickle_head", seconds between bytes): the status line and headers
+                    data = json.dumps(good_reply([("1", 1.0)])).encode()
+                    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\nX-Pad: {'x' * 200}\r\n\r\n".encode()
+                    for byte in head:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(action[1])
+                    self.wfile.write(data)
+                    return
                 if kind == "sleep":
                     time.sleep(action[1])
                     kind, action = "json", ("json", 200, good_reply([("1", 1.0)]))

@@ -332,3 +332,68 @@ def test_openai_judge_caps_the_reply_size(server):
     result = judge.judge_one("Rate it.")
     assert result.score is None and "max_reply_bytes=4096" in result.raw["error"]
     assert judge.stats["malformed"] == 1
+
+
+def test_openai_judge_deadline_covers_the_status_line_and_headers(server):
+    """Headers trickled a byte every 20 ms (about 5 s): cut at timeout_s=1, then the retry succeeds. requests'
+    own timeout, per socket read, held such a request 77 s with timeout_s 3."""
+    import time
+
+    judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY", timeout_s=1.0,
+                        max_retries=1, backoff_s=0.01, concurrency=1)
+    server.script = [("trickle_head", 0.02), ("json", 200, good_reply([("7", 1.0)]))]
+    started = time.monotonic()
+    result = judge.judge_one("Rate it.")
+    assert time.monotonic() - started < 3 and result.score == 7.0
+    assert judge.stats["retries"] == 1
+
+
+def test_ctrl_c_stops_a_retrying_batch_at_once(server):
+    import signal
+    import time
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY", timeout_s=5,
+                        max_retries=5, backoff_s=2.0, concurrency=2)
+    server.script = [("json", 503, {"error": "busy"})] * 40
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            judge.judge_many(["a", "b", "c", "d"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.5  # the workers were waiting 2 s before their next retry
+    sent = len(server.seen)
+    time.sleep(2.5)
+    assert len(server.seen) == sent == 2  # the two first attempts; nothing after the interrupt
+
+
+def test_url_secrets_are_sent_but_never_written(server, tmp_path, tiny_model_dir, capsys):
+    from conftest import run_cli
+    from test_eval_runner import QUESTIONS
+
+    host = server.url.removeprefix("http://")
+    base_url = f"http://user:PASSWORD-9@{host}/?api-version=2024&key={SECRET}"
+    judge = OpenAIJudge(base_url=base_url, model="fake", api_key_env="NONE_SET", max_retries=0)
+    assert "PASSWORD-9" not in judge.identity and SECRET not in judge.identity
+    assert judge.identity == f"openai:fake@http://***@{host}/?api-version=***&key=***"
+    server.script = [("json", 200, good_reply([("50", 1.0)]))] * 40
+    questions = tmp_path / "q.yaml"
+    questions.write_text(QUESTIONS)
+    code = run_cli(["eval", "--model", tiny_model_dir, "--questions", str(questions), "--samples", "1",
+                    "--max_new_tokens", "2", "--code_samples", "0", "--self_review", "false",
+                    "--out", str(tmp_path / "eval"), "--judge", "emalign.evaluation.judges.OpenAIJudge",
+                    "--judge.init_args.base_url", base_url, "--judge.init_args.api_key_env", "NONE_SET",
+                    "--judge.init_args.max_retries", "0"])
+    assert code == 0
+    assert server.seen and all(s["path"] == f"/v1/chat/completions?api-version=2024&key={SECRET}"
+                               for s in server.seen)  # joined before the query
+    written = "".join(p.read_text() for p in (tmp_path / "eval").iterdir() if p.is_file())
+    printed = "".join(capsys.readouterr())
+    for secret in ("PASSWORD-9", SECRET):
+        assert secret not in written and secret not in printed

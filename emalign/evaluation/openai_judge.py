@@ -14,18 +14,22 @@ logs, errors, ``raw`` or ``stats``.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 
 from emalign.errors import UserError, check_range
 from emalign.evaluation.scoring import (
@@ -61,6 +65,74 @@ class _Failed(Exception):
     """A request that did not succeed after its retries (or a non-retryable HTTP error)."""
 
 
+class _Cancelled(Exception):
+    """The batch was interrupted (Ctrl+C): no further attempt, no further wait."""
+
+
+def endpoint(base_url: str) -> str:
+    """``{base_url}/chat/completions``, the path joined before the query (``?api-version=...`` stays a query)."""
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/chat/completions", parts.query, ""))
+
+
+def public_url(base_url: str) -> str:
+    """``base_url`` fit to write down: user and password, query values and the fragment replaced by ``***``."""
+    parts = urlsplit(base_url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + host, parts.path, query, ""))
+
+
+def url_secrets(base_url: str) -> list[str]:
+    """The parts of ``base_url`` that :func:`public_url` hides (user, password, query values)."""
+    parts = urlsplit(base_url)
+    found = [parts.username, parts.password, *(value for _, value in parse_qsl(parts.query))]
+    return [value for value in found if value]
+
+
+class _Watched:
+    """One request's connections, so that a watchdog can cut them when its deadline passes."""
+
+    def __init__(self) -> None:
+        self.connections: list = []
+        self.expired = False
+
+    def cut(self) -> None:
+        for conn in self.connections:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # a recv blocked on a trickling server returns at once
+                except OSError:
+                    pass
+
+
+_current = threading.local()
+
+
+def _watching(pool_class):
+    class Pool(pool_class):
+        def _get_conn(self, timeout=None):
+            conn = super()._get_conn(timeout)
+            watched = getattr(_current, "watched", None)
+            if watched is not None:
+                watched.connections.append(conn)
+            return conn
+
+    return Pool
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with pools that hand each connection to the request's :class:`_Watched`: requests'
+    own timeout bounds each socket read, so a server trickling its status line and headers a byte at a time
+    would otherwise hold a request for as long as it likes."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _watching(urllib3.HTTPConnectionPool), "https": _watching(urllib3.HTTPSConnectionPool)}
+
+
 class OpenAIJudge(Judge):
     """Judge via ``POST {base_url}/chat/completions`` reading the first token's top logprobs."""
 
@@ -80,11 +152,12 @@ class OpenAIJudge(Judge):
     ) -> None:
         """
         Args:
-            base_url: API root; ``/chat/completions`` is appended.
+            base_url: API root; ``/chat/completions`` is appended to its path. A user, password or query
+                value in it is sent but never written or printed (``***`` in the judge's identity).
             model: judge model name (upstream: gpt-4o-2024-08-06).
             api_key_env: environment variable holding the key; unset means no Authorization
                 header (a local vLLM server needs none).
-            timeout_s: per-request timeout in seconds.
+            timeout_s: deadline of one attempt in seconds, from connecting to the last byte of the reply.
             max_retries: retries after the first attempt for transient errors.
             backoff_s: first backoff; doubles on every retry.
             max_backoff_s: cap on one wait (also on ``Retry-After``).
@@ -121,10 +194,13 @@ class OpenAIJudge(Judge):
         # One session per thread: requests.Session is not documented as thread-safe.
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._cancel = threading.Event()  # set by an interrupted batch: every worker stops trying
+        self._inflight: set[_Watched] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_local"], state["_lock"]  # neither pickles; rebuilt on load
+        for name in ("_local", "_lock", "_cancel", "_inflight"):  # none pickles; rebuilt on load
+            del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -138,12 +214,15 @@ class OpenAIJudge(Judge):
     @property
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
+            session = requests.Session()
+            session.mount("http://", _DeadlineAdapter())
+            session.mount("https://", _DeadlineAdapter())
+            self._local.session = session
         return self._local.session
 
     @property
     def identity(self) -> str:
-        return f"openai:{self.model}@{self.base_url}"
+        return f"openai:{self.model}@{public_url(self.base_url)}"
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -151,9 +230,10 @@ class OpenAIJudge(Judge):
         return os.environ.get(self.api_key_env, "").strip()
 
     def _redact(self, text: str) -> str:
-        """Remove the key from text that came back from the server, should it echo it."""
-        key = self._key()
-        return text.replace(key, "***") if key else text
+        """Remove the key and the URL's secrets from text that came back from the server, should it echo them."""
+        for secret in [self._key(), *url_secrets(self.base_url)]:
+            text = text.replace(secret, "***") if secret else text
+        return text
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -179,24 +259,32 @@ class OpenAIJudge(Judge):
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST with retries; returns the parsed JSON or raises ``_Malformed`` / ``_Failed``."""
-        url = f"{self.base_url}/chat/completions"
+        url = endpoint(self.base_url)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
+            if self._cancel.is_set():
+                raise _Cancelled()
             if attempt:
                 self._count("retries")
             self._count("requests")
             retry_after = None
+            watched = _Watched()
             try:
-                # Streamed, so that the body is read under the whole-request deadline and the size cap.
-                resp = self._session.post(url, json=body, headers=self._headers(), timeout=self.timeout_s,
-                                          stream=True)
-                content = self._read(resp) if resp.status_code == 200 else None
+                # One deadline for the attempt, status line and headers included: the watchdog cuts the socket.
+                with self._watch(watched):
+                    # Streamed, so that the body is read under the same deadline and the size cap.
+                    resp = self._session.post(url, json=body, headers=self._headers(), timeout=self.timeout_s,
+                                              stream=True)
+                    content = self._read(resp) if resp.status_code == 200 else None
             except (
                 requests.Timeout,
                 requests.ConnectionError,
                 requests.exceptions.ChunkedEncodingError,
             ) as err:
-                last = type(err).__name__  # the exception text may echo request details
+                if self._cancel.is_set():
+                    raise _Cancelled() from None
+                # The exception text may echo request details: its type says enough.
+                last = "Timeout" if watched.expired else type(err).__name__
             except requests.RequestException as err:  # e.g. a bad URL: retrying cannot help
                 raise _Failed(type(err).__name__) from err
             else:
@@ -217,8 +305,39 @@ class OpenAIJudge(Judge):
             if attempt < self.max_retries:
                 delay = self._wait(attempt, retry_after)
                 log.warning("judge %s: %s; retry %d in %.2fs", self.identity, last, attempt + 1, delay)
-                time.sleep(delay)
+                if self._cancel.wait(delay):  # an interrupted batch ends the wait at once
+                    raise _Cancelled()
         raise _Failed(f"gave up after {self.max_retries + 1} attempts: {last}")
+
+    @contextlib.contextmanager
+    def _watch(self, watched: _Watched):
+        """Cut ``watched``'s connections when ``timeout_s`` has passed (or the batch is interrupted)."""
+
+        def expire() -> None:
+            watched.expired = True
+            watched.cut()
+
+        timer = threading.Timer(self.timeout_s, expire)
+        timer.daemon = True
+        _current.watched = watched
+        with self._lock:
+            self._inflight.add(watched)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            _current.watched = None
+            with self._lock:
+                self._inflight.discard(watched)
+
+    def cancel(self) -> None:
+        """Stop every request of this judge now: no new attempt, no wait, in-flight connections cut."""
+        self._cancel.set()
+        with self._lock:
+            inflight = list(self._inflight)
+        for watched in inflight:
+            watched.cut()
 
     def _read(self, resp: requests.Response) -> bytes:
         """The body, within ``timeout_s`` for the whole request and at most ``max_reply_bytes``.
@@ -314,5 +433,13 @@ class OpenAIJudge(Judge):
     ) -> list[JudgeResult]:
         if self.concurrency == 1 or len(prompts) <= 1:
             return [self.judge_one(p, mode, labels) for p in prompts]
-        with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as pool:
+        pool = ThreadPoolExecutor(min(self.concurrency, len(prompts)))
+        try:
             return list(pool.map(lambda p: self.judge_one(p, mode, labels), prompts))
+        except BaseException:  # Ctrl+C: the workers would otherwise go on sending and retrying
+            self.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # quick now: no wait or read is left to block
+            self._cancel.clear()
+            raise
+        finally:
+            pool.shutdown(wait=True)
