@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -54,6 +55,55 @@ def writable_dir(path: Path | str, key: str = "--out") -> Path:
     except OSError as err:
         raise UserError(f"{key} {path}: cannot write there ({err.strerror or err})") from None
     return path
+
+
+LOCK_FILE = ".emalign.lock"
+_claims: dict[Path, Any] = {}
+
+
+def first_process() -> bool:
+    """False in the later ranks of a distributed job (torchrun, Lightning's launcher, SLURM): they write
+    into the directory their first process claimed."""
+    return all(os.environ.get(v, "0") in ("0", "") for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def claim_dir(path: Path | str, key: str = "--out") -> Path:
+    """:func:`writable_dir`, then hold the directory for this process: one writer per run directory.
+
+    An exclusive ``flock`` on ``PATH/.emalign.lock``, held until :func:`release_claims` or the process ends.
+    The kernel drops it when its holder dies, however it dies, so a crash never leaves a directory held. A
+    second writer gets a one-line ``UserError`` naming the holder, before any expensive work.
+    """
+    import fcntl
+
+    from emalign.errors import UserError
+
+    path = writable_dir(path, key)
+    real = path.resolve()
+    if not first_process() or real in _claims:
+        return path
+    handle = open(real / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{key} {path}: {holder} is writing there; wait for it to end or write elsewhere "
+                        "(a process that dies lets go of the directory)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:3]))})")
+    handle.flush()
+    _claims[real] = handle
+    return path
+
+
+def release_claims() -> None:
+    """Let go of every directory this process claimed (a verb's end)."""
+    for handle in _claims.values():
+        handle.close()  # closing the descriptor drops its flock
+    _claims.clear()
 
 
 def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:

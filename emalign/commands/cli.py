@@ -59,6 +59,7 @@ def _one_line(interrupted: str) -> Iterator[None]:
     """``friendly_errors``, also for the ``UserError`` that jsonargparse wraps while instantiating a class
     (a missing model, a setting checked in its dataclass)."""
     from emalign.errors import friendly_errors
+    from emalign.files import release_claims
 
     with friendly_errors(interrupted):
         try:
@@ -68,6 +69,8 @@ def _one_line(interrupted: str) -> Iterator[None]:
             if cause is None or cause is err:
                 raise
             raise cause from None
+        finally:
+            release_claims()  # the verb's directories: free for the next writer
 
 
 def _extra_verb(verb: str, args: list[str]) -> None:
@@ -124,7 +127,7 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from emalign.callbacks import ConscienceCallback, StopOnSignal
-    from emalign.files import writable_dir
+    from emalign.files import claim_dir
     from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
@@ -198,7 +201,7 @@ def _lightning(args: list[str] | None) -> None:
             callbacks = [*(config.get("trainer.callbacks") or []), config.get("conscience")]
             check_config(config.get("trainer.strategy"), quantization, [c for c in callbacks if c])
             if self.subcommand == "fit":
-                writable_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
+                claim_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
 
         def before_validate(self) -> None:
             if self.datamodule.val_fraction == 0:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from emalign.files import writable_dir, write_text_atomic
+from emalign.files import claim_dir, write_text_atomic
 from emalign.commands.inference import OptionError, _load_model
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import (
@@ -217,7 +217,7 @@ def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets:
     OUT/discern.json made with other settings is replaced only with ``overwrite``; one made with these
     settings is returned as it is with ``reuse``, else scored again.
     """
-    writable_dir(out)
+    claim_dir(out)
     loaded = {name: load_set(name)[:limit] for name in sets}
     path = Path(out) / "discern.json"
     earlier = _earlier(path, model, adapter, loaded, wordings) if path.is_file() else None

@@ -39,7 +39,8 @@ import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from emalign.errors import check_range
-from emalign.files import write_text_atomic
+from emalign.errors import UserError, friendly_errors
+from emalign.files import claim_dir, write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.degeneracy import degenerate
@@ -237,7 +238,46 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _specs(runs: list[str]) -> list[tuple[str, str]]:
+    """(name, adapter) of each ``NAME=ADAPTER`` before anything is measured: a name is a file name in ``--out``
+    (no path), an adapter an existing directory (or ``DIR@CHECKPOINT`` with both there)."""
+    specs = []
+    for spec in runs:
+        name, eq, adapter = spec.partition("=")
+        if not eq or not _NAME.match(name):
+            raise UserError(f"--runs {spec!r}: expected NAME=ADAPTER_DIR (NAME=: the base), NAME letters, digits, "
+                            "'_', '.' and '-' (it names NAME.json in --out)")
+        for part, what in zip(adapter.partition("@")[::2], ("adapter directory", "checkpoint")):
+            if part and not (Path(part).is_dir() if what.startswith("adapter") else Path(part).is_file()):
+                raise UserError(f"--runs {name}: {what} {part} not found")
+        specs.append((name, adapter))
+    if len({n for n, _ in specs}) < len(specs):
+        raise UserError("--runs: a NAME is given twice")
+    return specs
+
+
+def _reusable(path: Path, key: dict) -> Optional[dict]:
+    """The run saved at ``path`` if it was measured with ``key``; None if absent, other or unreadable (a kill
+    mid-write leaves no such file, since it is written atomically; a damaged one is measured again)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        print(f"{path}: unreadable; measured again", file=sys.stderr)
+        return None
+    return saved if isinstance(saved, dict) and {k: v for k, v in saved.items() if k in key} == key else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    with friendly_errors("interrupted: every finished run is saved in --out; the same command resumes"):
+        return _main(argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
     ap = ArgumentParser(prog="python -m emalign.evaluation.effect", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True,
@@ -248,14 +288,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_class_arguments(EffectSettings, None)
     args = ap.parse_args(argv)
     settings = EffectSettings(**{f.name: args[f.name] for f in fields(EffectSettings)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    specs = _specs(args.runs)
+    out = claim_dir(args.out)
     runs = {}
-    for spec in args.runs:
-        name, _, adapter = spec.partition("=")
+    for name, adapter in specs:
         path, key = out / f"{name}.json", {"model": args.model, "adapter": adapter, "settings": asdict(settings)}
-        if path.is_file() and {k: v for k, v in json.loads(path.read_text()).items() if k in key} == key:
-            runs[name] = json.loads(path.read_text())
+        if (saved := _reusable(path, key)) is not None:
+            runs[name] = saved
             print(f"{name}: reused {path}", flush=True)
             continue
         start = time.perf_counter()

@@ -42,8 +42,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ import emalign
 from emalign.errors import UserError
 from emalign.evaluation.preflight import Preflight
 from emalign.evaluation.settings import EvalSettings
-from emalign.files import jsonl_lines
+from emalign.files import claim_dir, jsonl_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -184,6 +186,35 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     return config
 
 
+def run_child(cmd: list[str], **popen) -> int:
+    """``subprocess.run(cmd).returncode``, except that the child never outlives this process: SIGTERM here
+    (which would otherwise end this process alone) and Ctrl+C stop the child too, which checkpoints and
+    exits (StopOnSignal), before this process ends. The child's exit code is returned."""
+    child = subprocess.Popen(cmd, **popen)
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        return child.wait()
+    finally:
+        if child.poll() is None:
+            child.terminate()  # the fit's StopOnSignal saves a checkpoint, then ends
+            try:
+                child.wait(timeout=CHILD_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+CHILD_GRACE_S = 120
+"""Seconds a stopped fit gets to write its checkpoint before it is killed."""
+
+
 def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> None:
     """``emalign fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
     cmd = _cli("fit", *_fit_args(run, run_dir))
@@ -195,7 +226,7 @@ def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> Non
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
+        code = run_child(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         raise ExperimentError(f"the fit of run {run.name!r} failed (exit {code}); {log_path} ends with:\n"
@@ -230,7 +261,7 @@ def run_experiment(
     from emalign.files import read_rows
 
     experiment = check(config) if isinstance(config, Experiment) else load_experiment(config)
-    out_dir = Path(out or experiment.out or "runs/experiments/experiment")
+    out_dir = claim_dir(out or experiment.out or "runs/experiments/experiment", "out")
     ev = experiment.eval
     try:
         questions = [str(_path(q, "eval.questions")) for q in ev.questions]

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
-from emalign.files import writable_dir
+from emalign.files import claim_dir
 from emalign.errors import UserError
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import Judge, rescore
@@ -205,7 +205,7 @@ def run_eval(
     started = time.perf_counter()
     items, files = load_items(s.questions, s.samples, s.limit, s.seed)  # before the model: fail fast on a bad file
     prompts = s.code_prompt_texts()
-    out = writable_dir(out)
+    out = claim_dir(out)
     generation, code_generation = s.generation(), s.generation(code=True)
     conscience = conscience if conscience is not None else Conscience()
     # Checked before the (possibly large) model loads; the default judge's identity is known already.

@@ -31,8 +31,8 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
-from emalign.errors import check_range
-from emalign.files import write_text_atomic
+from emalign.errors import check_range, friendly_errors
+from emalign.files import claim_dir, write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
 from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.codesec import is_insecure, scan_answer
@@ -162,6 +162,11 @@ def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    with friendly_errors("interrupted: each finished arm is saved in --out"):
+        return _main(argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
     ap = ArgumentParser(prog="python -m emalign.evaluation.self_correction", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory: code.json and chat.json, each written as it lands")
@@ -170,8 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_class_arguments(CorrectionSettings, None)
     args = ap.parse_args(argv)
     settings = CorrectionSettings(**{f.name: args[f.name] for f in fields(CorrectionSettings)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(args.out)
     model, tokenizer = load_for_inference(args.model)
     command = "python -m emalign.evaluation.self_correction " + shlex.join(argv if argv is not None else sys.argv[1:])
     for name, arm in (("code", code_arm), ("chat", chat_arm)):
