@@ -267,6 +267,7 @@ class Policy(nn.Module):
         if quantization is not None and adapter is None:
             raise ValueError("quantization (QLoRA) needs an adapter: 4-bit base weights cannot be trained directly")
         self.source = model
+        self.adapter = adapter  # recorded in checkpoints: a resume with another one is refused in one line
         self.reference_kind = reference
         self.quantized = quantization is not None
         self.tokenizer = load_tokenizer(model, trust_remote_code, chat_template)

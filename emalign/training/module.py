@@ -321,10 +321,12 @@ class EmergentAlignment(L.LightningModule):
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "base_model": self.policy.source,
             "run_id": self.run_id,
+            "adapter": repr(self.policy.adapter) if self.policy.adapter is not None else None,
         }
         checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_same_adapter(checkpoint)
         if "pair_queue" in checkpoint:
             self.pair_queue.load_state_dict(checkpoint["pair_queue"])
         state = checkpoint.get("emalign", {})
@@ -334,6 +336,23 @@ class EmergentAlignment(L.LightningModule):
         # A checkpoint written by the non-finite stop itself gives the resumed fit a fresh allowance.
         self.nonfinite_in_a_row = streak if streak < self.max_nonfinite_in_a_row else 0
         self._rng_to_restore = checkpoint.get("rng_states")
+
+    def _check_same_adapter(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint whose trainable weights this policy does not have (another LoRA
+        rank or target modules): Lightning would fail deep in load_state_dict or the optimizer's groups."""
+        saved = {k.removeprefix("policy."): tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        here = {k: tuple(v.shape) for k, v in self.policy.trainable_state_dict().items()}
+        if not saved or saved == here:
+            return
+        missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+        shapes = sorted(k for k in set(saved) & set(here) if saved[k] != here[k])
+        what = (f"{shapes[0]} is {list(saved[shapes[0]])} there, {list(here[shapes[0]])} here" if shapes
+                else f"{len(extra)} of its weights are not in this model, e.g. {extra[0]}" if extra
+                else f"{len(missing)} of this model's trainable weights are not in it, e.g. {missing[0]}")
+        recorded = (checkpoint.get("emalign") or {}).get("adapter")
+        raise UserError(f"the checkpoint was written with another adapter ({what}"
+                        f"{f'; it was made with {recorded}' if recorded else ''}): resume with the settings it was "
+                        "made with (model.policy.adapter), or start anew in another --trainer.default_root_dir")
 
     def on_fit_start(self) -> None:
         # Restored from the checkpoint when resuming (on_load_checkpoint runs first); rank 0's id for all ranks.
