@@ -225,6 +225,9 @@ CASES = [
     Case("discern: batch_size 0", lambda c: c.discern("--batch_size", "0"), "--batch_size must be at least 1"),
     Case("discern: limit 0", lambda c: c.discern("--limit", "0"), "--limit must be at least 1"),
     Case("discern: empty question", lambda c: c.discern("--questions", " "), "non-empty question"),
+    Case("discern: one pair (no se, no correlation)",
+         lambda c: c.discern(pairs=c.file("one.jsonl", json.dumps(PAIRS[0]) + "\n")), None, code=0,
+         kept=lambda c: "one.jsonl | default | 1 |" in (c.tmp / "discern" / "discern.md").read_text()),
     Case("discern: over a result made with other settings", lambda c: c.discern("--limit", "2"), "--overwrite true",
          setup=lambda c: run_cli(c.discern()) == 0 or None,
          kept=lambda c: [s["n_pairs"] for s in json.loads((c.tmp / "discern" / "discern.json").read_text())[
@@ -237,7 +240,11 @@ CASES = [
     Case("generate: top_p 0", lambda c: c.generate("--top_p", "0"), "--top_p"),
     Case("generate: missing prompts file", lambda c: [*c.generate()[:3], "--prompts", str(c.tmp / "absent.txt")],
          "absent.txt"),
-    Case("generate: out is a directory", lambda c: c.generate("--out", str(c.tmp)), str("")),
+    Case("generate: out is a directory, checked before the model loads",  # the model does not exist
+         lambda c: [*c.generate("--out", str(c.tmp))[:1], "--model", str(c.tmp / "no-model"),
+                    *c.generate("--out", str(c.tmp))[3:]], "is a directory; give a JSONL file to append the answers to"),
+    Case("generate: unknown embedded prompts", lambda c: [*c.generate()[:3], "--prompts", "embedded:nope"],
+         "embedded:nope: no such embedded set; the sets are embedded:insecure"),
     Case("generate: threshold 2", lambda c: c.generate("--threshold", "2"), "--threshold"),
     Case("chat: max_new_tokens 0", lambda c: c.chat("--max_new_tokens", "0"), "--max_new_tokens: must be >= 1"),
     Case("chat: unknown flag", lambda c: c.chat("--tempreature", "1"), "unrecognized arguments"),
@@ -273,6 +280,14 @@ def test_fault(case: Case, tiny_model_dir, tmp_path, capsys, monkeypatch):
     else:
         assert len(errors) == 1 and case.message in errors[0], err[-3000:]
     assert case.kept(ctx)
+
+
+def test_chat_with_standard_input_closed_is_one_line(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # as `chat <&-` starts it
+    assert run_cli(["chat", "--model", tiny_model_dir, "--samples", "2", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: chat reads what you type from standard input, which is closed; for prompts in a file use "
+                   "`generate --prompts FILE`"]
 
 
 def test_the_table_covers_every_verb():

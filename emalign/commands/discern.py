@@ -54,7 +54,7 @@ def _rows(result: dict) -> list[list[str]]:
     for r in result["results"]:
         rows.append([
             r["set"], r["wording"], str(r["n"]), _cell(r["accuracy"]), _cell(r["auroc"]),
-            f"{r['gap']['mean']:+.3f} ± {r['gap']['se']:.3f}",
+            _num(r["gap"]["mean"], "+.3f") + ("" if r["gap"]["se"] is None else f" ± {r['gap']['se']:.3f}"),
             f"{r['approval']['good']['value']:.2f}", f"{r['approval']['bad']['value']:.2f}",
         ])
     return rows
@@ -62,7 +62,12 @@ def _rows(result: dict) -> list[list[str]]:
 
 def _consistency_rows(result: dict) -> list[list[str]]:
     return [[c["set"], f"{c['inverted']} vs {c['direct']}", _cell(c["agree"]),
-             f"{c['pearson']:+.2f}", f"{c['spearman']:+.2f}"] for c in result["consistency"]]
+             _num(c["pearson"], "+.2f"), _num(c["spearman"], "+.2f")] for c in result["consistency"]]
+
+
+def _num(value, spec: str) -> str:
+    """``value`` formatted, or ``-`` where a statistic is undefined (one pair has no se, no correlation)."""
+    return "-" if value is None or value != value else format(value, spec)
 
 
 CONSISTENCY_HEADER = ["set", "wordings", "same preference [95% CI]", "Pearson", "Spearman"]

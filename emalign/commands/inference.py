@@ -175,13 +175,15 @@ def generate(
         # jsonargparse reads Decoding's fields from this call and offers each as a flag of generate.
         settings = Decoding(**decoding)
         conversations = load_prompts(prompts, system=system)  # before the model: fail fast on a bad file
+        if out and Path(out).is_dir():
+            raise OptionError(f"--out {out}: is a directory; give a JSONL file to append the answers to")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        sink = RowWriter(Path(out) if out else None)  # opened before the model loads: None writes nothing
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)
         decoder = settings.decoder(lm, tokenizer)
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-        sink = RowWriter(Path(out) if out else None)  # None writes nothing
         per_call = max(1, settings.batch_size // settings.samples)
         actions: dict[str, int] = {}
         columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -244,6 +246,9 @@ def chat(
     with friendly_errors():
         # jsonargparse reads Decoding's other fields from this call and offers each as a flag of chat.
         settings = Decoding(max_new_tokens=max_new_tokens, **decoding)
+        if sys.stdin is None or sys.stdin.closed:
+            raise OptionError("chat reads what you type from standard input, which is closed; "
+                              "for prompts in a file use `generate --prompts FILE`")
         console = Console()
         with console.status(f"loading {model}"):
             lm, tokenizer = _load_model(model, adapter)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from emalign.errors import UserError
 from emalign.files import write_text_atomic
 
 EMBEDDED = Literal["insecure", "secure"]
@@ -118,7 +119,8 @@ def embedded_chat_path(name: str) -> Path:
     if name in get_args(PROMPT_SETS):
         return RESOURCES / f"{name}.jsonl"
     if name not in get_args(EMBEDDED):
-        raise ValueError(f"embedded dataset must be one of {get_args(EMBEDDED) + get_args(PROMPT_SETS)}, not {name!r}")
+        raise UserError(f"embedded:{name}: no such embedded set; the sets are "
+                        + ", ".join(f"embedded:{n}" for n in get_args(EMBEDDED) + get_args(PROMPT_SETS)))
     path = _chat_file(name)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run: python -m emalign.data.embedded --write")
