@@ -4,7 +4,7 @@
     python bench/conscience_vs_trl.py --tiny --steps 1 --json /tmp/cvt.json         # smoke mode
 
 Settings on both sides: SmolLM2-135M-Instruct (``smollm2-135m-instruct``; TRL gets the same cached
-plain HF directory from ``emalign.models.policy.resolve_source``), LoRA r=16 alpha=32 on all linear layers,
+plain HF directory from ``emalign.models.sources.resolve_source``), LoRA r=16 alpha=32 on all linear layers,
 4 prompts x 2 samples x at most 64 new tokens per step, temperature 0.9, top_p 1.0, DPO beta 0.1,
 lr 5e-5, gradient clipping 1.0, the same eight prompts. A "pair" is one prompt with its two samples,
 as in the baseline's ``per_pair``.
@@ -71,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from emalign.models.policy import resolve_source
+    from emalign.models.sources import resolve_source
 
     hf_logging.set_verbosity_error()
 

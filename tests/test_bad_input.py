@@ -129,7 +129,7 @@ def test_missing_model_is_one_line_error_through_the_cli(tmp_path, capsys):
 
 
 def test_missing_or_corrupt_gguf_names_the_file(tmp_path):
-    from emalign.models.policy import ModelSourceError, resolve_source
+    from emalign.models.sources import ModelSourceError, resolve_source
 
     with pytest.raises(ModelSourceError, match=f"GGUF file not found: {tmp_path / 'missing.gguf'}"):
         resolve_source(str(tmp_path / "missing.gguf"))

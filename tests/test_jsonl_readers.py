@@ -12,7 +12,6 @@ import ast
 import json
 from pathlib import Path
 
-import pytest
 
 import emalign
 from emalign.data.chat import read_chat_jsonl

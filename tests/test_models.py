@@ -1,10 +1,13 @@
 """Model loading, the frozen reference under each reference kind, QLoRA on CPU, and source errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from emalign.models.logprobs import mean_token_nll
-from emalign.models.policy import LoRA, ModelSourceError, Policy, Quantization, resolve_source
+from emalign.models.policy import LoRA, Policy, Quantization
+from emalign.models.sources import ModelSourceError, resolve_source
 
 
 def _batch(tokenizer):
@@ -140,3 +143,44 @@ def test_generating_turns_off_checkpointing(tiny_model_dir):
     with policy.generating() as model:
         assert not base.is_gradient_checkpointing and model.config.use_cache and not model.training
     assert base.is_gradient_checkpointing
+
+
+def _fake_convert(calls):
+    def convert(directory, filename, out):
+        calls.append(filename)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"w" * 1000)
+    return convert
+
+
+def test_the_model_cache_is_verified_on_use_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    from emalign.models import sources
+
+    monkeypatch.setenv("EMALIGN_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(sources, "_convert_gguf", _fake_convert(calls))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    built = Path(resolve_source(str(gguf)))
+    assert calls == ["m.gguf"] and (built / sources.CACHE_MANIFEST).is_file()
+    assert resolve_source(str(gguf)) == str(built) and calls == ["m.gguf"]  # intact: used as is
+    with open(built / "model.safetensors", "r+b") as f:
+        f.truncate(10)  # a kill mid-copy, a full disk
+    assert resolve_source(str(gguf)) == str(built) and len(calls) == 2  # rebuilt, not failed on
+    assert (built / "model.safetensors").stat().st_size == 1000
+    (built / sources.CACHE_MANIFEST).unlink()  # a cache from before the manifest: rebuilt once
+    resolve_source(str(gguf))
+    assert len(calls) == 3 and not [p for p in built.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_an_unwritable_model_cache_is_one_line(tmp_path, monkeypatch):
+    from emalign.models import sources
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a cache below a file: unwritable even for root (a read-only HOME is not, for root)
+    monkeypatch.setenv("EMALIGN_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(sources, "_convert_gguf", _fake_convert([]))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    with pytest.raises(ModelSourceError, match="set EMALIGN_CACHE to a writable directory"):
+        resolve_source(str(gguf))

@@ -26,7 +26,6 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings

