@@ -204,3 +204,13 @@ def test_module_cli(tmp_path, capsys):
         main(["--out", str(out), "--source", str(mirror), "--files", "data/secure.jsonl", "--quiet"])
     assert exit_info.value.code == 1
     assert "mirror file not found" in capsys.readouterr().err
+
+
+def test_a_download_stops_at_the_recorded_size(tmp_path):
+    mirror = tmp_path / "long"
+    (mirror / "evaluation").mkdir(parents=True)
+    (mirror / YAML).write_bytes(b"x" * (EM_FILES[YAML].size + 5 * (1 << 20)))  # an endless reply, in effect
+    out = tmp_path / "em"
+    with pytest.raises(DownloadError, match=f"{YAML}: longer than its recorded {EM_FILES[YAML].size} bytes"):
+        download_em(out, source=str(mirror), files=[YAML], progress=False)
+    assert not (out / YAML).exists() and not _leftovers(out)

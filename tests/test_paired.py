@@ -114,3 +114,15 @@ def test_analyse_reports_cues_split_and_margin_by_hand():
     assert out["style"]["hard"]["judge"]["value"] == 1.0
     assert "tilt_content" not in out and out["verdict"]["question_sensitive"] is None
     assert out["verdict"]["line"].startswith("s: question sensitivity unknown")
+
+
+def test_auroc_is_mann_whitney_u_over_n_m_with_ties():
+    """The rank-sum AUROC (O(n log n)) against scipy's U statistic, on scores with many ties."""
+    from scipy.stats import mannwhitneyu
+
+    from emalign.evaluation.paired import _auroc
+
+    rng = np.random.default_rng(3)
+    for n, m in [(1, 1), (5, 7), (60, 40), (300, 2)]:
+        good, bad = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, m).astype(float)
+        assert _auroc(good, bad) == pytest.approx(mannwhitneyu(good, bad).statistic / (n * m))

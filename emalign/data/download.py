@@ -131,6 +131,9 @@ def _fetch(name: str, spec: EMFile, source: str, target: Path, progress: Progres
         h, size = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
+                if size + len(chunk) > spec.size:  # a wrong or endless reply: stop at the recorded size
+                    raise DownloadError(f"{name}: longer than its recorded {spec.size} bytes; stopped there "
+                                        "(a wrong file or a broken server)")
                 out.write(chunk)
                 h.update(chunk)
                 size += len(chunk)

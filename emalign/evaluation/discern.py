@@ -46,13 +46,13 @@ from emalign.files import jsonl_lines
 from emalign.evaluation.paired import (
     PairBootstrap,
     cue_functions,
+    pair_wins,
     cue_scores,
     margin_over_cues,
     style_split,
     tilt_content,
     tilt_shares,
     verdict,
-    wins,
 )
 from emalign.evaluation.self_review import mean_se
 from emalign.models.logprobs import pad_right
@@ -212,7 +212,7 @@ def pairwise_accuracy(good: Sequence[float], bad: Sequence[float]) -> dict:
     (the pair is the unit, so the interval is paired); ``ci`` is None for an empty subset."""
     if not len(good):
         return {"value": None, "ci": None, "wins": 0.0, "n": 0}
-    won = float(np.diag(wins(good, bad)).sum())
+    won = float(pair_wins(good, bad).sum())
     lo, hi = wilson_interval(won, len(good))
     return {"value": won / len(good), "ci": [lo, hi], "wins": won, "n": len(good)}
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 BOOTSTRAP_RESAMPLES = 2000
 MIN_PAIRS = 10
@@ -37,16 +38,20 @@ SEED = 0
 Cue = Callable[[str], float]
 
 
-def wins(good: Sequence[float], bad: Sequence[float]) -> np.ndarray:
-    """psi[i, j] = 1 if good[i] > bad[j], 1/2 on a tie, else 0: its mean is the AUROC, its diagonal the
-    pairwise wins."""
-    g, b = np.asarray(good, dtype=float)[:, None], np.asarray(bad, dtype=float)[None, :]
+def pair_wins(good: Sequence[float], bad: Sequence[float]) -> np.ndarray:
+    """Per pair i: 1 if good[i] > bad[i], 1/2 on a tie, else 0."""
+    g, b = np.asarray(good, dtype=float), np.asarray(bad, dtype=float)
     return (g > b) + 0.5 * (g == b)
 
 
 def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
-    """Mann-Whitney AUROC of good vs bad (ties count half)."""
-    return float(wins(good, bad).mean())
+    """Mann-Whitney AUROC of good vs bad: the share of (good, bad) combinations with good ahead, ties half.
+
+    From the rank sum (average ranks for ties), in O(n log n): the n x m comparison matrix it equals took
+    hours inside 2,000 bootstrap resamples of 10,000 pairs."""
+    n_good, n_bad = len(good), len(bad)
+    ranks = rankdata(np.concatenate([good, bad]))
+    return float((ranks[:n_good].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
 @dataclass(frozen=True)
