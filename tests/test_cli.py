@@ -111,7 +111,8 @@ def test_list_flags_take_space_separated_values():
     assert join_list_values(["--questions", "a.yaml", "b c.yaml", "--limit", "2"], flags) == [
         "--questions", '["a.yaml", "b c.yaml"]', "--limit", "2"]
     assert join_list_values(["--questions", "[a.yaml,b.yaml]"], flags) == ["--questions", "[a.yaml,b.yaml]"]
-    assert join_list_values(["--questions", "a.yaml"], flags) == ["--questions", "a.yaml"]
+    assert join_list_values(["--questions", "a.yaml"], flags) == ["--questions", '["a.yaml"]']  # a list of one
+    assert join_list_values(["--questions", "null"], flags) == ["--questions", "null"]
     assert join_list_values(["--out", "x", "--questions=a.yaml"], flags) == ["--out", "x", "--questions=a.yaml"]
 
 

@@ -168,6 +168,11 @@ CASES = [
     Case("fit: assistant-first record", lambda c: c.fit("--data.train_file", _assistant_first(c)),
          "first.jsonl:2: no user turn before the first assistant turn"),
     Case("fit: unknown key", lambda c: c.fit("--model.align_wieght", "1"), "align_wieght"),
+    Case("fit: a config file that is not YAML", lambda c: c.fit("--config", c.file("broken.yaml", "trainer:\n  x: [1\n")),
+         "broken.yaml:3:1: not valid YAML (expected ',' or ']'"),
+    Case("fit: a number as message content", lambda c: c.fit("--data.train_file", c.file("n.jsonl", json.dumps(
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}) + "\n")),
+         "n.jsonl:1: message 0 (user) has content 5 of type int; content must be a string"),
     Case("fit: ckpt_path missing", lambda c: c.fit("--ckpt_path", str(c.tmp / "none.ckpt")), "none.ckpt"),
     Case("fit: resume with another LoRA rank",
          lambda c: c.fit("--ckpt_path", "last", "--model.policy.init_args.adapter.r", "4", max_steps=2),
@@ -217,6 +222,8 @@ CASES = [
          "some-other/base-model"),
     Case("eval: missing adapter", lambda c: c.eval("--adapter", str(c.tmp / "absent")), "absent"),
     Case("eval: unknown flag", lambda c: c.eval("--samplez", "1"), "unrecognized arguments: --samplez"),
+    Case("eval: a config file that is not YAML", lambda c: c.eval("--config", c.file("e.yaml", "samples: {1\n")),
+         "e.yaml:2:1: not valid YAML"),
     # -- discern ----------------------------------------------------------------------------------------
     Case("discern: out is a file", lambda c: c.discern("--out", c.file("afile", "x")), "is a file"),
     Case("discern: missing set", lambda c: c.discern(pairs=str(c.tmp / "absent.jsonl")), "absent.jsonl: no such file"),
@@ -259,6 +266,9 @@ CASES = [
     Case("data: out is a file", lambda c: ["data", "em", "--out", c.file("afile", "x"), "--source", str(c.tmp)],
          "afile"),
     Case("data: unknown dataset", lambda c: ["data", "nope"], "nope"),
+    Case("data: one --files value, as the help writes it (a list of one)",
+         lambda c: ["data", "em", "--files", "data/insecure.jsonl", "--out", str(c.tmp / "em"), "--source", str(c.tmp)],
+         "/data/insecure.jsonl"),  # the one file asked for, looked up (it is absent there): the flag was accepted
 ]
 
 

@@ -106,7 +106,8 @@ def list_flags(parser) -> set[str]:
 
 def join_list_values(args: list[str], flags: set[str]) -> list[str]:
     """``--flag a b`` -> ``--flag ["a", "b"]`` for list flags, as users type them (jsonargparse takes one
-    token per flag); one value, ``[a,b]`` and ``--flag=...`` pass unchanged."""
+    token per flag), and ``--flag a`` -> ``--flag ["a"]``; ``[a,b]``, ``null`` and ``--flag=...`` pass
+    unchanged."""
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -118,8 +119,30 @@ def join_list_values(args: list[str], flags: set[str]) -> list[str]:
         while i < len(args) and not args[i].startswith("--"):
             values.append(args[i])
             i += 1
-        out += [json.dumps(values)] if len(values) > 1 else values
+        single = len(values) == 1 and not values[0].lstrip().startswith("[") and values[0] not in ("null", "None")
+        out += [json.dumps(values)] if len(values) > 1 or single else values  # one value is a list of one
     return out
+
+
+def check_config_files(args: list[str]) -> None:
+    """Read every ``--config FILE`` of the command line as YAML first: a broken file is one line naming
+    it, its line and column (jsonargparse would say ``"<unicode string>"``)."""
+    import yaml
+
+    from emalign.errors import UserError
+
+    for flag, value in zip(args, args[1:]):
+        if flag != "--config" or not Path(value).is_file():
+            continue  # a missing file is the parser's to report, with the flag
+        try:
+            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"--config {value}: not UTF-8 (byte {err.start})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{value}:{mark.line + 1}:{mark.column + 1}" if mark else value
+            problem = getattr(err, "problem", None) or str(err)
+            raise UserError(f"--config {where}: not valid YAML ({problem})") from None
 
 
 def _lightning(args: list[str] | None) -> None:
@@ -245,6 +268,8 @@ def _lightning(args: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    with _one_line("interrupted"):
+        check_config_files(argv)
     if argv and argv[0] in VERBS:
         _extra_verb(argv[0], argv[1:])
         return

@@ -97,7 +97,10 @@ def _validate_record(record: Any, where: str, require_assistant: bool) -> Conver
         if role not in ROLES:
             raise DataFileError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
+        if not isinstance(content, str):
+            raise DataFileError(f"{where}: message {i} ({role}) has content {content!r} of type "
+                                f"{type(content).__name__}; content must be a string (quote it)")
+        if not content.strip():
             raise DataFileError(f"{where}: message {i} ({role}) has empty content")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataFileError(f"{where}: no assistant turn")
