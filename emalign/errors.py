@@ -31,8 +31,7 @@ def no_space(path: Optional[str | os.PathLike], what: str = "") -> DiskFullError
         directory = directory.parent
     free = shutil.disk_usage(directory).free / 2**20
     return DiskFullError(f"no space left on the device writing {what + ' ' if what else ''}{where or '(unknown file)'} "
-                         f"({free:.1f} MiB free in {directory}); free some space or write the run elsewhere "
-                         "(--trainer.default_root_dir)")
+                         f"({free:.1f} MiB free in {directory}); free some space there, or write to another disk")
 
 
 def filesystem_error(err: OSError) -> UserError:

@@ -15,25 +15,41 @@ import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A full disk while writing ``path`` says so, naming ``path`` and its disk's free space (a write to an
+    open file raises ENOSPC without a file name)."""
+    from emalign.errors import NO_SPACE, no_space
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise no_space(path) from err
+        raise
+
+
 def write_text_atomic(path: Path | str, text: str) -> Path:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are ordinary shared files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -143,13 +159,15 @@ class RowWriter:
     """Appends rows to a JSONL file, each flushed and fsynced before the next is made."""
 
     def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
         self.handle = open(path, "a", encoding="utf-8") if path else None
 
     def write(self, row: dict) -> None:
         if self.handle:
-            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
+            with _naming(self.path):
+                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
 
     def close(self) -> None:
         if self.handle:

@@ -109,3 +109,20 @@ def test_any_write_that_finds_the_disk_full_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: no space left on the device writing {tmp_path / 'rollouts.jsonl'} (")
     assert f"MiB free in {tmp_path})" in err
+
+
+def test_every_writer_names_the_file_and_the_disk_that_filled(tmp_path, small_disk):
+    """Writes to an open file raise ENOSPC without a file name: the writers name their own file, and the free
+    space is that disk's (the 32 KiB tmpfs), not the working directory's."""
+    from emalign.errors import DiskFullError
+    from emalign.files import RowWriter, write_text_atomic
+
+    big = "x" * 200_000
+    with pytest.raises(DiskFullError) as info:
+        write_text_atomic(small_disk / "summary.json", big)
+    assert f"writing {small_disk / 'summary.json'} (" in str(info.value) and f"free in {small_disk})" in str(info.value)
+    assert list(small_disk.iterdir()) == []  # no temp file left
+    writer = RowWriter(small_disk / "rows.jsonl")
+    with pytest.raises(DiskFullError, match=f"writing {small_disk / 'rows.jsonl'} "):
+        writer.write({"answer": big})
+    writer.handle = None  # the failed write's buffer would raise again on close
