@@ -25,7 +25,7 @@ from typing import Iterator, Literal, Optional
 import torch
 from torch import nn
 
-from emalign.errors import check_range
+from emalign.errors import UserError, check_range
 from emalign.models.logprobs import check_head
 from emalign.models.sources import ModelSourceError, from_hub
 
@@ -158,11 +158,14 @@ class Policy(nn.Module):
     ) -> None:
         super().__init__()
         if adapter is None and reference != "copy":
-            raise ValueError(f"reference={reference!r} needs an adapter; full fine-tuning uses reference='copy'")
+            raise UserError(f"model.policy.reference={reference!r} needs an adapter (model.policy.adapter, e.g. "
+                            "{r: 16}); full fine-tuning is adapter: null with reference: copy")
         if adapter is not None and reference == "copy":
-            raise ValueError("reference='copy' is for full fine-tuning (adapter: null); use 'base' or 'snapshot'")
+            raise UserError("model.policy.reference='copy' is for full fine-tuning (adapter: null); with an adapter "
+                            "use 'base' or 'snapshot'")
         if quantization is not None and adapter is None:
-            raise ValueError("quantization (QLoRA) needs an adapter: 4-bit base weights cannot be trained directly")
+            raise UserError("model.policy.quantization (QLoRA) needs an adapter (model.policy.adapter): 4-bit base "
+                            "weights cannot be trained directly")
         self.source = model
         self.adapter = adapter  # recorded in checkpoints: a resume with another one is refused in one line
         self.reference_kind = reference
