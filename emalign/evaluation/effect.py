@@ -242,21 +242,24 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _specs(runs: list[str]) -> list[tuple[str, str]]:
-    """(name, adapter) of each ``NAME=ADAPTER`` before anything is measured: a name is a file name in ``--out``
-    (no path), an adapter an existing directory (or ``DIR@CHECKPOINT`` with both there)."""
+    """(name, adapter) of each ``NAME=ADAPTER``: a name is a file name in ``--out`` (no path)."""
     specs = []
     for spec in runs:
         name, eq, adapter = spec.partition("=")
         if not eq or not _NAME.match(name):
             raise UserError(f"--runs {spec!r}: expected NAME=ADAPTER_DIR (NAME=: the base), NAME letters, digits, "
                             "'_', '.' and '-' (it names NAME.json in --out)")
-        for part, what in zip(adapter.partition("@")[::2], ("adapter directory", "checkpoint")):
-            if part and not (Path(part).is_dir() if what.startswith("adapter") else Path(part).is_file()):
-                raise UserError(f"--runs {name}: {what} {part} not found")
         specs.append((name, adapter))
     if len({n for n, _ in specs}) < len(specs):
         raise UserError("--runs: a NAME is given twice")
     return specs
+
+
+def _check_adapter(name: str, adapter: str) -> None:
+    """An adapter to measure is an existing directory (or ``DIR@CHECKPOINT`` with both there)."""
+    for part, what in zip(adapter.partition("@")[::2], ("adapter directory", "checkpoint")):
+        if part and not (Path(part).is_dir() if what.startswith("adapter") else Path(part).is_file()):
+            raise UserError(f"--runs {name}: {what} {part} not found")
 
 
 def _reusable(path: Path, key: dict) -> Optional[dict]:
@@ -290,11 +293,14 @@ def _main(argv: Optional[list[str]]) -> int:
     settings = EffectSettings(**{f.name: args[f.name] for f in fields(EffectSettings)})
     specs = _specs(args.runs)
     out = claim_dir(args.out)
-    runs = {}
+    keys = {name: {"model": args.model, "adapter": adapter, "settings": asdict(settings)} for name, adapter in specs}
+    runs = {name: saved for name, _ in specs if (saved := _reusable(out / f"{name}.json", keys[name])) is not None}
+    for name, adapter in specs:  # before measuring any: a saved run needs no adapter any more
+        if name not in runs:
+            _check_adapter(name, adapter)
     for name, adapter in specs:
-        path, key = out / f"{name}.json", {"model": args.model, "adapter": adapter, "settings": asdict(settings)}
-        if (saved := _reusable(path, key)) is not None:
-            runs[name] = saved
+        path, key = out / f"{name}.json", keys[name]
+        if name in runs:
             print(f"{name}: reused {path}", flush=True)
             continue
         start = time.perf_counter()
@@ -302,7 +308,8 @@ def _main(argv: Optional[list[str]]) -> int:
         runs[name] = {**key, **measure(model, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
         write_text_atomic(path, json.dumps(runs[name], indent=1))  # each run kept as it lands
         print(f"{name}: {runs[name]['seconds']:.0f} s", flush=True)
-    baseline = args.runs[0].partition("=")[0]
+    runs = {name: runs[name] for name, _ in specs}  # in the order given: the first is the baseline
+    baseline = specs[0][0]
     command = "python -m emalign.evaluation.effect " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"command": command,
               "model": args.model, "settings": asdict(settings), "baseline": baseline,
