@@ -166,3 +166,18 @@ def test_sigterm_to_an_experiment_stops_its_fit_too(tiny_model_dir, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_effect_reuses_a_saved_run_whose_adapter_is_gone(tiny_model_dir, tmp_path, monkeypatch):
+    """Seeds measured on another machine keep counting: their saved JSON is the record, not the adapter."""
+    from emalign.evaluation import effect
+
+    out = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
+            "--pair_sets", "[chat]", "--runs", "base="]
+    assert effect.main(args) == 0
+    saved = json.loads((out / "base.json").read_text())
+    (out / "x_s0.json").write_text(json.dumps({**saved, "adapter": "/gone/adapter"}))
+    monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured a saved run"))
+    assert effect.main([*args, "x_s0=/gone/adapter"]) == 0
+    assert json.loads((out / "effect.json").read_text())["vs_baseline"]["x_s0"]["direct"] == [0.0, 0.0]
