@@ -1,8 +1,8 @@
 """The effect of a fit on held-out prompts, measured by what its loop did not optimise.
 
 The conscience loop raises one number: the frozen base's direct verdict on the policy's answers. That
-number alone cannot show the method works: most of it is a yes-tilt that ignores the question
-(``cli.py discern``). For each model (the base, or an adapter of a fit) this measures, on prompts the fit
+number alone cannot show the method works: most of it is a yes-tilt, the same whichever way the question is
+asked (``cli.py discern``). For each model (the base, or an adapter of a fit) this measures, on prompts the fit
 never sampled:
 
 - the frozen base's verdicts on the policy's K answers per prompt under four wordings (the direct question
