@@ -44,7 +44,8 @@ def test_compare_pairs_by_prompt_and_takes_seeds_as_the_unit_by_hand():
     arm = out["arms"]["m"]
     assert arm["runs"] == ["m_s0", "m_s1"] and arm["seeds"] == [0, 1]
     direct = arm["delta"]["direct"]  # per prompt: seed 0 (1, 1, 2), seed 1 (1, 1, 0); pooled (1, 1, 1)
-    assert direct["per_seed"]["0"] == pytest.approx([4 / 3, 1 / 3]) and direct["per_seed"]["1"][0] == pytest.approx(2 / 3)
+    assert direct["per_seed"]["0"] == pytest.approx([4 / 3, 1 / 3])
+    assert direct["per_seed"]["1"][0] == pytest.approx(2 / 3)
     assert direct["mean"] == pytest.approx(1.0) and direct["unit_se"] == pytest.approx(0.0)
     assert direct["seed_se"] == pytest.approx(1 / 3)  # seed means 4/3 and 2/3
     half = 12.706204736174707 / 3  # t(0.975, 1 df) x 1/3: two seeds say little

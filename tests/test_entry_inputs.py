@@ -68,7 +68,8 @@ def test_a_bad_input_file_is_one_line_naming_it(verb, flag, kind, mistake, tiny_
         path.mkdir()
     else:
         text = _valid(kind, tmp_path, tiny_model_dir)
-        path = tmp_path / f"cut-{kind}.{'yaml' if kind in ('questions', 'experiment') else 'jsonl' if kind != 'prompts' else 'txt'}"
+        suffix = {"questions": "yaml", "experiment": "yaml", "prompts": "txt"}.get(kind, "jsonl")
+        path = tmp_path / f"cut-{kind}.{suffix}"
         path.write_text(text[: len(text) // 2 + 7])
     capsys.readouterr()
     code = run_cli(_args(verb, flag, str(path), tiny_model_dir, tmp_path))

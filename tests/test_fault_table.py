@@ -168,7 +168,8 @@ CASES = [
     Case("fit: assistant-first record", lambda c: c.fit("--data.train_file", _assistant_first(c)),
          "first.jsonl:2: no user turn before the first assistant turn"),
     Case("fit: unknown key", lambda c: c.fit("--model.align_wieght", "1"), "align_wieght"),
-    Case("fit: a config file that is not YAML", lambda c: c.fit("--config", c.file("broken.yaml", "trainer:\n  x: [1\n")),
+    Case("fit: a config file that is not YAML",
+         lambda c: c.fit("--config", c.file("broken.yaml", "trainer:\n  x: [1\n")),
          "broken.yaml:3:1: not valid YAML (expected ',' or ']'"),
     Case("fit: a number as message content", lambda c: c.fit("--data.train_file", c.file("n.jsonl", json.dumps(
         {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}) + "\n")),
@@ -249,7 +250,8 @@ CASES = [
          "absent.txt"),
     Case("generate: out is a directory, checked before the model loads",  # the model does not exist
          lambda c: [*c.generate("--out", str(c.tmp))[:1], "--model", str(c.tmp / "no-model"),
-                    *c.generate("--out", str(c.tmp))[3:]], "is a directory; give a JSONL file to append the answers to"),
+                    *c.generate("--out", str(c.tmp))[3:]],
+         "is a directory; give a JSONL file to append the answers to"),
     Case("generate: unknown embedded prompts", lambda c: [*c.generate()[:3], "--prompts", "embedded:nope"],
          "embedded:nope: no such embedded set; the sets are embedded:insecure"),
     Case("generate: threshold 2", lambda c: c.generate("--threshold", "2"), "--threshold"),

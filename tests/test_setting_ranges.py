@@ -57,7 +57,8 @@ def settings_types() -> dict[str, tuple[type, dict[str, type]]]:
         for name, cls in vars(module).items():
             if not inspect.isclass(cls) or cls.__module__ != module.__name__ or issubclass(cls, BaseException):
                 continue
-            hints = typing.get_type_hints(cls.__init__) if "__init__" in vars(cls) or hasattr(cls, "__dataclass_fields__") else {}
+            own_init = "__init__" in vars(cls) or hasattr(cls, "__dataclass_fields__")
+            hints = typing.get_type_hints(cls.__init__) if own_init else {}
             numbers = {k: t for k, h in hints.items() if k != "return" and (t := _numeric(h))}
             if numbers and f"{module.__name__}.{name}" not in NOT_SETTINGS:
                 found[f"{module.__name__}.{name}"] = (cls, numbers)
