@@ -107,12 +107,13 @@ def test_the_conscience_is_off_with_one_flag(tiny_model_dir, tmp_path, monkeypat
 def test_list_flags_take_space_separated_values():
     from emalign.commands.cli import join_list_values
 
-    flags = {"--questions"}
+    flags = {"--questions": False, "--sets": True}  # --sets also takes one string of its own
     assert join_list_values(["--questions", "a.yaml", "b c.yaml", "--limit", "2"], flags) == [
         "--questions", '["a.yaml", "b c.yaml"]', "--limit", "2"]
     assert join_list_values(["--questions", "[a.yaml,b.yaml]"], flags) == ["--questions", "[a.yaml,b.yaml]"]
     assert join_list_values(["--questions", "a.yaml"], flags) == ["--questions", '["a.yaml"]']  # a list of one
     assert join_list_values(["--questions", "null"], flags) == ["--questions", "null"]
+    assert join_list_values(["--sets", "code chat"], flags) == ["--sets", "code chat"]
     assert join_list_values(["--out", "x", "--questions=a.yaml"], flags) == ["--out", "x", "--questions=a.yaml"]
 
 

@@ -94,20 +94,25 @@ def _run_verb(verb: str, args: list[str]) -> None:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
 
-def list_flags(parser) -> set[str]:
-    """The flags that take a list: jsonargparse gives each of them an appending twin, ``--flag+``."""
-    flags = set()
+def list_flags(parser) -> dict[str, bool]:
+    """The flags that take a list (jsonargparse gives each an appending twin, ``--flag+``), each with whether
+    one string is a value of its own too (``Union[list[str], str]``, as discern's ``--sets "code chat"``)."""
+    import typing
+
+    flags = {}
     for action in parsing.actions(parser):
-        flags.update(s[:-1] for s in action.option_strings if s.endswith("+"))
+        hint = parsing.type_hint(action)
+        takes_text = hint is str or str in typing.get_args(hint)
+        flags.update({s[:-1]: takes_text for s in action.option_strings if s.endswith("+")})
         for sub in parsing.subparsers(action).values():  # subcommands (``data em``)
-            flags |= list_flags(sub)
+            flags.update(list_flags(sub))
     return flags
 
 
-def join_list_values(args: list[str], flags: set[str]) -> list[str]:
+def join_list_values(args: list[str], flags: dict[str, bool]) -> list[str]:
     """``--flag a b`` -> ``--flag ["a", "b"]`` for list flags, as users type them (jsonargparse takes one
-    token per flag), and ``--flag a`` -> ``--flag ["a"]``; ``[a,b]``, ``null`` and ``--flag=...`` pass
-    unchanged."""
+    token per flag), and ``--flag a`` -> ``--flag ["a"]`` where one string is not a value of its own;
+    ``[a,b]``, ``null`` and ``--flag=...`` pass unchanged."""
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -119,7 +124,8 @@ def join_list_values(args: list[str], flags: set[str]) -> list[str]:
         while i < len(args) and not args[i].startswith("--"):
             values.append(args[i])
             i += 1
-        single = len(values) == 1 and not values[0].lstrip().startswith("[") and values[0] not in ("null", "None")
+        single = (len(values) == 1 and not flags[out[-1]] and not values[0].lstrip().startswith("[")
+                  and values[0] not in ("null", "None"))
         out += [json.dumps(values)] if len(values) > 1 or single else values  # one value is a list of one
     return out
 
