@@ -181,3 +181,22 @@ def test_effect_reuses_a_saved_run_whose_adapter_is_gone(tiny_model_dir, tmp_pat
     monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured a saved run"))
     assert effect.main([*args, "x_s0=/gone/adapter"]) == 0
     assert json.loads((out / "effect.json").read_text())["vs_baseline"]["x_s0"]["direct"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("flag", ["--pair_sets", "--prompts"])
+@pytest.mark.parametrize("mistake", ["missing", "directory", "truncated"])
+def test_effect_reads_its_input_files_before_measuring(flag, mistake, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from emalign.evaluation import effect
+
+    monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured before reading the inputs"))
+    path = tmp_path / ("pairs.jsonl" if flag == "--pair_sets" else "prompts.jsonl")
+    if mistake == "directory":
+        path.mkdir()
+    elif mistake == "truncated":
+        pair, chat = {"prompt": "Q?", "good": "Kind.", "bad": "Cruel."}, {"messages": [{"role": "user", "content": "Q?"}]}
+        path.write_text(json.dumps(pair if flag == "--pair_sets" else chat)[:20] + "\n")
+    value = f"[{path}]" if flag == "--pair_sets" else str(path)
+    with pytest.raises(SystemExit) as exit:
+        effect.main(["--model", tiny_model_dir, "--out", str(tmp_path / "out"), flag, value, "--runs", "base="])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and path.name in err[0], err

@@ -292,6 +292,9 @@ def _main(argv: Optional[list[str]]) -> int:
     args = ap.parse_args(argv)
     settings = EffectSettings(**{f.name: args[f.name] for f in fields(EffectSettings)})
     specs = _specs(args.runs)
+    for name in settings.pair_sets:  # read now: a bad pair file found after minutes of sampling loses them
+        load_set(name)
+    load_prompts(settings.prompts)
     out = claim_dir(args.out)
     keys = {name: {"model": args.model, "adapter": adapter, "settings": asdict(settings)} for name, adapter in specs}
     runs = {name: saved for name, _ in specs if (saved := _reusable(out / f"{name}.json", keys[name])) is not None}
