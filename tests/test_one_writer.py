@@ -193,7 +193,8 @@ def test_effect_reads_its_input_files_before_measuring(flag, mistake, tiny_model
     if mistake == "directory":
         path.mkdir()
     elif mistake == "truncated":
-        pair, chat = {"prompt": "Q?", "good": "Kind.", "bad": "Cruel."}, {"messages": [{"role": "user", "content": "Q?"}]}
+        pair = {"prompt": "Q?", "good": "Kind.", "bad": "Cruel."}
+        chat = {"messages": [{"role": "user", "content": "Q?"}]}
         path.write_text(json.dumps(pair if flag == "--pair_sets" else chat)[:20] + "\n")
     value = f"[{path}]" if flag == "--pair_sets" else str(path)
     with pytest.raises(SystemExit) as exit:
