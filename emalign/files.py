@@ -107,6 +107,10 @@ def claim_dir(path: Path | str, key: str = "--out") -> Path:
         handle.close()
         raise UserError(f"{key} {path}: {holder} is writing there; wait for it to end or write elsewhere "
                         "(a process that dies lets go of the directory)") from None
+    except OSError as err:  # a file system without locks (some NFS mounts): run, but say nothing guards it
+        handle.close()
+        log.warning("%s: cannot lock %s (%s); a second writer there would not be stopped", key, path, err)
+        return path
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:3]))})")

@@ -201,3 +201,18 @@ def test_effect_reads_its_input_files_before_measuring(flag, mistake, tiny_model
         effect.main(["--model", tiny_model_dir, "--out", str(tmp_path / "out"), flag, value, "--runs", "base="])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(err) == 1 and path.name in err[0], err
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from emalign import files
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert files.claim_dir(tmp_path / "run") == tmp_path / "run"
+    assert "cannot lock" in caplog.text and "would not be stopped" in caplog.text
+    files.release_claims()
