@@ -38,8 +38,7 @@ from typing import Optional
 import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
 
-from emalign.errors import check_range
-from emalign.errors import UserError, friendly_errors
+from emalign.errors import UserError, check_range, friendly_errors
 from emalign.files import claim_dir, write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
@@ -257,9 +256,11 @@ def _specs(runs: list[str]) -> list[tuple[str, str]]:
 
 def _check_adapter(name: str, adapter: str) -> None:
     """An adapter to measure is an existing directory (or ``DIR@CHECKPOINT`` with both there)."""
-    for part, what in zip(adapter.partition("@")[::2], ("adapter directory", "checkpoint")):
-        if part and not (Path(part).is_dir() if what.startswith("adapter") else Path(part).is_file()):
-            raise UserError(f"--runs {name}: {what} {part} not found")
+    directory, _, checkpoint = adapter.partition("@")
+    if directory and not Path(directory).is_dir():
+        raise UserError(f"--runs {name}: adapter directory {directory} not found")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"--runs {name}: checkpoint {checkpoint} not found")
 
 
 def _reusable(path: Path, key: dict) -> Optional[dict]:

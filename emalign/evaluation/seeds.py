@@ -31,14 +31,15 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
+from emalign.evaluation.self_review import mean_se
+
 LEVEL = 0.95
 DISAGREE_P = 0.05
 
 
 def unit_mean_se(values: Sequence[float]) -> list[Optional[float]]:
-    """[mean, se over units] (se None below two units)."""
-    x = np.asarray(values, float)
-    return [float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None]
+    """[mean, se over units] (se None below two units): the project's one ``mean_se``, as a JSON list."""
+    return list(mean_se(values))
 
 
 def disagreement(seeds: Sequence[Sequence[float]]) -> Optional[dict]:
