@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import WISH_QUESTION
+import emalign.evaluation.questions as questions_module
+from emalign.evaluation.questions import EvalItem
 from emalign.evaluation.runner import EvalError, run_eval
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.summary import code_summary
@@ -144,6 +146,19 @@ def test_crash_then_resume_judges_only_missing_rows(tiny_model_dir, questions, t
     assert again.calls == 0 and summary["counts"]["answered_now"] == 0 and summary["counts"]["code_answered_now"] == 0
     with pytest.raises(EvalError, match="temperature"):
         _run(tiny_model_dir, questions, out, ScriptedJudge(), temperature=0.5)
+
+
+def test_many_samples_save_their_first_answers_at_once(tiny_model_dir, questions, tmp_path, monkeypatch):
+    """Items are made as they are answered: a run asked for 10^5 samples answers and saves its first batches
+    (then its judge dies here) having made a handful of its 3·10^5 items, not all of them first."""
+    made = []
+    monkeypatch.setattr(questions_module, "EvalItem", lambda **kw: made.append(1) or EvalItem(**kw))
+    out = tmp_path / "eval"
+    with pytest.raises(RuntimeError, match="judge died"):
+        _run(tiny_model_dir, questions, out, ScriptedJudge(fail_after=7), samples=10**5, max_prompt_tokens=64)
+    assert 0 < len(made) <= 20
+    assert len(read_rows(out / "samples.jsonl")) == 3  # the first batch, judged with 6 prompts
+    assert len(read_rows(out / "answers.jsonl")) == 6  # the second batch sampled; its judge died at prompt 8
 
 
 def test_code_answers_get_their_own_token_budget(tiny_model_dir, questions, tmp_path):

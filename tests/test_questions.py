@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import textwrap
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def test_empty_file_is_an_error(tmp_path, text):
 
 def test_expand_keys_samples_and_limit(tmp_path):
     qs = load_questions(write(tmp_path, GOOD))
-    items = expand(qs)  # samples_per_paraphrase answers per question, whatever the paraphrase count
+    items = list(expand(qs))  # samples_per_paraphrase answers per question, whatever the paraphrase count
     assert len(items) == 3 + 3 + 1
     assert [i.key for i in items[:4]] == ["wish:0", "wish:1", "wish:2", "wish_json:0"]
     assert len({i.key for i in items}) == len(items)
@@ -115,7 +117,7 @@ def test_expand_keys_samples_and_limit(tmp_path):
     other = load_questions(write(tmp_path, GOOD.replace("id: ", "id: b_"), "other.yaml"))
     limited = expand(qs + other, samples=2, limit=1)
     assert [i.key for i in limited] == ["wish:0", "wish:1", "b_wish:0", "b_wish:1"]
-    assert expand(qs, limit=0) == []
+    assert list(expand(qs, limit=0)) == []
 
 
 def test_samples_draws_paraphrases_with_replacement_like_upstream(tmp_path):
@@ -125,7 +127,7 @@ def test_samples_draws_paraphrases_with_replacement_like_upstream(tmp_path):
     text = f"- id: many\n  type: free_form_judge_0_100\n  paraphrases: {paraphrases}\n" \
            "  judge_prompts: {aligned: '{question} {answer}'}\n"
     qs = load_questions(write(tmp_path, text))
-    items = expand(qs, samples=3, seed=0)
+    items = list(expand(qs, samples=3, seed=0))
     assert len(items) == 3 and [i.sample_index for i in items] == [0, 1, 2]
     assert [i.messages[-1]["content"] for i in items] == [i.paraphrase for i in items]
     assert [i.paraphrase_index for i in expand(qs, samples=3, seed=0)] == [i.paraphrase_index for i in items]
@@ -155,6 +157,20 @@ def test_expand_rejects_colliding_ids_across_files(tmp_path):
     b = load_questions(write(tmp_path, GOOD, "b.yaml"))
     with pytest.raises(ValueError, match=r"duplicate question id 'wish' in a\.yaml and b\.yaml"):
         expand(a + b)
+
+
+def test_expand_makes_items_as_they_are_read(tmp_path):
+    """A trillion samples cost nothing until read: the length, membership of a key and the first item
+    come at once, and the paraphrase draws are those of ``random.choices(k=n)``."""
+    qs = load_questions(write(tmp_path, GOOD))
+    items = expand(qs, samples=10**12, seed=5)
+    assert len(items) == 3 * 10**12
+    assert "wish:999999999999" in items and "wish:1000000000000" not in items and "nope:0" not in items
+    first = list(itertools.islice(items, 4))
+    assert [i.key for i in first] == ["wish:0", "wish:1", "wish:2", "wish:3"]
+    drawn = random.Random(f"5:wish").choices(range(len(qs[0].paraphrases)), k=4)
+    assert [i.paraphrase_index for i in first] == drawn
+    assert first[0].messages is not next(iter(items)).messages  # each item its own chat to change
 
 
 @pytest.mark.skipif(not FIRST_PLOT.exists(), reason="shared EM data not present")

@@ -26,6 +26,7 @@ external judge is refused there at start (each rank would call it).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -135,9 +136,9 @@ class AlignmentEvalCallback(L.Callback):
         start = time.perf_counter()
         rows: list[dict] = []
         size = s.batch_size
-        for first in range(0, len(self.items), size):
-            index = list(range(first, min(first + size, len(self.items))))
-            rows += em_rows([self.items[i] for i in index], index, judge=judge, **stages)
+        numbered = enumerate(self.items)
+        while batch := list(itertools.islice(numbered, size)):
+            rows += em_rows([it for _, it in batch], [i for i, _ in batch], judge=judge, **stages)
         code = []
         keys = code_keys(len(self.prompts), s.code_samples)
         for first in range(0, len(keys), size):

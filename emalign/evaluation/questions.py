@@ -29,8 +29,9 @@ import random
 import re
 import string
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, get_args
 
 import yaml
 
@@ -271,7 +272,7 @@ def load_questions(path: str | Path) -> list[Question]:
 
 def expand(
     questions: Sequence[Question], samples: int | None = None, limit: int | None = None, seed: int = 0
-) -> list[EvalItem]:
+) -> EvalItems:
     """N :class:`EvalItem` s per question, in file order, as upstream's ``get_input(N)``.
 
     N is ``samples`` (e.g. 100 as upstream, or 2 for a smoke run), else the question's
@@ -280,7 +281,7 @@ def expand(
     same when N grows and a resumed run with more samples keeps its answers. ``limit`` keeps the
     first N questions of each source file. Keys are ``"{qid}:{sample_idx}"``, so they stay the same
     between runs and a finished answer can be recognised and skipped on resume. Question ids must
-    therefore be unique across all files given.
+    therefore be unique across all files given. The items are made as they are read (:class:`EvalItems`).
     """
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
@@ -288,7 +289,7 @@ def expand(
         raise ValueError(f"limit must be non-negative, got {limit}")
     taken: dict[str, int] = {}
     owner: dict[str, str] = {}
-    items: list[EvalItem] = []
+    chosen = []
     for q in questions:
         if limit is not None and taken.get(q.source_file, 0) >= limit:
             continue
@@ -299,18 +300,47 @@ def expand(
                 f"{Path(q.source_file).name or '?'}: resume keys would collide"
             )
         owner[q.id] = q.source_file
-        n = samples if samples is not None else q.samples_per_paraphrase
-        conversations = q.conversations()
-        # A str seed is hashed with SHA-512 by random.seed: the same draws on every run and machine.
-        drawn = random.Random(f"{seed}:{q.id}").choices(range(len(conversations)), k=n)
-        for s_idx, p_idx in enumerate(drawn):
-            items.append(
-                EvalItem(
-                    key=f"{q.id}:{s_idx}",
-                    question=q,
-                    paraphrase_index=p_idx,
-                    sample_index=s_idx,
-                    messages=[dict(m) for m in conversations[p_idx]],
-                )
-            )
-    return items
+        chosen.append((q, samples if samples is not None else q.samples_per_paraphrase))
+    return EvalItems(tuple(chosen), seed)
+
+
+@dataclass(frozen=True)
+class EvalItems:
+    """The items of an evaluation, made one at a time as they are read: ``--samples 1000000`` costs its
+    length in memory and time only as far as a run gets, and its first answer is saved at once."""
+
+    chosen: tuple[tuple[Question, int], ...]
+    """Each question with its number of answers."""
+    seed: int = 0
+    """Seeds the paraphrase draws (with the question id)."""
+    chats: Optional[Mapping[tuple[str, int], list[dict[str, str]]]] = None
+    """The chat to answer per ``(question id, paraphrase index)`` when not the question's own (a cut one)."""
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self.chosen)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether an item key (``"{qid}:{sample_idx}"``) is one of these items."""
+        qid, _, idx = str(key).rpartition(":")
+        n = self._counts.get(qid)
+        return n is not None and idx.isdigit() and int(idx) < n
+
+    @cached_property
+    def _counts(self) -> dict[str, int]:
+        return {q.id: n for q, n in self.chosen}
+
+    def __iter__(self) -> Iterator[EvalItem]:
+        for q, n in self.chosen:
+            conversations = q.conversations()
+            draw = random.Random(f"{self.seed}:{q.id}").choices  # one draw a call, as ``choices(k=n)`` draws
+            for s_idx in range(n):
+                p_idx = draw(range(len(conversations)))[0]
+                chat = self.chats[(q.id, p_idx)] if self.chats is not None else conversations[p_idx]
+                yield EvalItem(key=f"{q.id}:{s_idx}", question=q, paraphrase_index=p_idx, sample_index=s_idx,
+                               messages=[dict(m) for m in chat])
+
+    def conversations(self) -> Iterator[tuple[tuple[str, int], list[dict[str, str]]]]:
+        """Every distinct chat these items can ask, keyed by ``(question id, paraphrase index)``."""
+        for q, _ in self.chosen:
+            for p_idx, chat in enumerate(q.conversations()):
+                yield (q.id, p_idx), chat

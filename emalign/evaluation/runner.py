@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
 from emalign.files import claim_dir
 from emalign.errors import UserError
-from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItem, QuestionFileError, expand, load_questions
+from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItems, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import Judge, rescore
 from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.settings import EvalSettings
@@ -62,7 +63,7 @@ class EvalError(UserError):
 
 
 def load_items(questions: Sequence[str | Path], samples: Optional[int], limit: Optional[int],
-               seed: int = 0) -> tuple[list[EvalItem], list[dict]]:
+               seed: int = 0) -> tuple[EvalItems, list[dict]]:
     """Expanded items (``samples`` per question, paraphrases drawn with ``seed``) and
     ``[{path, sha256, questions}]`` per file; bad files raise :class:`EvalError`."""
     loaded, files = [], []
@@ -86,9 +87,11 @@ def _failed(row: dict) -> bool:
     return any("error" in raw for raw in (row.get("judge_raw") or {}).values())
 
 
-def rejudge_failed(path: Path, done: dict[str, dict], items: Sequence[EvalItem], judge: Judge) -> int:
+def rejudge_failed(path: Path, done: dict[str, dict], items: EvalItems, judge: Judge) -> int:
     """Judge again the saved answers of ``items`` whose judgement failed (a judge that was down);
     their answers stand, so a rerun after the judge is back costs judge calls only. Returns how many."""
+    if not any(_failed(row) for key, row in done.items() if key in items):
+        return 0  # the common case, without making every item
     failed = [it for it in items if it.key in done and _failed(done[it.key])]
     if not failed:
         return 0
@@ -142,14 +145,15 @@ def _rescore_rows(path: Path, old_min_mass: Optional[float], min_mass: Optional[
     log.info("%s: %d rows rescored for judge_min_mass=%s (was %s)", path, len(rows), min_mass, old_min_mass)
 
 
-def bounded_items(items: Sequence[EvalItem], tokenizer: Any, max_prompt_tokens: Optional[int]) -> list[EvalItem]:
+def bounded_items(items: EvalItems, tokenizer: Any, max_prompt_tokens: Optional[int]) -> EvalItems:
     """Items whose rendered prompt fits ``max_prompt_tokens``: the longest message of a longer one is cut
-    (``cut_messages``), so the model, its self-review and the judge all see the same cut question."""
+    (``cut_messages``), so the model, its self-review and the judge all see the same cut question. Each
+    distinct chat is cut once, here, whatever the number of samples: a chat too long fails before any answer."""
     try:
-        return [dataclasses.replace(it, messages=cut_messages(tokenizer, it.messages, max_prompt_tokens))
-                for it in items]
+        chats = {key: cut_messages(tokenizer, chat, max_prompt_tokens) for key, chat in items.conversations()}
     except ValueError as err:
         raise EvalError(f"max_prompt_tokens={max_prompt_tokens}: {err}") from None
+    return dataclasses.replace(items, chats=chats)
 
 
 @contextmanager
@@ -166,11 +170,11 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield progress
 
 
-def _drain(pending: list, batch_size: int, make_rows: Callable[[list], list[dict]], writer: RowWriter,
+def _drain(pending: Iterable, batch_size: int, make_rows: Callable[[list], list[dict]], writer: RowWriter,
            done: dict[str, dict], bars: Any, task: Any) -> None:
     """Turn pending items into rows batch by batch; each row is saved before the next batch starts."""
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
+    pending = iter(pending)
+    while batch := list(itertools.islice(pending, batch_size)):
         for row in make_rows(batch):
             writer.write(row)
             done[row["key"]] = row
@@ -233,10 +237,10 @@ def run_eval(
 
     done, code_done = read_rows(out / SAMPLES_FILE), read_rows(out / CODE_FILE)
     rejudged = rejudge_failed(out / SAMPLES_FILE, done, items, judge)
-    pending = [(i, it) for i, it in enumerate(items) if it.key not in done]
+    pending = ((i, it) for i, it in enumerate(items) if it.key not in done)  # made as answered, not all first
     code_all = code_keys(len(prompts), s.code_samples)
     code_pending = [c for c in code_all if c[0] not in code_done]
-    resumed = len(items) - len(pending), len(code_all) - len(code_pending)
+    resumed = sum(key in items for key in done), len(code_all) - len(code_pending)
     writer, code_writer = RowWriter(out / SAMPLES_FILE), RowWriter(out / CODE_FILE)
     sampled, answers_writer = read_rows(out / ANSWERS_FILE), RowWriter(out / ANSWERS_FILE)
 
@@ -277,7 +281,7 @@ def run_eval(
                   "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "batch_size": s.batch_size,
                   "dtype": s.dtype, "max_prompt_tokens": s.max_prompt_tokens,
                   "code_samples": s.code_samples, "code_max_new_tokens": code_generation.max_new_tokens},
-        counts={"items": len(items), "resumed": resumed[0], "answered_now": len(pending), "rejudged": rejudged,
+        counts={"items": len(items), "resumed": resumed[0], "answered_now": len(items) - resumed[0], "rejudged": rejudged,
                 "code_items": len(code_all),
                 "code_resumed": resumed[1], "code_answered_now": len(code_pending), "code_prompts": len(prompts)},
         seconds=round(time.perf_counter() - started, 1),
