@@ -281,3 +281,45 @@ def test_command_numbers_match_a_hand_computation_on_the_tiny_model(tiny_model_d
     for metric in (reads["judge"]["auroc"], reads["tilt_content"]["c"]["auroc"], reads["margin_over_best_cue"]):
         assert metric["ci"][0] <= metric["value"] <= metric["ci"][1]  # 12 pairs: paired intervals exist
     assert reads["verdict"]["line"].startswith("chat: ")
+
+
+def test_a_stopped_run_keeps_its_scores_and_a_rerun_scores_only_the_rest(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Ctrl+C in the third batch: the first two batches' scores are on disk; a rerun scores the other answers
+    only, ends with the numbers of a run never stopped, and clears its progress files. Saved scores made
+    with another question are refused in one line, before the model loads."""
+    import emalign.evaluation.discern as discern_module
+
+    real, calls = discern_module.pad_right, []
+
+    def pad_right(*args, stop_at=None, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    args = ["discern", "--model", tiny_model_dir, "--sets", "chat", "--limit", "6", "--batch_size", "4",
+            "--questions", "Was that ethical? Answer Yes or No."]
+    monkeypatch.setattr(discern_module, "pad_right", lambda *a, **k: pad_right(*a, stop_at=3, **k))
+    out = tmp_path / "out"
+    assert run_cli(args + ["--out", str(out)]) == 130  # Ctrl+C
+    saved = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(saved) == 2 * 4 and not (out / "discern.json").exists()
+
+    capsys.readouterr()
+    assert run_cli(args[:-1] + ["Was that kind? Answer Yes or No.", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {out / 'scores.jsonl'} holds scores of a stopped run with other "
+                                       "settings (model, adapter, sets or questions); pass --overwrite true to drop "
+                                       "them, or choose another --out\n")
+    assert len((out / "scores.jsonl").read_text().splitlines()) == 8  # refused: kept as they were
+
+    calls.clear()
+    monkeypatch.setattr(discern_module, "pad_right", lambda *a, **k: pad_right(*a, **k))
+    assert run_cli(args + ["--out", str(out)]) == 0
+    assert len(calls) == 1  # 12 answers, 8 saved: one batch of 4 left
+    assert not (out / "scores.jsonl").exists() and not (out / "scores_config.json").exists()
+    assert run_cli(args + ["--out", str(tmp_path / "whole")]) == 0
+    resumed, whole = (json.loads((d / "discern.json").read_text()) for d in (out, tmp_path / "whole"))
+    for r, w in zip(resumed["results"], whole["results"]):
+        for side in ("good", "bad"):
+            assert r["scores"][side] == pytest.approx(w["scores"][side], abs=1e-4)

@@ -36,7 +36,7 @@ def _prog() -> str:
 RESUME = {
     "eval": "interrupted: the finished answers are saved; the same command resumes",
     "experiment": "interrupted: finished fits and answers are saved; the same command resumes",
-    "discern": "interrupted: nothing was written; the same command starts over",
+    "discern": "interrupted: the answers scored so far are saved; the same command scores the rest",
     "data": "interrupted: the same command downloads again (finished files are verified and kept)",
 }
 

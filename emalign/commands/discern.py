@@ -11,13 +11,15 @@ tables and one verdict line per set.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Optional, Union
 
-from emalign.files import claim_dir, write_text_atomic
+from emalign.files import RowWriter, claim_dir, read_rows, write_json_atomic, write_text_atomic
 from emalign.commands.inference import OptionError, _load_model
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import (
@@ -33,6 +35,8 @@ from emalign.evaluation.discern import (
 )
 from emalign.errors import friendly_errors
 from emalign.evaluation.paired import PairBootstrap
+
+log = logging.getLogger(__name__)
 
 HEADER = ["set", "wording", "n", "accuracy [95% CI]", "AUROC [95% CI]", "gap ± se", "approved good", "approved bad"]
 
@@ -215,6 +219,11 @@ def _earlier(path: Path, model: str, adapter: Optional[str], loaded: dict, wordi
     return old if same else None
 
 
+SCORES_FILE, SCORES_CONFIG = "scores.jsonl", "scores_config.json"
+"""Answers scored so far, a row a batch, and the settings they were scored with: a run that stops (Ctrl+C, a
+crash) continues where it was; both go once discern.json is written."""
+
+
 def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets: list[str], wordings: list[Wording],
                 batch_size: int = 8, limit: Optional[int] = None, show: bool = True, overwrite: bool = False,
                 reuse: bool = False) -> dict:
@@ -222,38 +231,85 @@ def run_discern(out: Union[str, Path], model: str, adapter: Optional[str], sets:
 
     The output directory and the sets are checked before the model loads (scoring takes minutes). An
     OUT/discern.json made with other settings is replaced only with ``overwrite``; one made with these
-    settings is returned as it is with ``reuse``, else scored again.
+    settings is returned as it is with ``reuse``, else scored again. Scores are saved as they are made
+    (OUT/scores.jsonl): a rerun with the same settings scores only what is missing.
     """
-    claim_dir(out)
+    out = claim_dir(out)
     loaded = {name: load_set(name)[:limit] for name in sets}
-    path = Path(out) / "discern.json"
+    path = out / "discern.json"
     earlier = _earlier(path, model, adapter, loaded, wordings) if path.is_file() else None
     if earlier is not None and reuse:
         return earlier
     if path.is_file() and earlier is None and not overwrite:
         raise OptionError(f"{path} holds a discern result made with other settings (model, adapter, sets or "
                           "questions); pass --overwrite true to replace it, or choose another --out")
-    result = _run(model, adapter, loaded, wordings, batch_size)
-    write_text_atomic(Path(out) / "discern.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomic(Path(out) / "discern.md", _markdown(result))
+    done = _saved_scores(out, _scoring(model, adapter, loaded, wordings), overwrite)
+    result = _run(model, adapter, loaded, wordings, batch_size, done, out / SCORES_FILE)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "discern.md", _markdown(result))
+    for name in (SCORES_FILE, SCORES_CONFIG):
+        (out / name).unlink()
     if show:
         _print(result)
-        print(f"wrote {Path(out) / 'discern.json'} and {Path(out) / 'discern.md'}")
+        print(f"wrote {path} and {out / 'discern.md'}")
     return result
 
 
-def _run(model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording], batch_size: int) -> dict:
+def _scoring(model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording]) -> dict:
+    """What the saved scores mean: the reviewer, every pair's text and the questions."""
+    pairs = {name: hashlib.sha256(json.dumps([vars(p) for p in v], sort_keys=True).encode()).hexdigest()
+             for name, v in loaded.items()}
+    return {"model": model, "adapter": adapter, "pairs_sha256": pairs, "wordings": [vars(w) for w in wordings]}
+
+
+def _saved_scores(out: Path, scoring: dict, overwrite: bool) -> dict[str, dict[int, dict[str, float]]]:
+    """{set: {answer number: {wording: score}}} saved by a run that stopped with these settings; saved scores
+    made with other settings are refused, or dropped with ``overwrite``."""
+    config = out / SCORES_CONFIG
+    if config.is_file():
+        try:
+            same = json.loads(config.read_text(encoding="utf-8")) == scoring
+        except ValueError:
+            same = False  # a torn file: its scores cannot be trusted
+        if not same and not overwrite:
+            raise OptionError(f"{out / SCORES_FILE} holds scores of a stopped run with other settings (model, adapter, "
+                              "sets or questions); pass --overwrite true to drop them, or choose another --out")
+        if not same:
+            (out / SCORES_FILE).unlink(missing_ok=True)
+    elif (out / SCORES_FILE).exists():
+        (out / SCORES_FILE).unlink()  # no record of what they were scored with
+    write_json_atomic(config, scoring)
+    done: dict[str, dict[int, dict[str, float]]] = {}
+    for key, row in read_rows(out / SCORES_FILE).items():
+        name, _, number = key.rpartition(":")
+        done.setdefault(name, {})[int(number)] = row["scores"]
+    if done:
+        log.info("%s: %d answers scored before are kept", out / SCORES_FILE, sum(map(len, done.values())))
+    return done
+
+
+def _run(model: str, adapter: Optional[str], loaded: dict, wordings: list[Wording], batch_size: int,
+         done: dict[str, dict[int, dict[str, float]]], scores_file: Path) -> dict:
     from rich.progress import Progress
 
     lm, tokenizer = _load_model(model, adapter)
     start, load_before = time.time(), os.getloadavg()
     total = sum(2 * len(pairs) for pairs in loaded.values()) * len(wordings)
     scores: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
-    with Progress(transient=True) as progress:
-        task = progress.add_task("answers scored", total=total)
-        for name, pairs in loaded.items():
-            by_wording = score_set(lm, tokenizer, wordings, pairs, batch_size, lambda n: progress.advance(task, n))
-            scores.update({(name, wording): values for wording, values in by_wording.items()})
+    writer = RowWriter(scores_file)
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("answers scored", total=total)
+            for name, pairs in loaded.items():
+                def save(numbers: list[int], values: dict[str, list[float]], name: str = name) -> None:
+                    for j, number in enumerate(numbers):
+                        writer.write({"key": f"{name}:{number}", "scores": {w: v[j] for w, v in values.items()}})
+
+                by_wording = score_set(lm, tokenizer, wordings, pairs, batch_size, lambda n: progress.advance(task, n),
+                                       done=done.get(name, {}), saved=save)
+                scores.update({(name, wording): values for wording, values in by_wording.items()})
+    finally:
+        writer.close()
     results, checks, analysis = [], [], {}
     direct = next(w for w in wordings if not w.inverted)
     inverted = next((w for w in wordings if w.inverted), None)

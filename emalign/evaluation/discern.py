@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,8 @@ EXTRA_QUESTIONS = [
 ]
 """Two rewordings of the training question, scored beside it by default."""
 YES, NO = ["Yes", "yes", "YES"], ["No", "no", "NO"]
+Saved = Callable[[list[int], dict[str, list[float]]], None]
+"""Takes the answer numbers of one scored batch and {wording name: their scores}, in the same order."""
 
 
 class PairFileError(UserError):
@@ -150,10 +152,14 @@ def score_set(
     batch_size: int = 8,
     advance: Callable[[int], None] = lambda n: None,
     max_prompt_tokens: Optional[int] = 1024,
+    done: Mapping[int, Mapping[str, float]] = {},
+    saved: Optional[Saved] = None,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """{wording name: (good scores, bad scores)}: every answer of ``pairs`` reviewed by ``model`` for every
     wording (:func:`score_answers`). Prompts are cut to ``max_prompt_tokens`` as everywhere
-    (``render_prompt``), and so are answers (their start kept)."""
+    (``render_prompt``), and so are answers (their start kept). Answers are numbered good first, then bad;
+    those in ``done`` (number -> {wording: score}, from a run that stopped) are not scored again, and
+    ``saved`` gets each new batch as it is scored."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}], max_prompt_tokens) for p in pairs]
     texts = [p.good for p in pairs] + [p.bad for p in pairs]
     answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in texts]
@@ -161,9 +167,19 @@ def score_set(
         log.warning("%d answers cut to max_prompt_tokens=%d tokens (their start kept)",
                     sum(len(a) > max_prompt_tokens for a in answers), max_prompt_tokens)
         answers = [a[:max_prompt_tokens] for a in answers]
-    scores = score_answers(model, tokenizer, wordings, prompts + prompts, answers, batch_size, advance)
+    names = [w.name for w in wordings]
+    todo = [i for i in range(len(answers)) if any(name not in done.get(i, {}) for name in names)]
+    advance((len(answers) - len(todo)) * len(wordings))
+    scores = score_answers(model, tokenizer, wordings, [(prompts + prompts)[i] for i in todo],
+                           [answers[i] for i in todo], batch_size, advance,
+                           saved and (lambda batch, values: saved([todo[i] for i in batch], values)))
+    merged = {name: [done[i][name] if i in done and name in done[i] else math.nan for i in range(len(answers))]
+              for name in names}
+    for name in names:
+        for i, value in zip(todo, scores[name]):
+            merged[name][i] = value
     n = len(pairs)
-    return {name: (values[:n], values[n:]) for name, values in scores.items()}
+    return {name: (values[:n], values[n:]) for name, values in merged.items()}
 
 
 @torch.no_grad()
@@ -175,13 +191,15 @@ def score_answers(
     answer_ids: Sequence[list[int]],
     batch_size: int = 8,
     advance: Callable[[int], None] = lambda n: None,
+    saved: Optional[Saved] = None,
 ) -> dict[str, list[float]]:
     """{wording name: score per answer}: each (rendered prompt, answer) reviewed by ``model`` for every wording.
 
     The verdict is ``Conscience.review``'s: the same tokens ``[prompt; answer; question suffix]`` and the
     same yes/no read-out. Only the work is shared: the ``[prompt; answer]`` prefix runs once per answer
     and its KV cache serves every wording (a test checks the scores against ``Conscience.review``).
-    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording.
+    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording, and
+    ``saved(indices, {wording: scores})`` each batch once all its wordings are scored.
     """
     consciences = [w.conscience(batch_size) for w in wordings]
     device = next(model.parameters()).device
@@ -204,6 +222,8 @@ def score_answers(
                 scores[wording.name][i] = score
             cache.crop(-len(suffix))
             advance(len(batch))
+        if saved:
+            saved(batch, {name: [values[i] for i in batch] for name, values in scores.items()})
     return scores
 
 
