@@ -168,7 +168,7 @@ def test_expand_makes_items_as_they_are_read(tmp_path):
     assert "wish:999999999999" in items and "wish:1000000000000" not in items and "nope:0" not in items
     first = list(itertools.islice(items, 4))
     assert [i.key for i in first] == ["wish:0", "wish:1", "wish:2", "wish:3"]
-    drawn = random.Random(f"5:wish").choices(range(len(qs[0].paraphrases)), k=4)
+    drawn = random.Random("5:wish").choices(range(len(qs[0].paraphrases)), k=4)
     assert [i.paraphrase_index for i in first] == drawn
     assert first[0].messages is not next(iter(items)).messages  # each item its own chat to change
 
