@@ -151,3 +151,40 @@ def test_predict_is_not_offered(capsys):
     assert "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')" in capsys.readouterr().err
     assert run_cli(["test", "--help"]) == 0
     assert "--data.test_file" in capsys.readouterr().out
+
+
+def _help_of(verb: list[str], capsys) -> str:
+    assert run_cli([*verb, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _verbs() -> list[list[str]]:
+    from emalign.commands import VERBS
+
+    return [[v, *([next(iter(t))] if isinstance(t, dict) else [])] for v, (_, t) in VERBS.items()]
+
+
+@pytest.mark.parametrize("verb", _verbs(), ids=" ".join)
+def test_every_verb_says_what_it_does_in_a_whole_sentence(verb, capsys):
+    """--help shows the first line of a verb's docstring: it must end a sentence, not stop mid-phrase."""
+    text = _help_of(verb, capsys)
+    description = " ".join(text.split("\n\n")[1].split())
+    assert description[-1] in ".?", description
+    assert text.startswith(f"usage: cli.py {verb[0]} ") and f" {verb[-1]} " in text.splitlines()[0]
+
+
+def test_one_value_of_a_list_flag_is_a_list_of_one_in_every_verb():
+    """``list_flags`` reads each verb's real parser: a flag typed ``list[str]`` takes one value as a list of one;
+    only a flag that also takes one string (discern's ``--sets "code chat"``) passes it as it is."""
+    from jsonargparse import CLI, capture_parser
+
+    from emalign.commands import VERBS, verb_target
+    from emalign.commands.cli import list_flags
+
+    flags = {}
+    for verb, (_, target) in VERBS.items():
+        if isinstance(target, str):
+            flags[verb] = list_flags(capture_parser(lambda: CLI(verb_target(verb), args=[], as_positional=False)))
+    assert flags["effect"]["--runs"] is False and flags["effect"]["--pair_sets"] is False
+    assert flags["self_correction"]["--sets"] is False and flags["eval"]["--questions"] is True  # a str too
+    assert flags["discern"]["--sets"] is True and flags["discern"]["--questions"] is True

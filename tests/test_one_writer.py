@@ -43,30 +43,19 @@ def _entry(name: str, model: str, tmp: Path, out: Path) -> list[str] | None:
                  "2", "--code_samples", "0", "--self_review", "false", "--out", str(out)],
         "discern": ["discern", "--model", model, "--sets", str(pairs), "--out", str(out)],
         "experiment": ["experiment", "--config", str(experiment)],
-        "effect": ["--model", model, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
+        "effect": ["effect", "--model", model, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
                    "--pair_sets", f"[{pairs}]", "--runs", "base="],
-        "self_correction": ["--model", model, "--out", str(out), "--limit", "1", "--sets", "[chat]"],
+        "self_correction": ["self_correction", "--model", model, "--out", str(out), "--limit", "1", "--sets", "[chat]"],
     }.get(name)
 
 
-MODULES = {"effect": "emalign.evaluation.effect", "self_correction": "emalign.evaluation.self_correction"}
-WRITERS = ["fit", "eval", "discern", "experiment", *MODULES]
+WRITERS = ["fit", "eval", "discern", "experiment", "effect", "self_correction"]
 NO_DIRECTORY = {"generate": "writes one file (--out FILE) atomically", "chat": "writes nothing",
                 "data": "downloads into --out file by file, each verified and renamed into place"}
 
 
 def test_every_verb_is_a_writer_here_or_says_why_not():
     assert set(VERBS) <= set(WRITERS) | set(NO_DIRECTORY)
-
-
-def _run(name: str, args: list[str]) -> int:
-    if name in MODULES:
-        module = __import__(MODULES[name], fromlist=["main"])
-        try:
-            return module.main(args)
-        except SystemExit as exit:
-            return exit.code
-    return run_cli(args)
 
 
 @pytest.mark.slow  # a holder process per entry point
@@ -81,14 +70,14 @@ def test_a_held_directory_is_refused_then_free_when_its_holder_dies(name, tiny_m
         before = sorted(p.name for p in out.iterdir())
         args = _entry(name, tiny_model_dir, tmp_path, out)
         capsys.readouterr()
-        assert _run(name, args) == 2
+        assert run_cli(args) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and f"pid {holder.pid}" in error[0] and "is writing there" in error[0], error
         assert sorted(p.name for p in out.iterdir()) == before  # nothing written
     finally:
         holder.kill()  # not a clean exit: the kernel still lets go of the lock
         holder.wait()
-    assert _run(name, _entry(name, tiny_model_dir, tmp_path, out)) == 0
+    assert run_cli(_entry(name, tiny_model_dir, tmp_path, out)) == 0
 
 
 def test_effect_checks_every_run_before_measuring_any(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -99,9 +88,8 @@ def test_effect_checks_every_run_before_measuring_any(tiny_model_dir, tmp_path, 
     for runs, message in ([["base=", "x=/nonexistent"], "adapter directory /nonexistent not found"],
                           [["base=", "../victim="], "expected NAME=ADAPTER_DIR"],
                           [["base=", "base="], "a NAME is given twice"]):
-        with pytest.raises(SystemExit) as exit:
-            effect.main(["--model", tiny_model_dir, "--out", str(out), "--runs", *runs])
-        assert exit.value.code == 2 and message in capsys.readouterr().err
+        assert run_cli(["effect", "--model", tiny_model_dir, "--out", str(out), "--runs", *runs]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "victim.json").exists()
 
 
@@ -111,9 +99,9 @@ def test_effect_measures_again_over_a_damaged_saved_run(tiny_model_dir, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "base.json").write_text('{"model": "x", "per_pro')  # truncated
-    args = ["--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
+    args = ["effect", "--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
             "--pair_sets", "[chat]", "--runs", "base="]
-    assert effect.main(args) == 0
+    assert run_cli(args) == 0
     assert json.loads((out / "base.json").read_text())["model"] == tiny_model_dir
     assert "base.json: unreadable; measured again" in capsys.readouterr().err
 
@@ -127,10 +115,9 @@ def test_self_correction_bad_input_is_one_line(args, message, tmp_path, capsys, 
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(self_correction, "load_for_inference", lambda *a: pytest.fail("loaded a model first"))
-    with pytest.raises(SystemExit) as exit:
-        self_correction.main(args(tmp_path))
+    code = run_cli(["self_correction", *args(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
 
 @pytest.mark.slow  # an experiment and its fit, two real processes
@@ -173,13 +160,13 @@ def test_effect_reuses_a_saved_run_whose_adapter_is_gone(tiny_model_dir, tmp_pat
     from emalign.evaluation import effect
 
     out = tmp_path / "out"
-    args = ["--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
+    args = ["effect", "--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
             "--pair_sets", "[chat]", "--runs", "base="]
-    assert effect.main(args) == 0
+    assert run_cli(args) == 0
     saved = json.loads((out / "base.json").read_text())
     (out / "x_s0.json").write_text(json.dumps({**saved, "adapter": "/gone/adapter"}))
     monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured a saved run"))
-    assert effect.main([*args, "x_s0=/gone/adapter"]) == 0
+    assert run_cli([*args, "x_s0=/gone/adapter"]) == 0
     assert json.loads((out / "effect.json").read_text())["vs_baseline"]["x_s0"]["direct"] == [0.0, 0.0]
 
 
@@ -197,10 +184,10 @@ def test_effect_reads_its_input_files_before_measuring(flag, mistake, tiny_model
         chat = {"messages": [{"role": "user", "content": "Q?"}]}
         path.write_text(json.dumps(pair if flag == "--pair_sets" else chat)[:20] + "\n")
     value = f"[{path}]" if flag == "--pair_sets" else str(path)
-    with pytest.raises(SystemExit) as exit:
-        effect.main(["--model", tiny_model_dir, "--out", str(tmp_path / "out"), flag, value, "--runs", "base="])
+    code = run_cli(["effect", "--model", tiny_model_dir, "--out", str(tmp_path / "out"), flag, value, "--runs",
+                    "base="])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(err) == 1 and path.name in err[0], err
+    assert code == 2 and len(err) == 1 and path.name in err[0], err
 
 
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):

@@ -1,7 +1,7 @@
 """The verbs ``cli.py`` adds beyond LightningCLI's fit/validate/test, one module per verb family.
 
 ``inference`` holds generate, chat and ``data em``; ``evaluation`` holds eval and experiment; ``discern``
-holds discern. ``VERBS`` below registers them all, in one place: ``cli.py`` prints its verb list from it
+holds discern; ``studies`` holds effect and self_correction. ``VERBS`` below registers them all, in one place: ``cli.py`` prints its verb list from it
 and dispatches through it. Each target is a ``"module:function"`` string (or a dict of them, one per
 subcommand), imported only when its verb runs, so that ``cli.py --help`` stays fast.
 """
@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, Target]] = {
                    "emalign.commands.evaluation:experiment"),
     "discern": ("what the conscience reads: question vs yes-tilt, trivial cues, paired CIs, a verdict per set",
                 "emalign.commands.discern:discern"),
+    "effect": ("what fits did on held-out prompts, by measures their loop did not optimise; seeds as the unit",
+               "emalign.commands.studies:effect"),
+    "self_correction": ("does the model fix its own bad answers: revisions of insecure code and bad chat answers",
+                        "emalign.commands.studies:self_correction"),
 }
 """verb -> (one-line description, ``"module:function"`` target, or a dict of them per subcommand)."""
 

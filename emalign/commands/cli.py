@@ -8,7 +8,9 @@
     python cli.py chat                                    # the same, interactively
     python cli.py eval --questions first_plot_questions.yaml --out runs/eval
     python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
-    python cli.py discern --out runs/discern                 # how well the conscience tells good from bad
+    python cli.py discern --out runs/discern              # how well the conscience tells good from bad
+    python cli.py effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter
+    python cli.py self_correction --out runs/self_correction
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ RESUME = {
     "eval": "interrupted: the finished answers are saved; the same command resumes",
     "experiment": "interrupted: finished fits and answers are saved; the same command resumes",
     "discern": "interrupted: the answers scored so far are saved; the same command scores the rest",
+    "effect": "interrupted: every finished run is saved in --out; the same command resumes",
+    "self_correction": "interrupted: each finished arm is saved in --out",
     "data": "interrupted: the same command downloads again (finished files are verified and kept)",
 }
 
@@ -97,12 +101,14 @@ def _run_verb(verb: str, args: list[str]) -> None:
 def list_flags(parser) -> dict[str, bool]:
     """The flags that take a list (jsonargparse gives each an appending twin, ``--flag+``), each with whether
     one string is a value of its own too (``Union[list[str], str]``, as discern's ``--sets "code chat"``)."""
+    import types
     import typing
 
     flags = {}
     for action in parsing.actions(parser):
         hint = parsing.type_hint(action)
-        takes_text = hint is str or str in typing.get_args(hint)
+        unions = (typing.Union, types.UnionType)  # list[str]'s args hold str too: only a union's count
+        takes_text = hint is str or typing.get_origin(hint) in unions and str in typing.get_args(hint)
         flags.update({s[:-1]: takes_text for s in action.option_strings if s.endswith("+")})
         for sub in parsing.subparsers(action).values():  # subcommands (``data em``)
             flags.update(list_flags(sub))

@@ -169,10 +169,11 @@ def discern(
     limit: Optional[int] = None,
     overwrite: bool = False,
 ) -> None:
-    """What the conscience reads: how well it separates good from bad answers, and whether through the
-    question or a yes-tilt the same whichever way it is asked (c and t), against trivial cues (length,
-    commas), on hard and normal pairs (the bad answer longer or not), with paired intervals and a verdict line
-    per set.
+    """What the conscience reads: content or a yes-tilt, against trivial cues, with a verdict per set.
+
+    How well it separates good from bad answers, and whether through the question or a yes-tilt the same
+    whichever way it is asked (c and t), against trivial cues (length, commas), on hard and normal pairs (the
+    bad answer longer or not), with paired intervals and a verdict line per set.
 
     Every answer is scored exactly as the training loop scores rollouts (Conscience.review). With
     --adapter the adapted model itself (adapter on) asks and answers the question: this measures the

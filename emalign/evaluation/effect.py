@@ -20,7 +20,7 @@ for margins. Runs named ``ARM_sSEED`` are the seeds of one arm, and the training
 effect: per-seed values, an interval over seeds, a flag where the seeds disagree beyond their per-unit noise
 (:mod:`emalign.evaluation.seeds`). Each run's own difference keeps its ± over prompts or pairs alone.
 
-    python -m emalign.evaluation.effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter \\
+    python cli.py effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter \\
         shuffled_s0=runs/shuffled_s0/adapter
 """
 
@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import ArgumentParser, set_parsing_settings
 
-from emalign.errors import UserError, check_range, friendly_errors
+from emalign.errors import UserError, check_range
 from emalign.files import claim_dir, write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION
 from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
@@ -96,7 +94,7 @@ def load_run(model_name: str, spec: str):
         weights = {k.removeprefix("policy.model."): v for k, v in state.items() if ".lora_" in k}
         missing = model.load_state_dict(weights, strict=False)
         if missing.unexpected_keys or [k for k in missing.missing_keys if ".lora_" in k] or not weights:
-            raise SystemExit(f"{ckpt}: adapter weights do not match {adapter} ({missing})")
+            raise UserError(f"{ckpt}: adapter weights do not match {adapter} ({missing})")
     return model, tokenizer
 
 
@@ -276,55 +274,38 @@ def _reusable(path: Path, key: dict) -> Optional[dict]:
     return saved if isinstance(saved, dict) and {k: v for k, v in saved.items() if k in key} == key else None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    with friendly_errors("interrupted: every finished run is saved in --out; the same command resumes"):
-        return _main(argv)
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
-    ap = ArgumentParser(prog="python -m emalign.evaluation.effect", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", nargs="+", required=True,
-                    help="NAME=ADAPTER_DIR[@CHECKPOINT] (empty: the base model); the first is the baseline; "
-                         "NAME=ARM_sSEED pools the arm's seeds")
-    ap.add_argument("--out", required=True, help="directory: one JSON per run (reused on a rerun), effect.json/.md")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="the base model of every run")
-    ap.add_class_arguments(EffectSettings, None)
-    args = ap.parse_args(argv)
-    settings = EffectSettings(**{f.name: args[f.name] for f in fields(EffectSettings)})
-    specs = _specs(args.runs)
+def run_effect(runs: list[str], out: str | Path, model: str, settings: EffectSettings, command: str) -> dict:
+    """Measure every run of ``runs`` (``NAME=ADAPTER``; the first is the baseline) and compare them; writes
+    OUT/NAME.json per run as it lands (reused on a rerun with the same settings) and OUT/effect.json/.md.
+    Every input is checked before the first model loads."""
+    specs = _specs(runs)
     for name in settings.pair_sets:  # read now: a bad pair file found after minutes of sampling loses them
         load_set(name)
     load_prompts(settings.prompts)
-    out = claim_dir(args.out)
-    keys = {name: {"model": args.model, "adapter": adapter, "settings": asdict(settings)} for name, adapter in specs}
-    runs = {name: saved for name, _ in specs if (saved := _reusable(out / f"{name}.json", keys[name])) is not None}
+    out = claim_dir(out)
+    keys = {name: {"model": model, "adapter": adapter, "settings": asdict(settings)} for name, adapter in specs}
+    measured = {name: saved for name, _ in specs if (saved := _reusable(out / f"{name}.json", keys[name])) is not None}
     for name, adapter in specs:  # before measuring any: a saved run needs no adapter any more
-        if name not in runs:
+        if name not in measured:
             _check_adapter(name, adapter)
     for name, adapter in specs:
         path, key = out / f"{name}.json", keys[name]
-        if name in runs:
+        if name in measured:
             print(f"{name}: reused {path}", flush=True)
             continue
         start = time.perf_counter()
-        model, tokenizer = load_run(args.model, adapter)
-        runs[name] = {**key, **measure(model, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
-        write_text_atomic(path, json.dumps(runs[name], indent=1))  # each run kept as it lands
-        print(f"{name}: {runs[name]['seconds']:.0f} s", flush=True)
-    runs = {name: runs[name] for name, _ in specs}  # in the order given: the first is the baseline
+        lm, tokenizer = load_run(model, adapter)
+        measured[name] = {**key, **measure(lm, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
+        write_text_atomic(path, json.dumps(measured[name], indent=1))  # each run kept as it lands
+        print(f"{name}: {measured[name]['seconds']:.0f} s", flush=True)
+    measured = {name: measured[name] for name, _ in specs}  # in the order given: the first is the baseline
     baseline = specs[0][0]
-    command = "python -m emalign.evaluation.effect " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"command": command,
-              "model": args.model, "settings": asdict(settings), "baseline": baseline,
-              "units": {"answers": "prompts", "margins": "pairs"}, **compare(runs, baseline),
-              "means": {n: {k: mean_se(v) for k, v in _values(r).items()} for n, r in runs.items()},
-              "seconds": {n: r["seconds"] for n, r in runs.items()}}
+              "model": model, "settings": asdict(settings), "baseline": baseline,
+              "units": {"answers": "prompts", "margins": "pairs"}, **compare(measured, baseline),
+              "means": {n: {k: mean_se(v) for k, v in _values(r).items()} for n, r in measured.items()},
+              "seconds": {n: r["seconds"] for n, r in measured.items()}}
     write_text_atomic(out / "effect.json", json.dumps(result, indent=1))
     write_text_atomic(out / "effect.md", table(result))
     print(table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result

@@ -16,21 +16,18 @@ judge decides, and the frozen model's own verdict beside them:
 
 Differences are paired per task or pair, ± their standard error.
 
-    python -m emalign.evaluation.self_correction --out runs/self_correction
+    python cli.py self_correction --out runs/self_correction
 """
 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
 
-from jsonargparse import ArgumentParser, set_parsing_settings
-
-from emalign.errors import check_range, friendly_errors
+from emalign.errors import check_range
 from emalign.files import claim_dir, write_text_atomic
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
 from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
@@ -160,34 +157,19 @@ def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
     }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    with friendly_errors("interrupted: each finished arm is saved in --out"):
-        return _main(argv)
-
-
-def _main(argv: Optional[list[str]]) -> int:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each setting's docstring
-    ap = ArgumentParser(prog="python -m emalign.evaluation.self_correction", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="directory: code.json and chat.json, each written as it lands")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="the model that revises and judges")
-    ap.add_argument("--sets", type=list[Literal["code", "chat"]], default=["code", "chat"], help="which arms")
-    ap.add_class_arguments(CorrectionSettings, None)
-    args = ap.parse_args(argv)
-    settings = CorrectionSettings(**{f.name: args[f.name] for f in fields(CorrectionSettings)})
-    out = claim_dir(args.out)
-    model, tokenizer = load_for_inference(args.model)
-    command = "python -m emalign.evaluation.self_correction " + shlex.join(argv if argv is not None else sys.argv[1:])
+def run_self_correction(out: str | Path, model: str, sets: list[str], settings: CorrectionSettings,
+                        command: str) -> dict[str, dict]:
+    """Run the arms named in ``sets`` (``code``, ``chat``) on ``model``; writes OUT/ARM.json as each lands."""
+    out = claim_dir(out)
+    lm, tokenizer = load_for_inference(model)
+    results = {}
     for name, arm in (("code", code_arm), ("chat", chat_arm)):
-        if name not in args.sets:
+        if name not in sets:
             continue
         start = time.perf_counter()
-        result = {"command": command, "model": args.model, "settings": asdict(settings),
-                  **arm(model, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
-        write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
-        shown = {k: v for k, v in result.items() if k not in ("answers", "command", "settings")}
+        results[name] = {"command": command, "model": model, "settings": asdict(settings),
+                         **arm(lm, tokenizer, settings), "seconds": round(time.perf_counter() - start, 1)}
+        write_text_atomic(out / f"{name}.json", json.dumps(results[name], indent=1))
+        shown = {k: v for k, v in results[name].items() if k not in ("answers", "command", "settings")}
         print(f"{name}: {json.dumps(shown)}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return results
