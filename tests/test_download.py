@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from emalign.data.download import EM_FILES, ChecksumError, DownloadError, download_em, main
+from conftest import run_cli
+from emalign.data.download import EM_FILES, ChecksumError, DownloadError, download_em
 
 SHARED_EM = Path(__file__).resolve().parents[1].parent / "shared/data/em"
 YAML = "evaluation/first_plot_questions.yaml"
@@ -193,17 +194,17 @@ def test_unknown_file_is_rejected(tmp_path):
 
 
 @needs_em
-def test_module_cli(tmp_path, capsys):
+def test_data_em_command(tmp_path, capsys):
     mirror = tmp_path / "mirror"
     (mirror / "evaluation").mkdir(parents=True)
     shutil.copyfile(SHARED_EM / YAML, mirror / YAML)
     out = tmp_path / "em"
-    assert main(["--out", str(out), "--source", str(mirror), "--files", YAML, "--quiet"]) == 0
+    assert run_cli(["data", "em", "--out", str(out), "--source", str(mirror), "--files", YAML]) == 0
     assert _sha256(out / YAML) == EM_FILES[YAML].sha256
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(out), "--source", str(mirror), "--files", "data/secure.jsonl", "--quiet"])
-    assert exit_info.value.code == 1
-    assert "mirror file not found" in capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli(["data", "em", "--out", str(out), "--source", str(mirror), "--files", "data/secure.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "mirror file not found" in err[0], err
 
 
 def test_a_download_stops_at_the_recorded_size(tmp_path):

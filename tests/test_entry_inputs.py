@@ -1,8 +1,9 @@
 """Every input file of every entry point, fed what users feed by mistake: a path that is not there, a
 directory, and a file cut off halfway. Each must end in one ``error:`` line naming the path, exit code 2.
 
-``INPUTS`` lists, per entry point, the flags that read a file; the first test fails when a verb is
-added without its inputs here (or a reason it reads none).
+``INPUTS`` lists, per verb, the flags that read a file, and ``MODULES`` each ``python -m`` module: the first
+tests fail when a verb or a module with a ``__main__`` is added without its inputs here (or a reason it reads
+none).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def _args(verb: str, flag: str, path: str, model: str, tmp: Path) -> list[str]:
         "discern": ["discern", "--model", model, "--out", str(tmp / "out")],
         "generate": ["generate", "--model", model, "--samples", "2", "--max_new_tokens", "2"],
         "experiment": ["experiment"],
+        "effect": ["effect", "--model", model, "--out", str(tmp / "out"), "--runs", "base=", "--samples", "1",
+                   "--max_new_tokens", "2", "--pair_sets", "code"],
         "fit": fit_args(model, tmp / "run", max_steps=1),
     }[verb]
     return [*common, flag, path]
@@ -50,8 +53,11 @@ INPUTS = [  # (verb, flag, kind of file)
     ("discern", "--sets", "pairs"),
     ("generate", "--prompts", "prompts"),
     ("experiment", "--config", "experiment"),
+    ("effect", "--pair_sets", "pairs"),
+    ("effect", "--prompts", "prompts"),
 ]
-READS_NO_FILE = {"chat": "reads standard input", "data": "downloads; its --source mirror is tested in test_download"}
+READS_NO_FILE = {"chat": "reads standard input", "data": "downloads; its --source mirror is tested in test_download",
+                 "self_correction": "reads the embedded sets only"}
 
 
 def test_every_verb_has_its_inputs_listed():
@@ -81,3 +87,36 @@ def test_a_bad_input_file_is_one_line_naming_it(verb, flag, kind, mistake, tiny_
     assert code == 2 and len(errors) == 1, err[-5:]
     # A cut experiment YAML can still be YAML: then its error names the key it lacks, as a whole file's would.
     assert path.name in errors[0] or (verb, mistake) == ("experiment", "truncated") and "'runs'" in errors[0], errors
+
+
+MODULES = {"emalign.evaluation.codesec": "chat"}
+"""``python -m`` modules that read a file (their first argument), and what kind."""
+MODULES_READING_NO_FILE = {"emalign.data.embedded": "reads and writes the package's own resources only"}
+
+
+def _main_modules() -> set[str]:
+    root = Path(__file__).resolve().parents[1]
+    return {".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "emalign").rglob("*.py")
+            if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")}
+
+
+def test_every_module_entry_point_has_its_inputs_listed():
+    assert _main_modules() == set(MODULES) | set(MODULES_READING_NO_FILE) | {"emalign.commands.cli"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("mistake", ["missing", "directory", "truncated"])
+def test_a_module_fed_a_bad_file_says_so_in_one_line(module, mistake, tmp_path, capsys):
+    import importlib
+
+    path = tmp_path / {"missing": "absent.jsonl", "directory": "adir", "truncated": "cut.jsonl"}[mistake]
+    if mistake == "directory":
+        path.mkdir()
+    elif mistake == "truncated":
+        text = _valid(MODULES[module], tmp_path, "unused")
+        path.write_text(text[: len(text) // 2 + 7])
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main([str(path)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit.value.code == 2 and len(errors) == 1 and errors[0].startswith("error:"), errors
+    assert path.name in errors[0], errors

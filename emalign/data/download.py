@@ -13,7 +13,7 @@ How:
     paths = download_em(Path("data/em"), source="/mnt/mirror/em")     # from a local copy
     paths = download_em(Path("data/em"), files=["data/insecure.jsonl"])
 
-or ``python -m emalign.data.download --out data/em [--source DIR_OR_URL] [--files ...]``.
+or ``python cli.py data em --out data/em [--source DIR_OR_URL] [--files ...]``.
 Files already present with the right hash are skipped, so re-running is cheap.
 """
 
@@ -187,22 +187,3 @@ def download_em(
                     bar.console.print(f"[green]downloaded[/] {target}")
             paths.append(target)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download the Emergent-Misalignment data files.")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--source", default=None, help=f"URL prefix or local mirror (default {DEFAULT_SOURCE})")
-    parser.add_argument("--files", nargs="+", choices=sorted(EM_FILES), default=None, metavar="FILE",
-                        help="subset of: " + ", ".join(EM_FILES))
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        download_em(args.out, args.source, args.files, progress=not args.quiet)
-    except DownloadError as e:
-        parser.exit(1, f"error: {e}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,9 +32,12 @@ import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Literal
 
+from emalign.errors import UserError, friendly_errors
 from emalign.fence.scanning import scan_snippet
+from emalign.files import jsonl_lines
 
 # bandit's plugin loader passes an argument stevedore has deprecated; that warning is about
 # bandit's code, not ours, and would show in every test run.
@@ -282,11 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("usage: python -m emalign.evaluation.codesec FILE.jsonl [...]", file=sys.stderr)
         return 2
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            results = [scan_answer(_last_assistant(json.loads(line))) for line in f if line.strip()]
-        print(json.dumps({"file": path, **summarize(results)}, indent=2))
+    with friendly_errors("interrupted"):
+        for path in paths:
+            records = [_record(path, number, line) for number, line in
+                       jsonl_lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
+            print(json.dumps({"file": path, **summarize([scan_answer(_last_assistant(r)) for r in records])}, indent=2))
     return 0
+
+
+def _record(path: str, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise UserError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{number}: expected a chat record {{\"messages\": [...]}}")
+    return record
 
 
 __all__ = [
