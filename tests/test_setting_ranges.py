@@ -26,7 +26,8 @@ NOT_SETTINGS = {
     "emalign.records.Rollout", "emalign.records.Pair", "emalign.conscience.step.StepResult",
     "emalign.conscience.decoding.Candidate", "emalign.conscience.decoding.Answer",
     "emalign.evaluation.codesec.Finding", "emalign.evaluation.scoring.JudgeResult",
-    "emalign.evaluation.questions.EvalItem", "emalign.data.download.EMFile", "emalign.data.download.ChecksumError",
+    "emalign.evaluation.questions.EvalItem", "emalign.evaluation.questions.EvalItems",
+    "emalign.data.download.EMFile", "emalign.data.download.ChecksumError",
     # machinery built by the library from settings already checked where the user gave them
     "emalign.models.sampling.SeededSampler", "emalign.models.logprobs.SharedPrefixRows",
     "emalign.data.chat.PadCollator", "emalign.data.chat.ResumableSampler", "emalign.data.chat.EmptyTaskDataset",
