@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -94,6 +95,7 @@ def claim_dir(path: Path | str, key: str = "--out") -> Path:
 
     from emalign.errors import UserError
 
+    made = _missing_ancestors(Path(path))
     path = writable_dir(path, key)
     real = path.resolve()
     if not first_process() or real in _claims:
@@ -115,13 +117,45 @@ def claim_dir(path: Path | str, key: str = "--out") -> Path:
     handle.truncate()
     handle.write(f"pid {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:3]))})")
     handle.flush()
-    _claims[real] = handle
+    _claims[real] = handle, made
     return path
 
 
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what claiming it creates."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder.resolve())
+    return missing
+
+
+SETTINGS_RECORDS = {LOCK_FILE, "config.yaml", "hparams.yaml", "eval_config.json", "scores_config.json"}
+"""Files that record how a run was asked for, not what it made: a directory holding only these holds no result."""
+
+
+def discard_without_result(folder: Path, made: Sequence[Path] = ()) -> bool:
+    """Remove ``folder`` if it holds no result (only :data:`SETTINGS_RECORDS`, in any folders), then those of
+    ``made`` (its parents, deepest first) that are left empty; returns whether it went."""
+    if not folder.is_dir() or not all(p.is_dir() or p.name in SETTINGS_RECORDS for p in folder.rglob("*")):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in made:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another run lives there
+            break
+    return True
+
+
 def release_claims() -> None:
-    """Let go of every directory this process claimed (a verb's end)."""
-    for handle in _claims.values():
+    """Let go of every directory this process claimed (a verb's end). A directory the claim created that
+    holds no result goes too, with the parents the claim made: a run that failed before its first result
+    leaves nothing behind, and loses nothing."""
+    for real, (handle, made) in _claims.items():
+        if made:
+            discard_without_result(real, made[1:])
         handle.close()  # closing the descriptor drops its flock
     _claims.clear()
 

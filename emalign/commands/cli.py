@@ -162,7 +162,7 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from emalign.callbacks import ConscienceCallback, StopOnSignal
-    from emalign.files import claim_dir
+    from emalign.files import claim_dir, discard_without_result
     from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
@@ -237,14 +237,13 @@ def _lightning(args: list[str] | None) -> None:
             check_config(config.get("trainer.strategy"), quantization, [c for c in callbacks if c])
             if self.subcommand == "fit":
                 claim_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
-
-        def before_validate(self) -> None:
-            if self.datamodule.val_fraction == 0:
+            if self.subcommand == "validate" and config.get("data.val_fraction") == 0:  # before the weights load
                 raise UserError("nothing to validate: data.val_fraction is 0, so there is no validation split "
                                 "(set it above 0, or run `test` with data.test_file)")
 
         def before_fit(self) -> None:
             trainer = self.trainer
+            fitting.append(trainer)
             for callback in trainer.checkpoint_callbacks:
                 if isinstance(callback, RunCheckpoint):
                     callback.bind(trainer)
@@ -263,6 +262,7 @@ def _lightning(args: list[str] | None) -> None:
                     self.config_init[self.subcommand]["ckpt_path"] = None
             # An explicit path was checked in check_ckpt_path already.
 
+    fitting: list = []  # the fit's trainer, once it starts
     try:
         cli = EmalignCLI(
             EmergentAlignment,
@@ -272,6 +272,10 @@ def _lightning(args: list[str] | None) -> None:
             parser_class=Parser,
             args=args,
         )
+    except BaseException:
+        if fitting and fitting[0].log_dir:  # a fit that failed: its log version holds its config, no result
+            discard_without_result(Path(fitting[0].log_dir))
+        raise
     finally:
         _end_process_group()
     if cli.subcommand == "fit":

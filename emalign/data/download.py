@@ -19,8 +19,8 @@ Files already present with the right hash are skipped, so re-running is cheap.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -122,6 +122,7 @@ def _fetch(name: str, spec: EMFile, source: str, target: Path, progress: Progres
     else:
         root = Path(source.removeprefix("file://")).expanduser()
         chunks = _open_local(root / name)
+    chunks = itertools.chain([next(chunks, b"")], chunks)  # a missing file fails here, before any folder is made
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same directory as the target, so the final os.replace is an atomic rename.
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -162,6 +163,8 @@ def download_em(
     Raises ``ChecksumError`` on a hash mismatch and ``DownloadError`` on fetch failures.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DownloadError(f"{out}: is a file, expected a directory")
     source = source or DEFAULT_SOURCE
     names = list(EM_FILES) if files is None else list(dict.fromkeys(files))
     unknown = [n for n in names if n not in EM_FILES]

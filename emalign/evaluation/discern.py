@@ -107,7 +107,8 @@ def load_pairs(path: Path | str) -> list[LabelledPair]:
     """Read a JSONL file of {"prompt", "good", "bad", optional "theme", optional "subtle"} records."""
     path = Path(path)
     if not path.is_file():
-        raise PairFileError(f"{path}: no such file (expected JSONL with prompt, good, bad)")
+        what = "is a directory" if path.is_dir() else "no such file"
+        raise PairFileError(f"{path}: {what} (expected JSONL with prompt, good, bad)")
     pairs = []
     try:
         text = path.read_text(encoding="utf-8")

@@ -328,13 +328,13 @@ def load_for_inference(
     trust_remote_code: bool = False,
 ):
     """(model, tokenizer) for generation and judging, with an optional PEFT adapter from a fit."""
+    if adapter and not Path(adapter, "adapter_config.json").is_file():  # before the weights load
+        raise ModelSourceError(f"--adapter: no PEFT adapter at {adapter}")
     tokenizer = load_tokenizer(model, trust_remote_code)
     lm = load_causal_lm(model, dtype, None, trust_remote_code)
     if adapter:
         from peft import PeftModel
 
-        if not Path(adapter, "adapter_config.json").is_file():
-            raise ModelSourceError(f"--adapter: no PEFT adapter at {adapter}")
         try:
             lm = PeftModel.from_pretrained(lm, adapter)
         except RuntimeError as err:
