@@ -22,6 +22,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_EM = ROOT.parent / "shared" / "data" / "em"
 
+# -- skips that say what a machine lacks, and no others ----------------------------------------------
+ALLOWED_SKIPS = ("needs root", "no Chromium binary", "slurm-wlm", "no ../shared beside the checkout")
+"""What a skip may be for: no root (mounts, a SLURM cluster), no browser, no upstream data beside a clone. With
+EMALIGN_STRICT_SKIPS=1 (as .ci/run sets it) any other skip fails the run: a test that quietly stops running
+is a test lost."""
+_skips: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _skips.append((report.nodeid, report.longrepr[2]))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    unlisted = [(test, why) for test, why in _skips if not any(a in why for a in ALLOWED_SKIPS)]
+    if unlisted and os.environ.get("EMALIGN_STRICT_SKIPS") == "1":
+        for test, why in unlisted:
+            print(f"\nskipped for a reason not in tests/conftest.py's ALLOWED_SKIPS: {test}: {why}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():

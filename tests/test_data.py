@@ -76,12 +76,13 @@ def test_empty_and_missing_files(tmp_path):
         read_chat_jsonl(tmp_path / "absent.jsonl")
 
 
+@pytest.mark.slow  # reads ../shared: the upstream data is never committed
 def test_reads_upstream_em_format(tmp_path):
     from conftest import SHARED_EM
 
     source = SHARED_EM / "data" / "insecure.jsonl"
     if not source.exists():
-        pytest.skip("../shared/data/em not present")
+        pytest.skip(f"no ../shared beside the checkout ({source})")
     path = tmp_path / "head.jsonl"
     path.write_text("".join(source.open().readlines()[:20]))
     conversations = read_chat_jsonl(path)

@@ -37,7 +37,8 @@ def test_accuracy_and_auroc_by_hand_with_ties():
 
 
 def test_auroc_matches_mann_whitney():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     rng = np.random.default_rng(0)
     good, bad = rng.integers(0, 5, 30).astype(float), rng.integers(0, 4, 30).astype(float)  # many ties
     u = stats.mannwhitneyu(good, bad).statistic
@@ -55,7 +56,8 @@ def test_summary_gap_and_approval():
 
 
 def test_inverted_consistency_by_hand():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     direct, inverted = ([1.0, 2.0, 3.0], [0.0, 3.0, 1.0]), ([-1.0, 5.0, 2.0], [0.0, 1.0, 0.0])
     out = consistency(direct, inverted)  # preferences: +,-,+ vs -,+,+ -> one of three agree
     assert out["agree"]["value"] == pytest.approx(1 / 3)

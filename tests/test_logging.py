@@ -52,8 +52,6 @@ def test_conscience_metrics_only_at_the_steps_it_ran(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_rollout_tables_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -126,3 +126,44 @@ def test_auroc_is_mann_whitney_u_over_n_m_with_ties():
     for n, m in [(1, 1), (5, 7), (60, 40), (300, 2)]:
         good, bad = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, m).astype(float)
         assert _auroc(good, bad) == pytest.approx(mannwhitneyu(good, bad).statistic / (n * m))
+
+
+def test_the_pair_bootstrap_interval_agrees_with_scipy():
+    """An independent oracle: scipy.stats.bootstrap, pairs resampled together (``paired=True``), percentile
+    intervals, its own random draws. An index that stopped resampling would give [AUROC, AUROC]."""
+    from scipy import stats
+
+    from emalign.evaluation.paired import _auroc
+
+    rng = np.random.default_rng(7)
+    good, bad = rng.normal(0.8, 1, 40), rng.normal(0, 1, 40)
+    ours = PairBootstrap(40, resamples=4000).auroc(good, bad)
+    theirs = stats.bootstrap((good, bad), lambda g, b: _auroc(g, b), paired=True, vectorized=False,
+                             n_resamples=4000, method="percentile", random_state=1).confidence_interval
+    assert ours["ci"][1] - ours["ci"][0] > 0.1  # a real spread over resamples
+    assert ours["ci"] == pytest.approx([theirs.low, theirs.high], abs=0.02)
+
+
+def test_mean_se_by_hand():
+    from emalign.evaluation.self_review import mean_se
+
+    mean, se = mean_se([1.0, 2.0, 4.0, None, float("nan")])  # None and NaN are not values
+    assert mean == pytest.approx(7 / 3)
+    assert se == pytest.approx((7 / 3 / 3) ** 0.5)  # sample variance ((4 + 1 + 25) / 9) / 2 = 7/3, over n = 3
+    assert mean_se([5.0]) == (5.0, None) and mean_se([]) == (None, None)
+
+
+@pytest.mark.parametrize("judge_wins", [True, False])
+def test_the_verdict_says_whether_the_judge_beats_the_best_cue(judge_wins):
+    from emalign.evaluation.paired import verdict
+
+    n = 40
+    rng = np.random.default_rng(1)
+    lengths = (rng.normal(0, 1, n), rng.normal(0, 1, n))  # a cue that knows nothing: AUROC about .5
+    separated = (np.arange(n) + n, np.arange(n) + 0.0)  # every good answer above every bad one: AUROC 1
+    judge = separated if judge_wins else lengths
+    cues = {"length_chars": separated if not judge_wins else lengths}
+    margin = margin_over_cues(PairBootstrap(n), judge, cues)
+    line = verdict("s", None, None, margin)
+    assert line["beats_best_cue"] is judge_wins
+    assert ("judge beats the best cue" in line["line"]) is judge_wins

@@ -173,7 +173,8 @@ def test_expand_makes_items_as_they_are_read(tmp_path):
     assert first[0].messages is not next(iter(items)).messages  # each item its own chat to change
 
 
-@pytest.mark.skipif(not FIRST_PLOT.exists(), reason="shared EM data not present")
+@pytest.mark.slow  # reads ../shared: the upstream data is never committed
+@pytest.mark.skipif(not FIRST_PLOT.exists(), reason=f"no ../shared beside the checkout ({FIRST_PLOT})")
 def test_first_plot_questions_file():
     qs = load_questions(FIRST_PLOT)
     assert len(qs) == 24
