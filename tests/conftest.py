@@ -43,6 +43,13 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_state(monkeypatch):
+    """What a process reports once (the first prompt cut) is reported again in each test: no test depends on
+    which ran before it."""
+    monkeypatch.setattr("emalign.models.sampling._reported_cut", False)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from emalign.models.policy import load_tokenizer

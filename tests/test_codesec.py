@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import time
 import tokenize
 from collections import Counter
 from contextlib import redirect_stdout
@@ -228,13 +227,9 @@ def test_summarize_counts():
     assert summarize([ScanResult(status="no_code", code="")])["n_scanned"] == 0
 
 
-def test_scan_speed_100_snippets():
+def test_100_snippets_flag_the_insecure_half():
+    """(Speed is bench/'s business: the module docstring's figures come from a timed run, not a test.)"""
     snippets = [extract_code(a) for t in TASKS for a in (t.insecure, t.secure)][:100]
     assert len(snippets) == 100
-    scan_code(SAFE)  # builds the shared manager, which a real evaluation also pays once
-    start = time.perf_counter()
     flagged = sum(bool(_medium_plus(s)) for s in snippets)
-    elapsed = time.perf_counter() - start
-    print(f"scanned 100 snippets in {elapsed:.3f}s")
     assert flagged == 50  # the first 50 tasks: one insecure and one secure answer each
-    assert elapsed < 10.0

@@ -175,4 +175,4 @@ def test_one_huge_question_is_bounded(tiny_model_dir, tmp_path, loopback, capsys
     assert lengths and max(lengths) <= 1024
     judged = server.seen[-1]["body"]["messages"][0]["content"]
     assert judged.startswith("How aligned (0-100)? Q: word word") and 3000 < len(judged) < 8000
-    assert caplog.text.count("was cut to max_prompt_tokens=1024") <= 1
+    assert caplog.text.count("was cut to max_prompt_tokens=1024") == 1  # once, whatever ran before (conftest)

@@ -1,5 +1,6 @@
 """Behaviour pinned across refactors: a short fixed-seed fit with the conscience (revision on) gives
-the same pairs (token ids, scores, reference log-probs), rollout roles and losses as when recorded.
+the same pairs (token ids, scores, reference log-probs, uses), rollout roles, losses and their two terms (the
+task loss and the alignment loss), and the same pairs drawn at each step, as when recorded.
 
 Re-record (only for an intended change of behaviour, said so in the commit):
     PYTHONPATH=. python tests/test_golden.py
@@ -8,10 +9,12 @@ Re-record (only for an intended change of behaviour, said so in the commit):
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "conscience_fit.json"
@@ -45,10 +48,23 @@ def run_fit(model_dir: str, work: Path) -> dict:
         generation=GenerationSettings(max_new_tokens=6), seed=3,
     )
     losses: list[float] = []
+    terms: list[dict] = []  # the step's task loss and alignment loss (None: no pairs yet)
+    draws: list[list[int]] = []  # positions in the queue of the pairs each step drew
+    queue, sample = module.pair_queue, module.pair_queue.sample
+
+    def recorded_sample(n: int, step: int, draw: int = 0):
+        drawn = sample(n, step, draw)
+        draws.append([next(i for i, q in enumerate(queue.pairs) if q is p) for p in drawn])
+        return drawn
+
+    queue.sample = recorded_sample
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
+            metrics = trainer.callback_metrics
+            terms.append({"task": float(metrics["task/loss"]),
+                          "align": float(metrics["align/loss"]) if draws[-1] else None})
 
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=work,
@@ -57,7 +73,8 @@ def run_fit(model_dir: str, work: Path) -> dict:
     datamodule.connect(policy.tokenizer)
     trainer.fit(module, datamodule)
     rollouts = [json.loads(line) for line in (work / "rollouts.jsonl").read_text().splitlines()]
-    return {"losses": losses, "pairs": module.pair_queue.state_dict()["pairs"], "rollouts": rollouts}
+    return {"losses": losses, "terms": terms, "draws": draws, "pairs": module.pair_queue.state_dict()["pairs"],
+            "rollouts": rollouts}
 
 
 def test_same_seed_gives_the_recorded_pairs_rollouts_and_losses(tiny_model_dir, tmp_path):
@@ -75,8 +92,17 @@ def test_same_seed_gives_the_recorded_pairs_rollouts_and_losses(tiny_model_dir, 
             assert g[key] == w[key], key
         for key in ("ref_chosen", "ref_rejected", "chosen_score", "rejected_score"):
             assert abs(g[key] - w[key]) < 1e-4, key
+        assert g["uses"] == w["uses"]
     losses = torch.tensor(got["losses"]), torch.tensor(want["losses"])
     assert torch.allclose(*losses, atol=1e-4), losses
+    assert got["draws"] == want["draws"] and any(want["draws"])  # the same pairs trained on, step by step
+    for g, w in zip(got["terms"], want["terms"], strict=True):
+        assert g["task"] == pytest.approx(w["task"], abs=1e-4)
+        assert (g["align"] is None) == (w["align"] is None)
+        assert g["align"] is None or g["align"] == pytest.approx(w["align"], abs=1e-4)
+    # The total is the two terms at align_weight 1: a record where the DPO term is not log 2 pins its weight
+    assert [t["task"] + (t["align"] or 0) for t in want["terms"]] == pytest.approx(want["losses"], abs=1e-4)
+    assert any(t["align"] is not None and abs(t["align"] - math.log(2)) > 1e-3 for t in want["terms"])
 
 
 if __name__ == "__main__":

@@ -172,11 +172,8 @@ def test_a_revision_the_guard_refuses_never_wins(tiny):
 
 
 def test_max_prompt_tokens_cuts_the_longest_message_and_says_so_once(tiny, caplog):
-    from emalign.models import sampling
-
     _, tokenizer = tiny
     long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 10_000 + "END"}]
-    sampling._reported_cut = False
     with caplog.at_level("WARNING", logger="emalign.models.sampling"):
         cut = [render_prompt(tokenizer, long, max_tokens=100) for _ in range(2)]
     assert all(len(ids) <= 100 for ids in cut)

@@ -240,10 +240,10 @@ def test_local_judge_multi_token_labels(tok):
 def test_openai_judge_retries_malformed_and_good(server, caplog):
     caplog.set_level(logging.DEBUG)
     judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY",
-                        timeout_s=0.2, max_retries=3, backoff_s=0.01)
+                        timeout_s=1.0, max_retries=3, backoff_s=0.01)
     good = [("42", 0.5), ("40", 0.2), ("CODE", 0.2), (" 100", 0.05), ("101", 0.05)]
     server.script = [
-        ("sleep", 0.6),                                  # times out
+        ("sleep", 3.0),                                  # times out, with room for a loaded 2-core machine
         ("json", 429, {"error": "slow down"}, {"Retry-After": "0.3"}),
         ("text", 200, "this is not json"),               # malformed: counted, not fatal
         ("json", 200, good_reply(good)),
@@ -281,7 +281,7 @@ def test_openai_judge_retries_malformed_and_good(server, caplog):
 def test_openai_judge_gives_up_and_rejects_bad_key(server, caplog):
     caplog.set_level(logging.DEBUG)
     judge = OpenAIJudge(base_url=server.url, model="fake", api_key_env="EMALIGN_TEST_KEY",
-                        timeout_s=0.5, max_retries=1, backoff_s=0.01)
+                        timeout_s=5.0, max_retries=1, backoff_s=0.01)
     server.script = [("json", 502, {"e": SECRET}), ("json", 502, {"e": 1}),
                      ("json", 400, {"echo": SECRET}),
                      ("json", 401, {"error": f"bad key {SECRET}"})]
@@ -309,6 +309,7 @@ def test_openai_judge_concurrent_batch_keeps_order_and_pickles(server):
     assert [r.score for r in clone.judge_many(["7", "8"])] == [7.0, 8.0]
 
 
+@pytest.mark.slow  # wall-clock bounds, far from the uncut times (15 s, 5 s): the slow lane, not the quick one
 @pytest.mark.parametrize("trickle, bound", [("trickle", 5), ("trickle_head", 3)])
 def test_openai_judge_timeout_covers_the_whole_request(server, trickle, bound):
     """A reply trickled a byte at a time (the body every 50 ms, about 15 s; or the status line and headers every
@@ -336,6 +337,7 @@ def test_openai_judge_caps_the_reply_size(server):
     assert judge.stats["malformed"] == 1
 
 
+@pytest.mark.slow  # wall-clock: an interrupt at 0.5 s must beat a 4 s backoff
 def test_ctrl_c_stops_a_retrying_batch_at_once(server):
     import signal
     import time
