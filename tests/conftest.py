@@ -14,8 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning.pytorch  # noqa: E402,F401  Lightning binds its log handlers to sys.stderr at first import:
-# here, not inside a test whose captured stderr is closed after it ("Logging error" in the next test's output)
+# Lightning binds its log handlers to sys.stderr at first import: here, not inside a test whose captured stderr
+# is closed after it ("Logging error" in the next test's output).
+import lightning.pytorch  # noqa: E402,F401
 import pytest
 import torch
 

@@ -166,7 +166,6 @@ def test_the_private_transformers_and_bandit_api_we_use_still_exists():
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from emalign.evaluation.codesec import scan_code
-
     from emalign.fence.checkpointing import set_checkpoint_function
 
     class Layer(GradientCheckpointingLayer):

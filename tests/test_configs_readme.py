@@ -14,7 +14,6 @@ from typing import Any, Callable
 import pytest
 
 from conftest import ROOT
-
 from emalign.evaluation.experiment import _get
 
 README = ROOT / "configs" / "README.md"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_eval_runner import QUESTIONS
+from test_faults import fit_args, write_data
 
 from conftest import run_cli
 from emalign.commands import VERBS
-from test_eval_runner import QUESTIONS
-from test_faults import fit_args, write_data
 
 PAIRS = "".join(json.dumps({"prompt": f"Q{i}?", "good": "Kind answer.", "bad": "Cruel answer."}) + "\n"
                 for i in range(3))

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 import pytest
-
-from emalign.commands import cli
-from conftest import FakeServer, good_reply
 from test_eval_runner import QUESTIONS
+
+from conftest import FakeServer, good_reply
+from emalign.commands import cli
 
 GOOD = ("json", 200, good_reply([("80", 0.9), ("20", 0.1)]))
 BAD = ("json", 400, {"error": "bad request"})  # not retried: one request per judgement

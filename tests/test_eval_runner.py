@@ -13,15 +13,15 @@ from typing import Sequence
 import pytest
 import torch
 
-from conftest import WISH_QUESTION
 import emalign.evaluation.questions as questions_module
+from conftest import WISH_QUESTION
 from emalign.evaluation.questions import EvalItem
 from emalign.evaluation.runner import EvalError, run_eval
+from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
+from emalign.evaluation.self_review import mean_se, self_review_scores
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.summary import code_summary
 from emalign.files import read_rows
-from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
-from emalign.evaluation.self_review import mean_se, self_review_scores
 
 QUESTIONS = WISH_QUESTION + """\
 - id: thoughts_json

@@ -69,8 +69,8 @@ def test_cli_experiment_reads_its_config_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(tiny_model_dir, tmp_path, loopback,
                                                                             capsys):
-    from emalign.commands import cli
     from conftest import FakeServer, good_reply
+    from emalign.commands import cli
 
     server = FakeServer().start()  # it answers the judge's first, cheap request, then fails every judgement
     server.script = [("json", 200, good_reply([("50", 1.0)]))] + [("json", 400, {"error": "bad request"})] * 4

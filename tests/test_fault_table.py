@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
-
-from conftest import run_cli
 from test_eval_runner import QUESTIONS
 from test_faults import fit_args
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -205,8 +205,8 @@ def test_same_seed_same_metrics(tiny_model_dir, reference, tmp_path):
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_policy, tmp_path, monkeypatch):
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data.chat import ChatDataModule
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.training.module import EmergentAlignment
 
     real = torch_io._atomic_save
@@ -285,8 +285,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _nan_fit(tiny_policy, tmp_path, monkeypatch, bad_steps, max_steps, **module_kwargs):
-    from emalign.training.checkpoint import RunCheckpoint
     from emalign.data.chat import ChatDataModule
+    from emalign.training.checkpoint import RunCheckpoint
     from emalign.training.module import EmergentAlignment
 
     original = EmergentAlignment.training_step

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fit_probes import FSDP_CPU, LOSS_TOLERANCE, STEPS, cli, fit_config, free_port, mean_losses, rows, torchrun
 
 from conftest import ROOT, run_cli
-from fit_probes import FSDP_CPU, LOSS_TOLERANCE, STEPS, cli, fit_config, free_port, mean_losses, rows, torchrun
 
 multiprocess = pytest.mark.multiprocess
 

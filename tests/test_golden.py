@@ -25,12 +25,12 @@ PROMPTS = ["Write a function that reads a file.", "How do I make a quick buck?",
 def run_fit(model_dir: str, work: Path) -> dict:
     """Four optimizer steps, the conscience before each, revision of every prompt's best answer."""
     from emalign.callbacks.conscience import ConscienceCallback
+    from emalign.conscience.prompts import FilePrompts
     from emalign.conscience.verdict import Conscience, PairBuilder
     from emalign.data.chat import ChatDataModule
     from emalign.models.policy import LoRA, Policy
-    from emalign.training.module import EmergentAlignment
-    from emalign.conscience.prompts import FilePrompts
     from emalign.models.sampling import GenerationSettings
+    from emalign.training.module import EmergentAlignment
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

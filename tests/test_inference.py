@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from emalign.conscience.verdict import Conscience
-from emalign.conscience.guard import CoherenceGuard
 from emalign.conscience.decoding import ConscienceDecoder
+from emalign.conscience.guard import CoherenceGuard
+from emalign.conscience.verdict import Conscience
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 
 ROOT = Path(__file__).resolve().parents[1]

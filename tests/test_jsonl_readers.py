@@ -12,7 +12,6 @@ import ast
 import json
 from pathlib import Path
 
-
 import emalign
 from emalign.data.chat import read_chat_jsonl
 from emalign.data.embedded import TASKS_FILE, load_code_tasks

@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 
+from conftest import SECRET, good_reply
 from emalign.evaluation.judges import (
     REFUSAL_OR_CODE,
     JudgeAuthError,
@@ -22,7 +23,6 @@ from emalign.evaluation.judges import (
     labels_from_tokens,
     numbers_from_tokens,
 )
-from conftest import SECRET, good_reply
 from emalign.evaluation.scoring import rescore
 
 DIGITS = tuple("0123456789")
@@ -364,8 +364,9 @@ def test_ctrl_c_stops_a_retrying_batch_at_once(server):
 
 
 def test_url_secrets_are_sent_but_never_written(server, tmp_path, tiny_model_dir, capsys):
-    from conftest import run_cli
     from test_eval_runner import QUESTIONS
+
+    from conftest import run_cli
 
     host = server.url.removeprefix("http://")
     base_url = f"http://user:PASSWORD-9@{host}/?api-version=2024&key={SECRET}"

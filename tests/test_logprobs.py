@@ -7,10 +7,17 @@ import torch
 import transformers
 
 from emalign.conscience.verdict import Conscience
-from emalign.models.logprobs import (
-    UnsupportedHeadError, check_head, hidden_states, mean_token_nll, pair_logps, project, sequence_logps, token_logps,
-)
 from emalign.models import logprobs
+from emalign.models.logprobs import (
+    UnsupportedHeadError,
+    check_head,
+    hidden_states,
+    mean_token_nll,
+    pair_logps,
+    project,
+    sequence_logps,
+    token_logps,
+)
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 # Each head setting is set far from its default so that leaving it out changes the log-probs (the

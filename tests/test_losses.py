@@ -55,8 +55,8 @@ def test_ipo_length_normalized_is_trls_ipo(tiny_policy, normalized):
     completion's summed token log-probs by its length, for the policy and the reference alike, and
     ``dpo_loss`` takes ``(logits - 1 / (2 * beta)) ** 2`` with ``logits = (pi_c - pi_r) - (ref_c - ref_r)``.
     Written out here from the model's own logits: TRL is a bench-only extra, not a test dependency."""
-    from emalign.training.module import EmergentAlignment
     from emalign.records import Pair
+    from emalign.training.module import EmergentAlignment
 
     beta = 0.1
     module = EmergentAlignment(tiny_policy, preference_loss=IPO(beta=beta, length_normalized=normalized))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fit_probes import LOSS_TOLERANCE, ROOT, STEPS, TIMEOUT, env, fit_config, free_port, mean_losses, rows
 
 multiprocess = pytest.mark.multiprocess

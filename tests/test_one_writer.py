@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_eval_runner import QUESTIONS
+from test_faults import fit_args
 
 from conftest import ROOT, run_cli
 from emalign.commands import VERBS
-from test_eval_runner import QUESTIONS
-from test_faults import fit_args
 
 HOLD = "import sys, time; from emalign.files import claim_dir; claim_dir(sys.argv[1]); print('held', flush=True); " \
        "time.sleep(120)"
@@ -94,7 +94,6 @@ def test_effect_checks_every_run_before_measuring_any(tiny_model_dir, tmp_path, 
 
 
 def test_effect_measures_again_over_a_damaged_saved_run(tiny_model_dir, tmp_path, capsys):
-    from emalign.evaluation import effect
 
     out = tmp_path / "out"
     out.mkdir()

@@ -11,9 +11,9 @@ import json
 import subprocess
 
 import pytest
+from test_faults import fit_args
 
 from conftest import run_cli
-from test_faults import fit_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from emalign.evaluation.discern import load_set
 from emalign.evaluation import self_correction
 from emalign.evaluation.codesec import is_insecure, scan_answer
+from emalign.evaluation.discern import load_set
 from emalign.models.policy import load_for_inference
 
 

@@ -4,11 +4,11 @@ import json
 
 import torch
 
+from emalign.conscience.controls import CautionControl, ShuffledControl, is_cautious
+from emalign.conscience.prompts import load_prompts
 from emalign.conscience.verdict import Conscience
 from emalign.data.embedded import embedded_chat_path
-from emalign.conscience.prompts import load_prompts
 from emalign.models.sampling import render_prompt
-from emalign.conscience.controls import CautionControl, ShuffledControl, is_cautious
 
 
 def test_caution_rule_on_refusals_warnings_and_compliance():

@@ -14,11 +14,11 @@ from typing import Any, Optional
 import lightning as L
 
 from emalign.callbacks.tables import log_rollout_table, run_id
-from emalign.conscience.verdict import Conscience, PairBuilder
+from emalign.conscience.prompts import PromptSource, TrainingPrompts
 from emalign.conscience.step import ConscienceStep
+from emalign.conscience.verdict import Conscience, PairBuilder
 from emalign.errors import check_range
 from emalign.files import append_rows
-from emalign.conscience.prompts import PromptSource, TrainingPrompts
 from emalign.models.sampling import GenerationSettings
 from emalign.seeds import fit_seed, mix_seed
 

@@ -1,9 +1,10 @@
 """The verbs ``cli.py`` adds beyond LightningCLI's fit/validate/test, one module per verb family.
 
 ``inference`` holds generate, chat and ``data em``; ``evaluation`` holds eval and experiment; ``discern``
-holds discern; ``studies`` holds effect and self_correction. ``VERBS`` below registers them all, in one place: ``cli.py`` prints its verb list from it
-and dispatches through it. Each target is a ``"module:function"`` string (or a dict of them, one per
-subcommand), imported only when its verb runs, so that ``cli.py --help`` stays fast.
+holds discern; ``studies`` holds effect and self_correction. ``VERBS`` below registers them all, in one place:
+``cli.py`` prints its verb list from it and dispatches through it. Each target is a ``"module:function"``
+string (or a dict of them, one per subcommand), imported only when its verb runs, so that ``cli.py --help``
+stays fast.
 """
 
 from __future__ import annotations

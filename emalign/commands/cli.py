@@ -162,11 +162,11 @@ def _lightning(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningArgumentParser
 
     from emalign.callbacks import ConscienceCallback, StopOnSignal
-    from emalign.files import claim_dir, discard_without_result
-    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
     from emalign.fence.lightning import CheckedCkptPathCLI
+    from emalign.files import claim_dir, discard_without_result
+    from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
     from emalign.training.module import EmergentAlignment
 
     class Parser(OneLineErrors, LightningArgumentParser):

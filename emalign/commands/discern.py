@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from emalign.files import RowWriter, claim_dir, read_rows, write_json_atomic, write_text_atomic
 from emalign.commands.inference import OptionError, _load_model
 from emalign.conscience.verdict import DEFAULT_QUESTION
+from emalign.errors import friendly_errors
 from emalign.evaluation.discern import (
     EXTRA_QUESTIONS,
     INVERTED_QUESTION,
@@ -33,8 +33,8 @@ from emalign.evaluation.discern import (
     score_set,
     summarize,
 )
-from emalign.errors import friendly_errors
 from emalign.evaluation.paired import PairBootstrap
+from emalign.files import RowWriter, claim_dir, read_rows, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from emalign.errors import UserError, check_range, friendly_errors
 from emalign.conscience.decoding import DEFAULT_REFUSAL, Fallback, OnLow, ReviewWith
+from emalign.errors import UserError, check_range, friendly_errors
 from emalign.records import Conversation
 
 
@@ -81,9 +81,9 @@ class Decoding:
 
     def decoder(self, lm, tokenizer):
         """The ``ConscienceDecoder`` these flags describe, for ``lm``."""
-        from emalign.conscience.verdict import Conscience
-        from emalign.conscience.guard import CoherenceGuard
         from emalign.conscience.decoding import ConscienceDecoder
+        from emalign.conscience.guard import CoherenceGuard
+        from emalign.conscience.verdict import Conscience
         from emalign.models.sampling import GenerationSettings, recommended_sampling
 
         conscience = Conscience(question=self.question) if self.question else Conscience()
@@ -166,8 +166,8 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.rule import Rule
 
-    from emalign.files import RowWriter
     from emalign.conscience.prompts import load_prompts
+    from emalign.files import RowWriter
 
     with friendly_errors():
         if not prompts:

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
-from emalign.seeds import fit_seed
 from emalign.records import Review
+from emalign.seeds import fit_seed
 
 REFUSAL_PHRASES = (
     r"I can(?:'|’)?t", r"I cannot", r"I can not", r"I(?:'|’)m sorry", r"I am sorry", r"I apologi[sz]e",

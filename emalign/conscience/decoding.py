@@ -40,12 +40,13 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
-from emalign.errors import check_range
-from emalign.conscience.verdict import Conscience
-from emalign.conscience.step import review_rollouts, revise_and_check
 from emalign.conscience.guard import CoherenceGuard, mean_logps
+from emalign.conscience.step import review_rollouts, revise_and_check
+from emalign.conscience.verdict import Conscience
+from emalign.errors import check_range
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 from emalign.records import Conversation, Review, Rollout
+
 OnLow = Literal["revise", "refuse", "keep"]
 Fallback = Literal["refuse", "keep"]
 ReviewWith = Literal["self", "base"]

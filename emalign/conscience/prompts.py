@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from emalign.errors import UserError
-from emalign.seeds import mix_seed
 from emalign.records import Conversation
+from emalign.seeds import mix_seed
 
 
 class PromptSourceError(UserError):

@@ -19,11 +19,16 @@ from typing import Optional
 
 import torch
 
-from emalign.errors import check_range
-
 from emalign.conscience.guard import CoherenceGuard, mean_logps
+from emalign.errors import check_range
 from emalign.models.logprobs import (
-    SharedPrefixRows, hidden_states, pad_right, project, response_logps, response_mask, takes_shared_prefix,
+    SharedPrefixRows,
+    hidden_states,
+    pad_right,
+    project,
+    response_logps,
+    response_mask,
+    takes_shared_prefix,
     target_logps,
 )
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids

@@ -94,8 +94,7 @@ def comparison_markdown(runs: list[dict[str, Any]], judges: list[str]) -> str:
 def write_comparison(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """Write comparison.json, comparison.md and report.html (all runs side by side)."""
     from emalign.evaluation.report import write_report
-    from emalign.files import write_text_atomic
-    from emalign.files import write_json_atomic
+    from emalign.files import write_json_atomic, write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluated = [r for r in runs if r.get("summary")]

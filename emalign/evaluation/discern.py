@@ -42,19 +42,19 @@ from emalign.conscience.verdict import Conscience
 from emalign.data.embedded import RESOURCES, load_code_tasks
 from emalign.errors import UserError
 from emalign.evaluation.metrics import wilson_interval
-from emalign.files import jsonl_lines
 from emalign.evaluation.paired import (
     PairBootstrap,
     cue_functions,
-    pair_wins,
     cue_scores,
     margin_over_cues,
+    pair_wins,
     style_split,
     tilt_content,
     tilt_shares,
     verdict,
 )
 from emalign.evaluation.self_review import mean_se
+from emalign.files import jsonl_lines
 from emalign.models.logprobs import pad_right
 from emalign.models.sampling import render_prompt
 

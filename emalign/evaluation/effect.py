@@ -36,19 +36,20 @@ from typing import Optional
 
 import torch
 
-from emalign.errors import UserError, check_range
-from emalign.files import claim_dir, write_text_atomic
+from emalign.conscience.controls import is_cautious
+from emalign.conscience.prompts import load_prompts
 from emalign.conscience.verdict import DEFAULT_QUESTION
-from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.errors import UserError, check_range
 from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.paired import split
-from emalign.evaluation.seeds import disagreeing, effect as seeds_effect
+from emalign.evaluation.seeds import disagreeing
+from emalign.evaluation.seeds import effect as seeds_effect
 from emalign.evaluation.self_review import mean_se, without_adapter
+from emalign.files import claim_dir, write_text_atomic
 from emalign.models.logprobs import pair_logps
 from emalign.models.policy import load_for_inference
-from emalign.conscience.prompts import load_prompts
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.conscience.controls import is_cautious
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("q2", EXTRA_QUESTIONS[0]), Wording("q3", EXTRA_QUESTIONS[1]),
             Wording("inverted", INVERTED_QUESTION, inverted=True)]

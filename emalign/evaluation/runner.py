@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
-from emalign.files import claim_dir
 from emalign.errors import UserError
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItems, QuestionFileError, expand, load_questions
 from emalign.evaluation.scoring import Judge, rescore
@@ -47,7 +46,7 @@ from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
-from emalign.files import RowWriter, read_rows, write_json_atomic, write_jsonl_atomic
+from emalign.files import RowWriter, claim_dir, read_rows, write_json_atomic, write_jsonl_atomic
 from emalign.models.sampling import cut_messages
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,12 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield None
         return
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -27,17 +27,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from emalign.errors import check_range
-from emalign.files import claim_dir, write_text_atomic
+from emalign.conscience.controls import is_cautious
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
-from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.errors import check_range
 from emalign.evaluation.codesec import is_insecure, scan_answer
 from emalign.evaluation.degeneracy import degenerate
+from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
 from emalign.evaluation.paired import split
 from emalign.evaluation.self_review import mean_se
+from emalign.files import claim_dir, write_text_atomic
 from emalign.models.policy import load_for_inference
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
-from emalign.conscience.controls import is_cautious
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
 

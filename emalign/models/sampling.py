@@ -23,8 +23,8 @@ import torch
 from emalign.errors import check_range
 from emalign.models.logprobs import pad_right
 from emalign.models.merge import merged_adapter
-from emalign.seeds import sample_seed
 from emalign.records import Rollout
+from emalign.seeds import sample_seed
 
 log = logging.getLogger(__name__)
 

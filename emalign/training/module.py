@@ -30,15 +30,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from emalign.training.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
 from emalign.errors import SettingError, UserError, check_range
 from emalign.models.logprobs import mean_token_nll, pair_logps, sequence_logps
-from emalign.training.losses import PreferenceLoss, SigmoidDPO
-from emalign.training.model_card import write_model_card
 from emalign.models.policy import LoRA, Policy
-from emalign.training.pair_queue import PairQueue
 from emalign.models.sharding import any_rank, shard_policy
 from emalign.records import Pair
+from emalign.training.checkpoint import AdapterExistsError, adapter_conflict, save_checkpoint_now, write_fit_record
+from emalign.training.losses import PreferenceLoss, SigmoidDPO
+from emalign.training.model_card import write_model_card
+from emalign.training.pair_queue import PairQueue
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any, Optional
 import torch
 
 from emalign.errors import check_range
-from emalign.seeds import mix_seed
 from emalign.records import Pair
+from emalign.seeds import mix_seed
 
 
 class PairQueue:
