@@ -108,3 +108,44 @@ def test_the_check_catches_the_drift_that_was_filed():
     pattern = r"(\d+) prompts x (\d+) samples x (\d+) tokens"
     match = re.search(pattern, "4 prompts x 4 samples x 48 tokens")
     assert [_as(t, g(merged)) == g(merged) for t, g in zip(match.groups(), CLAIMS[pattern])] == [True, False, True]
+
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_parses_with_the_parser_that_reads_it(path):
+    """An experiment (it has ``runs:``) with ``cli.py experiment``'s parser, and every fit config it names with
+    ``cli.py fit``'s; any other YAML with ``cli.py fit``'s, after the include check ``cli.py`` makes first."""
+    import yaml
+    from jsonargparse import CLI, capture_parser
+
+    from emalign.commands import verb_target
+    from emalign.commands.cli import check_config_files
+
+    if "runs" in yaml.safe_load(path.read_text(encoding="utf-8")):
+        parser = capture_parser(lambda: CLI(verb_target("experiment"), args=[], as_positional=False))
+        runs = parser.parse_args(["--config", str(path)]).runs
+        fits = [f for run in runs for f in (run.get("fit") or [])]
+        assert runs and all((ROOT / f).is_file() for f in fits), fits
+        for fit in fits:
+            check_config_files(["--config", str(ROOT / fit)])
+            _merged([str(ROOT / fit)])
+    else:
+        check_config_files(["--config", str(path)])
+        assert _merged([str(path)])
+
+
+def test_a_nested_block_after_an_include_is_refused_in_one_line(tmp_path):
+    from emalign.commands.cli import check_config_files
+    from emalign.errors import UserError
+
+    config = tmp_path / "x.yaml"
+    config.write_text(f"config: {ROOT / 'configs' / 'demo.yaml'}\ntrainer: {{max_steps: 5}}\n")
+    with pytest.raises(UserError, match=r"x\.yaml: the `trainer:` block after `config: .*demo\.yaml` would replace "
+                                        r"the included trainer section whole; write its keys dotted "
+                                        r"\(trainer\.max_steps: \.\.\.\)"):
+        check_config_files(["--config", str(config)])
+    config.write_text(f"config: {ROOT / 'configs' / 'demo.yaml'}\ntrainer.max_steps: 5\n")  # the dotted form
+    check_config_files(["--config", str(config)])
+    assert _merged([str(config)])["trainer"]["default_root_dir"] == "runs/demo"  # demo's trainer kept

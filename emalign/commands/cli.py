@@ -137,24 +137,44 @@ def join_list_values(args: list[str], flags: dict[str, bool]) -> list[str]:
 
 
 def check_config_files(args: list[str]) -> None:
-    """Read every ``--config FILE`` of the command line as YAML first: a broken file is one line naming
-    it, its line and column (jsonargparse would say ``"<unicode string>"``)."""
+    """Read every ``--config FILE`` of the command line, and the files it includes, as YAML first: a broken
+    file is one line naming it, its line and column (jsonargparse would say ``"<unicode string>"``); a file
+    that includes another and then gives a nested block for a section the include sets is refused (the block
+    would replace that whole section, silently)."""
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config" and Path(value).is_file():  # a missing file is the parser's to report, with the flag
+            _included_sections(Path(value), f"--config {value}")
+
+
+def _included_sections(path: Path, where: str, seen: tuple[Path, ...] = ()) -> set[str]:
+    """The top-level sections ``path`` sets, its includes' (``config: other.yaml``, relative to it) among them."""
     import yaml
 
     from emalign.errors import UserError
 
-    for flag, value in zip(args, args[1:]):
-        if flag != "--config" or not Path(value).is_file():
-            continue  # a missing file is the parser's to report, with the flag
-        try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise UserError(f"--config {value}: not UTF-8 (byte {err.start})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{value}:{mark.line + 1}:{mark.column + 1}" if mark else value
-            problem = getattr(err, "problem", None) or str(err)
-            raise UserError(f"--config {where}: not valid YAML ({problem})") from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where}: not UTF-8 (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        raise UserError(f"{at}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(data, dict):
+        return set()
+    includes = data.get("config") or []
+    included: set[str] = set()
+    for name in [includes] if isinstance(includes, str) else includes:
+        child = (path.parent / name).resolve()
+        if child in seen or not child.is_file():
+            continue  # a loop or a missing include is the parser's to report
+        included |= _included_sections(child, f"{path}: config {name}", (*seen, path.resolve()))
+    for key, value in data.items():
+        if key in included and isinstance(value, dict):
+            first = next(iter(value), "KEY")
+            raise UserError(f"{path}: the `{key}:` block after `config: {includes}` would replace the included "
+                            f"{key} section whole; write its keys dotted ({key}.{first}: ...) to change only them")
+    return included | {str(k).split(".")[0] for k in data if k != "config"}
 
 
 def _lightning(args: list[str] | None) -> None:
