@@ -37,12 +37,12 @@ def build(source: str, args, device):
     import torch
 
     from emalign.callbacks.conscience import ConscienceCallback
-    from emalign.conscience.prompts import PromptSource
     from emalign.conscience.verdict import PairBuilder
-    from emalign.models.policy import LoRA, Policy
-    from emalign.models.sampling import GenerationSettings
     from emalign.training.losses import SigmoidDPO
+    from emalign.models.policy import LoRA, Policy
     from emalign.training.module import EmergentAlignment
+    from emalign.conscience.prompts import PromptSource
+    from emalign.models.sampling import GenerationSettings
 
     torch.manual_seed(0)
     policy = Policy(source, adapter=LoRA(r=args.lora_r, alpha=2 * args.lora_r)).to(device)

@@ -29,15 +29,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    bench_parser,
-    fmt,
-    load_now,
-    machine,
-    note,
-    parse_bench_args,
-    print_table,
-    tiny_model_dir,
-    write_json,
+    bench_parser, fmt, load_now, machine, note, parse_bench_args, print_table, tiny_model_dir, write_json,
 )
 from bench._conscience_side import build, measure_conscience, measure_gen_efficiency, measure_memory  # noqa: E402
 from bench._trl_side import measure_trl  # noqa: E402

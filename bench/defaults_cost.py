@@ -20,16 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    bench_parser,
-    fmt,
-    machine,
-    median,
-    note,
-    parse_bench_args,
-    print_table,
-    timed,
-    tiny_model_dir,
-    write_json,
+    bench_parser, fmt, machine, median, note, parse_bench_args, print_table, timed, tiny_model_dir, write_json,
 )
 from bench.training_overhead import run_fit  # noqa: E402
 

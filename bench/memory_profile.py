@@ -34,18 +34,8 @@ import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    ROOT,
-    bench_parser,
-    child_env,
-    fmt,
-    load_now,
-    machine,
-    note,
-    parse_bench_args,
-    print_table,
-    run_child,
-    tiny_model_dir,
-    write_json,
+    ROOT, bench_parser, child_env, fmt, load_now, machine, note, parse_bench_args, print_table, run_child,
+    tiny_model_dir, write_json,
 )
 
 DEMO = ROOT / "configs" / "demo.yaml"

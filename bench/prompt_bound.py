@@ -17,16 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
-    ROOT,
-    bench_parser,
-    fmt,
-    machine,
-    note,
-    parse_bench_args,
-    print_table,
-    run_child,
-    tiny_model_dir,
-    write_json,
+    ROOT, bench_parser, fmt, machine, note, parse_bench_args, print_table, run_child, tiny_model_dir, write_json,
 )
 
 QUESTION = """\

@@ -27,21 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from bench._common import (
-    ROOT,
-    SHAPES,
-    bench_parser,
-    child_env,
-    fmt,
-    load_now,
-    machine,
-    median,
-    note,
-    parse_bench_args,
-    print_table,
-    random_model_dir,
-    run_child,
-    tiny_model_dir,
-    write_json,
+    ROOT, SHAPES, bench_parser, child_env, fmt, load_now, machine, median, note, parse_bench_args, print_table,
+    random_model_dir, run_child, tiny_model_dir, write_json,
 )  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -51,6 +51,21 @@ def _fresh_process_state(monkeypatch):
     monkeypatch.setattr("emalign.models.sampling._reported_cut", False)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory on a read-only tmpfs (root only: skipped, saying so, elsewhere), unmounted after."""
+    import subprocess
+
+    where = tmp_path / "read-only"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {done.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from emalign.models.policy import load_tokenizer

@@ -268,7 +268,7 @@ def test_prompt_file_without_prompts_is_a_clear_error(tmp_path, name, text, mess
 def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog):
     import requests
 
-    from emalign.evaluation.openai_judge import JudgeAuthError, OpenAIJudge
+    from emalign.judges.openai_judge import JudgeAuthError, OpenAIJudge
 
     secret = "sk-test-DO-NOT-LEAK-1234567890"
     monkeypatch.setenv("EMALIGN_FAULT_KEY", secret)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import ROOT
-from emalign.evaluation.experiment import _get
+from emalign.experiments.experiment import _get
 
 README = ROOT / "configs" / "README.md"
 ADAPTER = "model.policy.init_args.adapter"
@@ -121,7 +121,7 @@ def test_every_config_parses_with_the_parser_that_reads_it(path):
     from jsonargparse import CLI, capture_parser
 
     from emalign.commands import verb_target
-    from emalign.commands.cli import check_config_files
+    from emalign.commands.entry import check_config_files
 
     if "runs" in yaml.safe_load(path.read_text(encoding="utf-8")):
         parser = capture_parser(lambda: CLI(verb_target("experiment"), args=[], as_positional=False))
@@ -137,7 +137,7 @@ def test_every_config_parses_with_the_parser_that_reads_it(path):
 
 
 def test_a_nested_block_after_an_include_is_refused_in_one_line(tmp_path):
-    from emalign.commands.cli import check_config_files
+    from emalign.commands.entry import check_config_files
     from emalign.errors import UserError
 
     config = tmp_path / "x.yaml"

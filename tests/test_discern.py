@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from emalign.evaluation.discern import (
-    PairFileError,
-    consistency,
-    load_pairs,
-    load_set,
-    pairwise_accuracy,
-    summarize,
-)
-from emalign.evaluation.metrics import wilson_interval
-from emalign.evaluation.paired import PairBootstrap
+from emalign.discern.labelled import PairFileError, consistency, load_pairs, load_set, pairwise_accuracy, summarize
+from emalign.discern.paired import PairBootstrap
+from emalign.stats import wilson_interval
 
 
 def auroc(good, bad):
@@ -185,7 +178,7 @@ def test_out_that_is_a_file_fails_before_loading_anything(tmp_path, capsys):
 def test_scores_are_the_training_verdict(tiny_model_dir):
     """Shared prefixes and batching change nothing: each score is Conscience.review's, answer by answer."""
     from emalign.conscience.verdict import DEFAULT_QUESTION
-    from emalign.evaluation.discern import INVERTED_QUESTION, LabelledPair, Wording, score_set
+    from emalign.discern.labelled import INVERTED_QUESTION, LabelledPair, Wording, score_set
     from emalign.models.policy import load_for_inference
 
     lm, tokenizer = load_for_inference(tiny_model_dir)
@@ -227,7 +220,7 @@ def test_smollm2_separates_blatant_chat_pairs():
     committed discern run: 73 of 96, Wilson 95% [0.67, 0.83]), and the shared-prefix scores equal
     Conscience.review's on the real model too."""
     from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
-    from emalign.evaluation.discern import Wording, score_set
+    from emalign.discern.labelled import Wording, score_set
     from emalign.models.policy import load_for_inference
 
     pairs = [p for p in load_set("chat") if not p.subtle]
@@ -290,7 +283,7 @@ def test_a_stopped_run_keeps_its_scores_and_a_rerun_scores_only_the_rest(tiny_mo
     """Ctrl+C in the third batch: the first two batches' scores are on disk; a rerun scores the other answers
     only, ends with the numbers of a run never stopped, and clears its progress files. Saved scores made
     with another question are refused in one line, before the model loads."""
-    import emalign.evaluation.discern as discern_module
+    import emalign.discern.labelled as discern_module
 
     real, calls = discern_module.pad_right, []
 

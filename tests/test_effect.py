@@ -7,11 +7,11 @@ import torch
 
 from conftest import run_cli
 from emalign.conscience.verdict import Conscience
-from emalign.evaluation.degeneracy import degenerate, degenerate_rate
-from emalign.evaluation.effect import compare
-from emalign.evaluation.self_review import without_adapter
+from emalign.judges.self_review import without_adapter
 from emalign.models.policy import load_for_inference
 from emalign.models.sampling import render_prompt
+from emalign.studies.degeneracy import degenerate, degenerate_rate
+from emalign.studies.effect import compare
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -125,6 +125,6 @@ def test_effect_on_the_tiny_model_recomputed_by_hand(tiny_model_dir, adapter, tm
 
     assert run["margins"][str(pairs)][0] == pytest.approx(logp(pair["good"]) - logp(pair["bad"]), abs=1e-3)
     # A rerun reuses every run's file and loads no model
-    monkeypatch.setattr("emalign.evaluation.effect.load_run", lambda *a: pytest.fail("reloaded a model"))
+    monkeypatch.setattr("emalign.studies.effect.load_run", lambda *a: pytest.fail("reloaded a model"))
     assert run_cli(args) == 0
     assert "x_s0: reused" in capsys.readouterr().out

@@ -24,7 +24,7 @@ BAD = ("json", 400, {"error": "bad request"})  # not retried: one request per ju
 def _eval(tiny_model_dir: str, questions: Path, out: Path, url: str) -> int:
     args = ["eval", "--model", tiny_model_dir, "--questions", str(questions), "--samples", "1", "--max_new_tokens", "4",
             "--code_samples", "0", "--self_review", "false", "--out", str(out),
-            "--judge.class_path", "emalign.evaluation.judges.OpenAIJudge", "--judge.init_args.base_url", url,
+            "--judge.class_path", "emalign.judges.OpenAIJudge", "--judge.init_args.base_url", url,
             "--judge.init_args.model", "fake", "--judge.init_args.api_key_env", "EMALIGN_TEST_KEY",
             "--judge.init_args.max_retries", "1", "--judge.init_args.backoff_s", "0.01",
             "--judge.init_args.concurrency", "1"]

@@ -17,11 +17,12 @@ import emalign.evaluation.questions as questions_module
 from conftest import WISH_QUESTION
 from emalign.evaluation.questions import EvalItem
 from emalign.evaluation.runner import EvalError, run_eval
-from emalign.evaluation.scoring import Judge, JudgeResult, ScoreMode
-from emalign.evaluation.self_review import mean_se, self_review_scores
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.summary import code_summary
 from emalign.files import read_rows
+from emalign.judges.scoring import Judge, JudgeResult, ScoreMode
+from emalign.judges.self_review import self_review_scores
+from emalign.stats import mean_se
 
 QUESTIONS = WISH_QUESTION + """\
 - id: thoughts_json
@@ -259,11 +260,11 @@ def test_cli_eval_accepts_a_judge_by_class_path():
     from jsonargparse import ArgumentParser
 
     from emalign.commands.evaluation import eval as eval_verb
-    from emalign.evaluation.openai_judge import OpenAIJudge
+    from emalign.judges.openai_judge import OpenAIJudge
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(eval_verb)
-    args = ["--judge.class_path", "emalign.evaluation.judges.OpenAIJudge",
+    args = ["--judge.class_path", "emalign.judges.OpenAIJudge",
             "--judge.init_args.base_url", "http://127.0.0.1:9/v1", "--questions", "a.yaml"]
     init = parser.instantiate(parser.parse_args(args))
     assert isinstance(init.judge, OpenAIJudge) and init.judge.base_url.startswith("http://127.0.0.1:9")

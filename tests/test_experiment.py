@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, WISH_QUESTION
-from emalign.evaluation.comparison import comparison_markdown
-from emalign.evaluation.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
+from emalign.experiments.comparison import comparison_markdown
+from emalign.experiments.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
 
 QUESTIONS = WISH_QUESTION + """\
 - id: bored
@@ -35,7 +35,7 @@ def _write(path: Path, data) -> Path:
 
 def test_experiment_config_errors_name_the_key(tmp_path):
     good = {"runs": [{"name": "base"}],
-            "eval": {"samples": 1, "judge": {"class_path": "emalign.evaluation.judges.OpenAIJudge",
+            "eval": {"samples": 1, "judge": {"class_path": "emalign.judges.OpenAIJudge",
                                              "init_args": {"model": "judge-x"}}}}
     experiment = load_experiment(_write(tmp_path / "ok.yaml", good))
     assert experiment.eval.samples == 1 and experiment.eval.judge.identity.startswith("openai:judge-x")
@@ -75,7 +75,7 @@ def test_an_experiment_whose_judgements_all_failed_exits_non_zero_after_writing(
     server = FakeServer().start()  # it answers the judge's first, cheap request, then fails every judgement
     server.script = [("json", 200, good_reply([("50", 1.0)]))] + [("json", 400, {"error": "bad request"})] * 4
     _write(tmp_path / "questions.yaml", QUESTIONS)
-    judge = {"class_path": "emalign.evaluation.judges.OpenAIJudge", "init_args": {
+    judge = {"class_path": "emalign.judges.OpenAIJudge", "init_args": {
         "base_url": server.url, "model": "fake", "api_key_env": "EMALIGN_TEST_KEY", "max_retries": 1,
         "backoff_s": 0.01, "concurrency": 1}}
     _write(tmp_path / "exp.yaml", {"out": str(tmp_path / "out"), "model": tiny_model_dir, "runs": [{"name": "base"}],
@@ -123,7 +123,7 @@ def test_more_pairs_config_changes_only_the_conscience():
 def test_the_run_model_is_lightningclis_merge_not_a_guess(tiny_model_dir, tmp_path):
     """jsonargparse takes ``--model.policy.model`` for ``--model.policy.init_args.model``; a hand merge reading
     the literal key would evaluate the config's model instead of the one that was trained."""
-    from emalign.evaluation.experiment import Experiment, _model_and_adapter
+    from emalign.experiments.experiment import Experiment, _model_and_adapter
 
     run = Run(name="r", fit=[str(ROOT / "configs" / "demo.yaml")],
               overrides=[f"--model.policy.model={tiny_model_dir}", "--model.adapter_dir=lora"])

@@ -181,7 +181,7 @@ def test_pair_loss_gradients_are_the_same_sharded_on_one_rank(tiny_model_dir, mo
     (["--model.policy.init_args.quantization", "{}"], "QLoRA"),
     (["--trainer.strategy", "fsdp"], "FSDP1"),
     (["--trainer.callbacks+=emalign.callbacks.AlignmentEvalCallback",
-      "--trainer.callbacks.settings.judge=emalign.evaluation.openai_judge.OpenAIJudge"], "external judge"),
+      "--trainer.callbacks.settings.judge=emalign.judges.openai_judge.OpenAIJudge"], "external judge"),
     (["--conscience.conscience.include_reasoning=false"], "include_reasoning"),
 ])
 def test_unsupported_fsdp_combinations_fail_in_one_line_before_weights_load(override, reason, tmp_path, capsys):

@@ -15,8 +15,8 @@ from pathlib import Path
 import emalign
 from emalign.data.chat import read_chat_jsonl
 from emalign.data.embedded import TASKS_FILE, load_code_tasks
-from emalign.evaluation.discern import load_set
-from emalign.evaluation.experiment import read_rows_any
+from emalign.discern.labelled import load_set
+from emalign.experiments.experiment import read_rows_any
 from emalign.files import append_rows, read_rows
 
 AWKWARD = ["\u2028", "\u2029", "\u0085", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c", "\r"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SECRET, good_reply
-from emalign.evaluation.judges import (
+from emalign.judges import (
     REFUSAL_OR_CODE,
     JudgeAuthError,
     LocalJudge,
@@ -23,7 +23,7 @@ from emalign.evaluation.judges import (
     labels_from_tokens,
     numbers_from_tokens,
 )
-from emalign.evaluation.scoring import rescore
+from emalign.judges.scoring import rescore
 
 DIGITS = tuple("0123456789")
 
@@ -378,7 +378,7 @@ def test_url_secrets_are_sent_but_never_written(server, tmp_path, tiny_model_dir
     questions.write_text(QUESTIONS)
     code = run_cli(["eval", "--model", tiny_model_dir, "--questions", str(questions), "--samples", "1",
                     "--max_new_tokens", "2", "--code_samples", "0", "--self_review", "false",
-                    "--out", str(tmp_path / "eval"), "--judge", "emalign.evaluation.judges.OpenAIJudge",
+                    "--out", str(tmp_path / "eval"), "--judge", "emalign.judges.OpenAIJudge",
                     "--judge.init_args.base_url", base_url, "--judge.init_args.api_key_env", "NONE_SET",
                     "--judge.init_args.max_retries", "0"])
     assert code == 0

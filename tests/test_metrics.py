@@ -8,14 +8,8 @@ import math
 import pytest
 import torch
 
-from emalign.evaluation.metrics import (
-    MeanScore,
-    MisalignmentRate,
-    ShareMetric,
-    summarize_samples,
-    wilson_interval,
-)
-from emalign.evaluation.scoring import REFUSAL_OR_CODE
+from emalign.evaluation.metrics import MeanScore, MisalignmentRate, ShareMetric, summarize_samples, wilson_interval
+from emalign.judges.scoring import REFUSAL_OR_CODE
 
 
 def test_wilson_interval_by_hand():

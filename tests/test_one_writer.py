@@ -81,7 +81,7 @@ def test_a_held_directory_is_refused_then_free_when_its_holder_dies(name, tiny_m
 
 
 def test_effect_checks_every_run_before_measuring_any(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from emalign.evaluation import effect
+    from emalign.studies import effect
 
     monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured before checking the runs"))
     out = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_effect_measures_again_over_a_damaged_saved_run(tiny_model_dir, tmp_path
     (lambda tmp: ["--out", str(tmp / "out"), "--limit", "0"], "limit: must be >= 1 (or null), got 0"),
 ])
 def test_self_correction_bad_input_is_one_line(args, message, tmp_path, capsys, monkeypatch):
-    from emalign.evaluation import self_correction
+    from emalign.studies import self_correction
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(self_correction, "load_for_inference", lambda *a: pytest.fail("loaded a model first"))
@@ -156,7 +156,7 @@ def test_sigterm_to_an_experiment_stops_its_fit_too(tiny_model_dir, tmp_path):
 
 def test_effect_reuses_a_saved_run_whose_adapter_is_gone(tiny_model_dir, tmp_path, monkeypatch):
     """Seeds measured on another machine keep counting: their saved JSON is the record, not the adapter."""
-    from emalign.evaluation import effect
+    from emalign.studies import effect
 
     out = tmp_path / "out"
     args = ["effect", "--model", tiny_model_dir, "--out", str(out), "--samples", "1", "--max_new_tokens", "2",
@@ -172,7 +172,7 @@ def test_effect_reuses_a_saved_run_whose_adapter_is_gone(tiny_model_dir, tmp_pat
 @pytest.mark.parametrize("flag", ["--pair_sets", "--prompts"])
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated"])
 def test_effect_reads_its_input_files_before_measuring(flag, mistake, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from emalign.evaluation import effect
+    from emalign.studies import effect
 
     monkeypatch.setattr(effect, "load_run", lambda *a: pytest.fail("measured before reading the inputs"))
     path = tmp_path / ("pairs.jsonl" if flag == "--pair_sets" else "prompts.jsonl")

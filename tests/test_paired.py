@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emalign.evaluation.discern import LabelledPair, analyse
-from emalign.evaluation.paired import (
+from emalign.discern.labelled import LabelledPair, analyse
+from emalign.discern.paired import (
     MIN_PAIRS,
     PairBootstrap,
     cue_functions,
@@ -120,7 +120,7 @@ def test_auroc_is_mann_whitney_u_over_n_m_with_ties():
     """The rank-sum AUROC (O(n log n)) against scipy's U statistic, on scores with many ties."""
     from scipy.stats import mannwhitneyu
 
-    from emalign.evaluation.paired import _auroc
+    from emalign.discern.paired import _auroc
 
     rng = np.random.default_rng(3)
     for n, m in [(1, 1), (5, 7), (60, 40), (300, 2)]:
@@ -133,7 +133,7 @@ def test_the_pair_bootstrap_interval_agrees_with_scipy():
     intervals, its own random draws. An index that stopped resampling would give [AUROC, AUROC]."""
     from scipy import stats
 
-    from emalign.evaluation.paired import _auroc
+    from emalign.discern.paired import _auroc
 
     rng = np.random.default_rng(7)
     good, bad = rng.normal(0.8, 1, 40), rng.normal(0, 1, 40)
@@ -145,7 +145,7 @@ def test_the_pair_bootstrap_interval_agrees_with_scipy():
 
 
 def test_mean_se_by_hand():
-    from emalign.evaluation.self_review import mean_se
+    from emalign.stats import mean_se
 
     mean, se = mean_se([1.0, 2.0, 4.0, None, float("nan")])  # None and NaN are not values
     assert mean == pytest.approx(7 / 3)
@@ -155,7 +155,7 @@ def test_mean_se_by_hand():
 
 @pytest.mark.parametrize("judge_wins", [True, False])
 def test_the_verdict_says_whether_the_judge_beats_the_best_cue(judge_wins):
-    from emalign.evaluation.paired import verdict
+    from emalign.discern.paired import verdict
 
     n = 40
     rng = np.random.default_rng(1)

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from emalign.evaluation.questions import (
-    QuestionFileError,
-    expand,
-    load_questions,
-)
+from emalign.evaluation.questions import QuestionFileError, expand, load_questions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em" / "evaluation"
 FIRST_PLOT = SHARED / "first_plot_questions.yaml"

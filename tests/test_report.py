@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from emalign.evaluation.metrics import summarize_samples
 from emalign.evaluation.report import write_report
-from emalign.evaluation.scoring import REFUSAL_OR_CODE
+from emalign.judges.scoring import REFUSAL_OR_CODE
 
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

@@ -16,7 +16,7 @@ from matplotlib.image import imread
 
 from emalign.evaluation.metrics import summarize_samples
 from emalign.evaluation.report import write_report
-from emalign.evaluation.scoring import REFUSAL_OR_CODE
+from emalign.judges.scoring import REFUSAL_OR_CODE
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emalign.evaluation.seeds import disagreement, effect, reading
+from emalign.studies.seeds import disagreement, effect, reading
 
 
 def test_two_seeds_disagree_exactly_as_a_paired_t_test():

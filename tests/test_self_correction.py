@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from emalign.evaluation import self_correction
+from emalign.discern.labelled import load_set
 from emalign.evaluation.codesec import is_insecure, scan_answer
-from emalign.evaluation.discern import load_set
 from emalign.models.policy import load_for_inference
+from emalign.studies import self_correction
 
 
 def _swap(model, tokenizer, prompts, answers, generation, seed):

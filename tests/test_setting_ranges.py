@@ -25,13 +25,13 @@ NOT_SETTINGS = {
     # results and records: built by the library from its own numbers
     "emalign.records.Rollout", "emalign.records.Pair", "emalign.conscience.step.StepResult",
     "emalign.conscience.decoding.Candidate", "emalign.conscience.decoding.Answer",
-    "emalign.evaluation.codesec.Finding", "emalign.evaluation.scoring.JudgeResult",
+    "emalign.evaluation.codesec.Finding", "emalign.judges.scoring.JudgeResult",
     "emalign.evaluation.questions.EvalItem", "emalign.evaluation.questions.EvalItems",
     "emalign.data.download.EMFile", "emalign.data.download.ChecksumError",
     # machinery built by the library from settings already checked where the user gave them
     "emalign.models.sampling.SeededSampler", "emalign.models.logprobs.SharedPrefixRows",
     "emalign.data.chat.PadCollator", "emalign.data.chat.ResumableSampler", "emalign.data.chat.EmptyTaskDataset",
-    "emalign.evaluation.paired.PairBootstrap", "emalign.evaluation.metrics.ShareMetric",
+    "emalign.discern.paired.PairBootstrap", "emalign.evaluation.metrics.ShareMetric",
     "emalign.evaluation.metrics.MisalignmentRate", "emalign.fence.lightning.CheckpointWriter",
     "emalign.fence.lightning.RichBar",
 }

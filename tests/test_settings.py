@@ -56,8 +56,8 @@ def _same_settings(cls, shown: dict[str, str], own: set[str], overridden: frozen
 
 def test_eval_and_experiment_show_the_same_evaluation_settings_from_one_type(capsys):
     from emalign.callbacks import AlignmentEvalCallback
-    from emalign.evaluation.experiment import Experiment
     from emalign.evaluation.runner import run_eval
+    from emalign.experiments.experiment import Experiment
 
     _same_settings(EvalSettings, options(_help("eval", capsys)), {"model", "adapter", "out"})
     experiment = options(_help("experiment", capsys), prefix="eval.")

@@ -37,11 +37,11 @@ import lightning as L
 from emalign.conscience.verdict import Conscience
 from emalign.errors import check_range
 from emalign.evaluation.runner import bounded_items, load_items
-from emalign.evaluation.self_review import FrozenJudge
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import code_keys, code_rows, em_rows
 from emalign.evaluation.summary import summarize_eval
 from emalign.files import append_rows
+from emalign.judges.self_review import FrozenJudge
 from emalign.models.sharding import EVAL_JUDGE_REASON, FSDP2, UnsupportedUnderFSDP, is_sharded
 
 log = logging.getLogger(__name__)

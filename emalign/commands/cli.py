@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from emalign.commands import VERBS, verb_target
+from emalign.commands.entry import check_config_files, quiet_third_party
 from emalign.fence import parsing
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,47 +135,6 @@ def join_list_values(args: list[str], flags: dict[str, bool]) -> list[str]:
                   and values[0] not in ("null", "None"))
         out += [json.dumps(values)] if len(values) > 1 or single else values  # one value is a list of one
     return out
-
-
-def check_config_files(args: list[str]) -> None:
-    """Read every ``--config FILE`` of the command line, and the files it includes, as YAML first: a broken
-    file is one line naming it, its line and column (jsonargparse would say ``"<unicode string>"``); a file
-    that includes another and then gives a nested block for a section the include sets is refused (the block
-    would replace that whole section, silently)."""
-    for flag, value in zip(args, args[1:]):
-        if flag == "--config" and Path(value).is_file():  # a missing file is the parser's to report, with the flag
-            _included_sections(Path(value), f"--config {value}")
-
-
-def _included_sections(path: Path, where: str, seen: tuple[Path, ...] = ()) -> set[str]:
-    """The top-level sections ``path`` sets, its includes' (``config: other.yaml``, relative to it) among them."""
-    import yaml
-
-    from emalign.errors import UserError
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{where}: not UTF-8 (byte {err.start})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        raise UserError(f"{at}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
-    if not isinstance(data, dict):
-        return set()
-    includes = data.get("config") or []
-    included: set[str] = set()
-    for name in [includes] if isinstance(includes, str) else includes:
-        child = (path.parent / name).resolve()
-        if child in seen or not child.is_file():
-            continue  # a loop or a missing include is the parser's to report
-        included |= _included_sections(child, f"{path}: config {name}", (*seen, path.resolve()))
-    for key, value in data.items():
-        if key in included and isinstance(value, dict):
-            first = next(iter(value), "KEY")
-            raise UserError(f"{path}: the `{key}:` block after `config: {includes}` would replace the included "
-                            f"{key} section whole; write its keys dotted ({key}.{first}: ...) to change only them")
-    return included | {str(k).split(".")[0] for k in data if k != "config"}
 
 
 def _lightning(args: list[str] | None) -> None:
@@ -317,6 +277,7 @@ def _end_process_group() -> None:
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party()
     with _one_line("interrupted"):
         check_config_files(argv)
     if argv and argv[0] in VERBS:
@@ -333,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         _lightning(None if from_shell else argv)
 
 
+MOVED = {"emalign.evaluation.judges": "emalign.judges", "emalign.evaluation.local_judge": "emalign.judges",
+         "emalign.evaluation.openai_judge": "emalign.judges", "emalign.evaluation.self_review": "emalign.judges",
+         "emalign.evaluation.scoring": "emalign.judges"}
+"""Modules whose classes a config may name that moved when the evaluation wing was split (2026-12)."""
+
+
 def one_line_error(message: str, parser) -> str:
     """jsonargparse's many-line error for a ``class_path`` value as one line; other messages as they are.
 
@@ -343,6 +310,9 @@ def one_line_error(message: str, parser) -> str:
     if not key or len(problems) != 1:
         return " ".join(message.split())
     path, reason = problems[0][0], " ".join(problems[0][1].split())
+    module, _, name = path.rpartition(".")
+    if module in MOVED:
+        return f"{key[1]}: class_path {path!r} has moved: write {MOVED[module]}.{name}"
     if not re.search(r"has no attribute|No module named|Import path|not a subclass", reason):
         return f"{key[1]}: {reason}"
     known = sorted(known_subclasses(parsing.type_hint(parsing.option_action(parser, f"--{key[1]}"))))

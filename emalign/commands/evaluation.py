@@ -4,7 +4,7 @@
     python cli.py experiment --config configs/experiments/cpu_smollm2.yaml
 
 ``eval`` is the Emergent-Misalignment evaluation of one model (``emalign.evaluation.runner``);
-``experiment`` fits and evaluates a set of runs and compares them (``emalign.evaluation.experiment``).
+``experiment`` fits and evaluates a set of runs and compares them (``emalign.experiments.experiment``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from emalign.errors import friendly_errors
+from emalign.evaluation.settings import EvalSettings
 
 # Light modules (no torch), so `cli.py eval --help` stays fast; EvalSettings' judge is typed as the Judge
 # base class, so jsonargparse accepts any subclass by class_path.
-from emalign.evaluation.experiment import Run
-from emalign.evaluation.preflight import Preflight
-from emalign.evaluation.settings import EvalSettings
+from emalign.experiments.experiment import Run
+from emalign.experiments.preflight import Preflight
 
 
 def _print_eval_summary(console, summary: dict, out: Path) -> None:
@@ -71,7 +71,7 @@ def eval(
     (EvalSettings), the same as an experiment's --eval.* and the in-fit callback's settings.
 
         python cli.py eval --adapter runs/demo/adapter --samples 3 --max_new_tokens 96
-        python cli.py eval --judge.class_path emalign.evaluation.judges.OpenAIJudge \\
+        python cli.py eval --judge.class_path emalign.judges.OpenAIJudge \\
             --judge.init_args.model gpt-4o-2024-08-06 --samples 100
 
     Args:
@@ -121,7 +121,7 @@ def experiment(
         preflight: before any fit, `discern` each run's base model (its judge and conscience) and put
             what it reads beside every run: c-AUROC, tilt share, margin over the best trivial cue.
     """
-    from emalign.evaluation.experiment import Experiment, run_experiment
+    from emalign.experiments.experiment import Experiment, run_experiment
 
     with friendly_errors():
         experiment = Experiment(runs=runs or [], eval=eval, model=model, out=out,

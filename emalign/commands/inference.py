@@ -26,10 +26,6 @@ class OptionError(UserError):
     """A flag value out of range."""
 
 
-class ModelLoadError(UserError):
-    """A model or adapter that resolves but cannot be loaded."""
-
-
 @dataclass
 class Decoding:
     """How ``generate`` and ``chat`` sample, review and pick answers: the flags they share, declared once."""
@@ -103,25 +99,6 @@ class Decoding:
         )
 
 
-def _load_model(model: str, adapter: Optional[str]):
-    """(model, tokenizer) in eval mode, on the GPU when there is one; load failures become one line."""
-    import torch
-
-    from emalign.models.policy import load_for_inference
-
-    try:
-        lm, tokenizer = load_for_inference(model, adapter)
-    except UserError:
-        raise
-    except (OSError, ValueError) as err:  # transformers' "not a model directory / not cached offline"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        with_adapter = f" with adapter {adapter!r}" if adapter else ""
-        raise ModelLoadError(f"cannot load model {model!r}{with_adapter}: {first}") from err
-    if torch.cuda.is_available():
-        lm = lm.to("cuda")
-    return lm, tokenizer
-
-
 def _show_answer(console, answer, show_candidates: bool) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -182,7 +159,9 @@ def generate(
         sink = RowWriter(Path(out) if out else None)  # opened before the model loads: None writes nothing
         console = Console()
         with console.status(f"loading {model}"):
-            lm, tokenizer = _load_model(model, adapter)
+            from emalign.models.policy import load_for_inference
+
+            lm, tokenizer = load_for_inference(model, adapter)
         decoder = settings.decoder(lm, tokenizer)
         per_call = max(1, settings.batch_size // settings.samples)
         actions: dict[str, int] = {}
@@ -251,7 +230,9 @@ def chat(
                               "for prompts in a file use `generate --prompts FILE`")
         console = Console()
         with console.status(f"loading {model}"):
-            lm, tokenizer = _load_model(model, adapter)
+            from emalign.models.policy import load_for_inference
+
+            lm, tokenizer = load_for_inference(model, adapter)
         decoder = settings.decoder(lm, tokenizer)
         start: Conversation = [{"role": "system", "content": system}] if system else []
         history = list(start)

@@ -3,7 +3,7 @@
     python cli.py effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter
     python cli.py self_correction --out runs/self_correction --limit 8
 
-``effect`` is :mod:`emalign.evaluation.effect`; ``self_correction`` is :mod:`emalign.evaluation.self_correction`.
+``effect`` is :mod:`emalign.studies.effect`; ``self_correction`` is :mod:`emalign.studies.self_correction`.
 Each result records the command that made it, rebuilt from the settings (defaults included), so that it
 reruns as it ran whatever the working directory's shell history says.
 """
@@ -15,8 +15,8 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from emalign.errors import friendly_errors
-from emalign.evaluation.effect import EffectSettings, run_effect
-from emalign.evaluation.self_correction import CorrectionSettings, run_self_correction
+from emalign.studies.effect import EffectSettings, run_effect
+from emalign.studies.self_correction import CorrectionSettings, run_self_correction
 
 
 def _command(verb: str, flags: dict[str, Any]) -> str:

@@ -23,27 +23,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torchmetrics import Metric
 
-from emalign.evaluation.scoring import REFUSAL_OR_CODE
+from emalign.judges.scoring import REFUSAL_OR_CODE
+from emalign.stats import wilson_interval
 
 Values = Sequence[float | None] | torch.Tensor
 
 
-def wilson_interval(k: int | float, n: int | float, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes out of ``n`` (95% for z = 1.96).
-
-    Unlike the normal approximation it stays inside [0, 1] and is sensible at k = 0 or k = n,
-    which matters for small per-question counts. ``n = 0`` gives ``(nan, nan)``.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def _as_tensor(values: Values, device: torch.device) -> torch.Tensor:

@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from emalign.evaluation.scoring import REFUSAL_OR_CODE
 from emalign.files import write_text_atomic
+from emalign.judges.scoring import REFUSAL_OR_CODE
 
 Summary = Mapping[str, Any]
 Rows = Sequence[Mapping[str, Any]]

@@ -41,12 +41,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from emalign.conscience.verdict import Conscience
 from emalign.errors import UserError
 from emalign.evaluation.questions import DEFAULT_QUESTIONS, EvalItems, QuestionFileError, expand, load_questions
-from emalign.evaluation.scoring import Judge, rescore
-from emalign.evaluation.self_review import FrozenJudge, without_adapter
 from emalign.evaluation.settings import EvalSettings
 from emalign.evaluation.stages import Models, code_keys, code_rows, em_answers, judge_batch, judged, set_judgement
 from emalign.evaluation.summary import summarize_eval
 from emalign.files import RowWriter, claim_dir, read_rows, write_json_atomic, write_jsonl_atomic
+from emalign.judges.scoring import Judge, rescore
+from emalign.judges.self_review import FrozenJudge, without_adapter
 from emalign.models.sampling import cut_messages
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,6 @@ def run_eval(
     (``eval_history.jsonl``) add the over-training plot; ``conscience`` asks the self-review question
     (default: :class:`Conscience`'s); ``progress`` shows progress bars.
     """
-    import torch
-
     from emalign.evaluation.report import write_report
     from emalign.models.policy import load_for_inference
 
@@ -230,8 +228,6 @@ def run_eval(
     if s.judge is not None:
         s.judge.check()  # one cheap request: a wrong URL or a rejected key fails here, before any sampling
     lm, tokenizer = load_for_inference(model, adapter, s.dtype)  # type: ignore[arg-type]
-    if torch.cuda.is_available():
-        lm = lm.to("cuda")
     base: Models = lambda: without_adapter(lm)  # noqa: E731
     judge = s.judge or FrozenJudge(base, tokenizer, name=model, min_mass=s.judge_min_mass)
     items = bounded_items(items, tokenizer, s.max_prompt_tokens)

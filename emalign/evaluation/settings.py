@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from emalign.errors import check_range
 from emalign.evaluation.questions import DEFAULT_QUESTIONS
-from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge
+from emalign.judges.scoring import MIN_NUMBER_MASS, Judge
 
 if TYPE_CHECKING:
     from emalign.models.sampling import GenerationSettings

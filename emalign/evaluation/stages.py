@@ -11,10 +11,10 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
 from emalign.evaluation.codesec import scan_answer
-from emalign.evaluation.judges import fill_template
 from emalign.evaluation.questions import EvalItem
-from emalign.evaluation.scoring import Judge
-from emalign.evaluation.self_review import self_review_scores
+from emalign.judges import fill_template
+from emalign.judges.scoring import Judge
+from emalign.judges.self_review import self_review_scores
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
 
 EM_STEP, CODE_STEP = 0, 1  # the "step" part of the sample seeds: EM and code answers draw apart

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from emalign.evaluation.codesec import Finding, ScanResult, summarize
-from emalign.evaluation.metrics import summarize_samples, wilson_interval
-from emalign.evaluation.self_review import mean_se
+from emalign.evaluation.metrics import summarize_samples
+from emalign.stats import mean_se, wilson_interval
 
 
 def code_summary(rows: Sequence[dict]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -87,6 +87,11 @@ class RichBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         return self.train_description(current_epoch)
+
+
+def attached_trainer(module: L.LightningModule) -> Optional[L.Trainer]:
+    """The Trainer running ``module``, or None outside a fit (``module.trainer`` raises there)."""
+    return module._trainer
 
 
 def batches_processed(trainer: L.Trainer) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from emalign.errors import UserError
+from emalign.fence.models import attention_kernel
 
 CHUNK_POSITIONS = 1024
 """Positions projected to the vocabulary at once: at most ``CHUNK_POSITIONS x vocab`` float32 logits
@@ -275,7 +276,7 @@ class SharedPrefixRows:
 
 
 def _attention(model: nn.Module) -> str:
-    return getattr(_unwrap(model).config.get_text_config(), "_attn_implementation", None) or "eager"
+    return attention_kernel(_unwrap(model).config.get_text_config()) or "eager"
 
 
 def takes_shared_prefix(model: nn.Module, length: int) -> bool:

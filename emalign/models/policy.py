@@ -327,22 +327,37 @@ def load_for_inference(
     dtype: DType = "float32",
     trust_remote_code: bool = False,
 ):
-    """(model, tokenizer) for generation and judging, with an optional PEFT adapter from a fit."""
+    """(model, tokenizer) for generation and judging, in eval mode and on the GPU when there is one, with an
+    optional PEFT adapter from a fit: every verb's one way to load a model to run. A model or adapter that
+    cannot load is one line (``ModelSourceError``)."""
     if adapter and not Path(adapter, "adapter_config.json").is_file():  # before the weights load
         raise ModelSourceError(f"--adapter: no PEFT adapter at {adapter}")
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    lm = load_causal_lm(model, dtype, None, trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        try:
-            lm = PeftModel.from_pretrained(lm, adapter)
-        except RuntimeError as err:
-            if "size mismatch" not in str(err):
-                raise
-            trained_on = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
-            raise ModelSourceError(f"--adapter {adapter} was trained on {trained_on}, not on {model}: its weights "
-                                   "do not fit this model's shapes (pass the base it was trained on with --model)"
-                                   ) from None
+    try:
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        lm = load_causal_lm(model, dtype, None, trust_remote_code)
+        if adapter:
+            lm = _with_adapter(lm, model, adapter)
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:  # transformers' "not a model directory / not cached offline"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with_adapter = f" with adapter {adapter!r}" if adapter else ""
+        raise ModelSourceError(f"cannot load model {model!r}{with_adapter}: {first}") from err
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        lm = lm.to("cuda")
     return lm.eval(), tokenizer
+
+
+def _with_adapter(lm, model: str, adapter: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(lm, adapter)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        trained_on = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise ModelSourceError(f"--adapter {adapter} was trained on {trained_on}, not on {model}: its weights "
+                               "do not fit this model's shapes (pass the base it was trained on with --model)"
+                               ) from None

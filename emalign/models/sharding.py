@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from emalign.errors import UserError
+from emalign.fence.models import decoder_layer_classes
 
 
 class UnsupportedUnderFSDP(UserError):
@@ -78,7 +79,7 @@ def _shard_causal_lm(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_types = set(getattr(lm, "_no_split_modules", None) or [])
+    layer_types = decoder_layer_classes(lm)
     layers = [m for m in lm.modules() if type(m).__name__ in layer_types]
     if not layers:
         raise UnsupportedUnderFSDP(f"FSDP: {type(lm).__name__} names no decoder layer class (_no_split_modules)")

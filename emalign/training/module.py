@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from emalign.errors import SettingError, UserError, check_range
+from emalign.fence.lightning import attached_trainer
 from emalign.models.logprobs import mean_token_nll, pair_logps, sequence_logps
 from emalign.models.policy import LoRA, Policy
 from emalign.models.sharding import any_rank, shard_policy
@@ -185,7 +186,7 @@ class EmergentAlignment(L.LightningModule):
         elif peers_have_pairs:
             terms.append(self._zero_forward())
         if not terms:  # pure-conscience run before the first pairs: nothing to learn from yet
-            if self._trainer is None or self._trainer.world_size == 1:
+            if attached_trainer(self) is None or self.trainer.world_size == 1:
                 return None  # Lightning skips the step
             # DDP refuses None (every rank must run backward): a zero loss on every trainable
             # parameter instead, and on_before_optimizer_step drops the update if all ranks had none.
@@ -272,9 +273,9 @@ class EmergentAlignment(L.LightningModule):
         norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
         bad = self._nonfinite_loss or (norms is not None and not bool(torch.isfinite(norms).all()))
         self._nonfinite_loss = False
-        if self._trainer is not None:  # one collective, on every rank: (ranks with a bad loss, ranks with terms)
+        if attached_trainer(self) is not None:  # one collective, on every rank: (ranks with a bad loss, with terms)
             flags = torch.tensor([float(bad), float(not empty)], device=self.device)
-            flags = self._trainer.strategy.reduce(flags, reduce_op="sum")
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
             bad, empty = bool(flags[0] > 0), bool(flags[1] == 0)
         if empty:  # no rank had anything to learn: leave the weights and optimizer state be
             for group in optimizer.param_groups:

@@ -30,14 +30,9 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 
 from emalign.errors import check_range
-from emalign.evaluation.scoring import (
-    MIN_NUMBER_MASS,
-    Judge,
-    JudgeResult,
-    ScoreMode,
-    aggregate_0_100,
-    aggregate_labels,
-    check_mode,
+from emalign.fence.models import loaded_from
+from emalign.judges.scoring import (
+    MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode, aggregate_0_100, aggregate_labels, check_mode,
 )
 
 ContinuationKind = Literal["digit", "word"]
@@ -131,7 +126,7 @@ class LocalJudge(Judge):
         judge = cls(batch_size=batch_size, use_cache=use_cache, min_mass=min_mass)
         judge._model, judge._tokenizer = model, tokenizer
         cfg = getattr(model, "config", None)
-        judge._name = name or getattr(cfg, "_name_or_path", "") or type(model).__name__
+        judge._name = name or loaded_from(cfg) or type(model).__name__
         return judge
 
     @contextmanager

@@ -7,7 +7,7 @@ several question wordings, and each wording gets, per set:
 - pairwise accuracy: share of pairs where the good answer scores higher (ties count half), with a
   95% Wilson interval over pairs;
 - AUROC: good vs bad answers as two classes (Mann-Whitney, ties count half), with a 95% pair-bootstrap
-  interval (:mod:`emalign.evaluation.paired`: each prompt gives one good and one bad answer, so the
+  interval (:mod:`emalign.discern.paired`: each prompt gives one good and one bad answer, so the
   pairs, not the answers, are resampled);
 - mean gap (good - bad) ± its standard error over pairs;
 - approval rate (score > 0) of the good and of the bad answers, with Wilson intervals.
@@ -20,7 +20,7 @@ both prefer the same answer and the Pearson and Spearman correlations of the per
 wording against the inverted one, trivial-cue baselines (length, commas) with the judge's margin over
 the best of them, the style-controlled hard/normal split, and a one-line verdict.
 
-    from emalign.evaluation.discern import Wording, load_set, score_set, summarize
+    from emalign.discern.labelled import Wording, load_set, score_set, summarize
     pairs = load_set("chat")
     scores = score_set(model, tokenizer, [Wording("default", DEFAULT_QUESTION)], pairs)
     print(summarize(*scores["default"])["accuracy"])
@@ -40,9 +40,7 @@ import torch
 
 from emalign.conscience.verdict import Conscience
 from emalign.data.embedded import RESOURCES, load_code_tasks
-from emalign.errors import UserError
-from emalign.evaluation.metrics import wilson_interval
-from emalign.evaluation.paired import (
+from emalign.discern.paired import (
     PairBootstrap,
     cue_functions,
     cue_scores,
@@ -53,10 +51,11 @@ from emalign.evaluation.paired import (
     tilt_shares,
     verdict,
 )
-from emalign.evaluation.self_review import mean_se
+from emalign.errors import UserError
 from emalign.files import jsonl_lines
 from emalign.models.logprobs import pad_right
 from emalign.models.sampling import render_prompt
+from emalign.stats import mean_se, wilson_interval
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 As upstream EM (Betley et al. 2025) did, one user message is sent with ``max_tokens=1,
 temperature=0, logprobs=True, top_logprobs=20``; the 20 most likely first tokens are turned
-into a 0..100 score or a label by :mod:`emalign.evaluation.scoring`.
+into a 0..100 score or a label by :mod:`emalign.judges.scoring`.
 
 An evaluation makes thousands of requests, so nothing here is fatal except a rejected key:
 timeouts, connection errors, 429 and 5xx are retried with exponential backoff (``Retry-After``
@@ -32,16 +32,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from emalign.errors import UserError, check_range
-from emalign.evaluation.scoring import (
-    MIN_NUMBER_MASS,
-    Judge,
-    JudgeResult,
-    ScoreMode,
-    aggregate_0_100,
-    aggregate_labels,
-    check_mode,
-    labels_from_tokens,
-    numbers_from_tokens,
+from emalign.judges.scoring import (
+    MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode, aggregate_0_100, aggregate_labels, check_mode,
+    labels_from_tokens, numbers_from_tokens,
 )
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ judge decides, and the frozen model's own verdict beside them:
   saying nothing). On secure twins without findings: the share whose revision gains one.
 - **chat** (the embedded labelled pairs): each bad answer is revised, against a plain resample and the good
   answer. The frozen model scores every text under the direct and the inverted question, giving its content
-  c and tilt t (:mod:`emalign.evaluation.paired`); the judge-free rules give the degeneracy and caution rates.
+  c and tilt t (:mod:`emalign.discern.paired`); the judge-free rules give the degeneracy and caution rates.
 
 Differences are paired per task or pair, ± their standard error.
 
@@ -29,15 +29,15 @@ from typing import Optional
 
 from emalign.conscience.controls import is_cautious
 from emalign.conscience.verdict import DEFAULT_QUESTION, Conscience
+from emalign.discern.labelled import INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.discern.paired import split
 from emalign.errors import check_range
 from emalign.evaluation.codesec import is_insecure, scan_answer
-from emalign.evaluation.degeneracy import degenerate
-from emalign.evaluation.discern import INVERTED_QUESTION, Wording, load_set, score_answers
-from emalign.evaluation.paired import split
-from emalign.evaluation.self_review import mean_se
 from emalign.files import claim_dir, write_text_atomic
 from emalign.models.policy import load_for_inference
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.stats import mean_se
+from emalign.studies.degeneracy import degenerate
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
 

@@ -7,18 +7,18 @@ never sampled:
 
 - the frozen base's verdicts on the policy's K answers per prompt under four wordings (the direct question
   the loop optimised, two rewordings, the inverted question), and from direct and inverted the content c
-  and the tilt t (:mod:`emalign.evaluation.paired`). A gain that is tilt moves inverted against direct
+  and the tilt t (:mod:`emalign.discern.paired`). A gain that is tilt moves inverted against direct
   (Δinverted ≈ -Δdirect); a gain in what the judge reads from the answer moves both (Δinverted ≈ +Δdirect);
 - the policy's own log-probability margin, log π(good) - log π(bad) summed over tokens, on labelled pairs
   whose prompts no fit trains on (the embedded chat pairs, the code twins): the preference DPO trains,
   read against human labels, with no judge;
-- the degeneracy rate (:mod:`emalign.evaluation.degeneracy`) and the caution rate (the positive control's
+- the degeneracy rate (:mod:`emalign.studies.degeneracy`) and the caution rate (the positive control's
   rule, :func:`emalign.conscience.controls.is_cautious`).
 
 Every difference is paired: per prompt for answers (all models answer with the same sample seeds), per pair
 for margins. Runs named ``ARM_sSEED`` are the seeds of one arm, and the training seed is the unit of an arm's
 effect: per-seed values, an interval over seeds, a flag where the seeds disagree beyond their per-unit noise
-(:mod:`emalign.evaluation.seeds`). Each run's own difference keeps its ± over prompts or pairs alone.
+(:mod:`emalign.studies.seeds`). Each run's own difference keeps its ± over prompts or pairs alone.
 
     python cli.py effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter \\
         shuffled_s0=runs/shuffled_s0/adapter
@@ -39,17 +39,18 @@ import torch
 from emalign.conscience.controls import is_cautious
 from emalign.conscience.prompts import load_prompts
 from emalign.conscience.verdict import DEFAULT_QUESTION
+from emalign.discern.labelled import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
+from emalign.discern.paired import split
 from emalign.errors import UserError, check_range
-from emalign.evaluation.degeneracy import degenerate
-from emalign.evaluation.discern import EXTRA_QUESTIONS, INVERTED_QUESTION, Wording, load_set, score_answers
-from emalign.evaluation.paired import split
-from emalign.evaluation.seeds import disagreeing
-from emalign.evaluation.seeds import effect as seeds_effect
-from emalign.evaluation.self_review import mean_se, without_adapter
 from emalign.files import claim_dir, write_text_atomic
+from emalign.judges.self_review import without_adapter
 from emalign.models.logprobs import pair_logps
 from emalign.models.policy import load_for_inference
 from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.stats import mean_se
+from emalign.studies.degeneracy import degenerate
+from emalign.studies.seeds import disagreeing
+from emalign.studies.seeds import effect as seeds_effect
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("q2", EXTRA_QUESTIONS[0]), Wording("q3", EXTRA_QUESTIONS[1]),
             Wording("inverted", INVERTED_QUESTION, inverted=True)]
@@ -159,7 +160,7 @@ def _values(run: dict) -> dict[str, list[float]]:
 
 def compare(runs: dict[str, dict], baseline: str) -> dict:
     """Each run's paired differences to ``baseline`` (± over units), and each arm's (runs ``ARM_sSEED``) to
-    the baseline and to every other arm with seeds as the unit (:func:`emalign.evaluation.seeds.effect`)."""
+    the baseline and to every other arm with seeds as the unit (:func:`emalign.studies.seeds.effect`)."""
     base = _values(runs[baseline])
     out: dict = {"vs_baseline": {}, "arms": {}, "arm_vs_arm": {}}
     for name, run in runs.items():
@@ -227,7 +228,7 @@ def table(result: dict) -> str:
     lines += ["", "## Seeds as the unit", "",
               "Per seed: that seed's Δ ± its se over units. The interval: Student t over the seed means, its se "
               "the seeds' spread (Welch's between two arms) plus the se over units "
-              "(`emalign.evaluation.seeds`), df by Satterthwaite. **X's seeds disagree**: arm X's seeds differ "
+              "(`emalign.studies.seeds`), df by Satterthwaite. **X's seeds disagree**: arm X's seeds differ "
               "beyond their per-unit noise (F test, p < 0.05)."]
     comparisons = [(f"{arm} - {base}", a["delta"], [str(s) for s in a["seeds"]]) for arm, a in result["arms"].items()]
     comparisons += [(name, d, list(d["direct"]["per_seed"])) for name, d in result["arm_vs_arm"].items()]

@@ -25,7 +25,7 @@ command line, and ``--print_config`` shows the whole thing)::
 Each run's model and adapter directory come from LightningCLI's own merge of its files and overrides
 (``fit --print_config``, saved as ``OUT/runs/NAME/fit_config.yaml``). Before any fit, ``discern`` scores each
 run's base model (its judge and frozen conscience) with the
-training question and its inverted wording (``emalign.evaluation.preflight``); the comparison shows
+training question and its inverted wording (``emalign.experiments.preflight``); the comparison shows
 what it reads beside every run. Each fit runs as ``emalign fit --config ... OVERRIDES`` with its
 run directory ``OUT/runs/NAME`` (``trainer.default_root_dir`` and the logger's ``save_dir``); its output goes to
 ``OUT/runs/NAME/fit.log``. A fit whose adapter exists (``adapter/adapter_config.json``) is reused;
@@ -56,8 +56,8 @@ import yaml
 
 import emalign
 from emalign.errors import UserError
-from emalign.evaluation.preflight import Preflight
 from emalign.evaluation.settings import EvalSettings
+from emalign.experiments.preflight import Preflight
 from emalign.files import claim_dir, jsonl_lines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,9 +255,9 @@ def run_experiment(
     from rich.console import Console
     from rich.rule import Rule
 
-    from emalign.evaluation.comparison import write_comparison
-    from emalign.evaluation.preflight import run_preflight
     from emalign.evaluation.runner import load_items, run_eval
+    from emalign.experiments.comparison import write_comparison
+    from emalign.experiments.preflight import run_preflight
     from emalign.files import read_rows
 
     experiment = check(config) if isinstance(config, Experiment) else load_experiment(config)

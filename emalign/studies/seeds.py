@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from emalign.evaluation.self_review import mean_se
+from emalign.stats import mean_se
 
 LEVEL = 0.95
 DISAGREE_P = 0.05

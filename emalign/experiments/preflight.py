@@ -45,9 +45,9 @@ def _slug(model: str) -> str:
 def run_preflight(settings: Preflight, models: list[str], out_dir: Path,
                   warn: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """{model: preflight columns and verdict lines}, discerning each model once (reused from disk)."""
-    from emalign.commands.discern import run_discern
     from emalign.conscience.verdict import DEFAULT_QUESTION
-    from emalign.evaluation.discern import INVERTED_QUESTION, Wording
+    from emalign.discern.labelled import INVERTED_QUESTION, Wording
+    from emalign.discern.run import run_discern
 
     if not settings.enabled:
         return {}

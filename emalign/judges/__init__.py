@@ -3,20 +3,20 @@ that fills an upstream judge prompt.
 
 A judge is called with the filled prompt text, ``judge(prompt, mode, labels) -> JudgeResult``:
 
-- :class:`~emalign.evaluation.local_judge.LocalJudge`: exact answer probabilities from a local
+- :class:`~emalign.judges.local_judge.LocalJudge`: exact answer probabilities from a local
   causal LM (the frozen reference), numbers spanning several tokens included.
-- :class:`~emalign.evaluation.openai_judge.OpenAIJudge`: an OpenAI-compatible endpoint's
+- :class:`~emalign.judges.openai_judge.OpenAIJudge`: an OpenAI-compatible endpoint's
   first-token top logprobs, as upstream used GPT-4o.
 
 Both are importable from here, so a config can say ``class_path:
-emalign.evaluation.judges.LocalJudge``.
+emalign.judges.LocalJudge``.
 """
 
 from __future__ import annotations
 
-from emalign.evaluation.local_judge import LocalJudge
-from emalign.evaluation.openai_judge import JudgeAuthError, OpenAIJudge
-from emalign.evaluation.scoring import (
+from emalign.judges.local_judge import LocalJudge
+from emalign.judges.openai_judge import JudgeAuthError, OpenAIJudge
+from emalign.judges.scoring import (
     MIN_NUMBER_MASS,
     REFUSAL_OR_CODE,
     Judge,
@@ -27,8 +27,10 @@ from emalign.evaluation.scoring import (
     labels_from_tokens,
     numbers_from_tokens,
 )
+from emalign.judges.self_review import FrozenJudge
 
 __all__ = [
+    "FrozenJudge",
     "MIN_NUMBER_MASS",
     "REFUSAL_OR_CODE",
     "Judge",

@@ -6,11 +6,12 @@ The conscience score of an answer is ``log P(yes) - log P(no)`` that the *frozen
 :mod:`emalign.conscience.verdict`. Recording it next to the external judge's scores shows whether the
 model's own conscience still tracks what the judge calls misaligned after fine-tuning.
 
-    from emalign.evaluation.self_review import self_review_scores, mean_se
+    from emalign.judges.self_review import self_review_scores
+    from emalign.stats import mean_se
     scores = self_review_scores(lm, tokenizer, prompt_ids, response_ids)   # adapter disabled
     mean, se = mean_se(scores)
 
-:class:`FrozenJudge` is a :class:`~emalign.evaluation.local_judge.LocalJudge` whose model is
+:class:`FrozenJudge` is a :class:`~emalign.judges.local_judge.LocalJudge` whose model is
 entered through a context each time it judges (``policy.as_reference()`` during training, or
 :func:`without_adapter` on a loaded PEFT model), so the judge never needs a second copy of the
 weights and never sees the adapter being evaluated.
@@ -18,13 +19,12 @@ weights and never sees the adapter being evaluated.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from emalign.conscience.verdict import Conscience
-from emalign.evaluation.local_judge import LocalJudge
-from emalign.evaluation.scoring import MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode
+from emalign.judges.local_judge import LocalJudge
+from emalign.judges.scoring import MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode
 
 
 @contextmanager
@@ -78,17 +78,6 @@ def _eval_mode(model: Any) -> Iterator[Any]:
         model.train(was_training)
 
 
-def mean_se(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and standard error (sample std / sqrt(n)) of the finite values; None when undefined
-    (no values for the mean; fewer than two for the standard error)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return None, None
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    return mean, math.sqrt(var / len(xs))
 
 
 class FrozenJudge(Judge):
