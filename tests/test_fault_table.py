@@ -261,6 +261,9 @@ CASES = [
          "some-other/base-model", loads_model=True),
     Case("eval: missing adapter", lambda c: c.eval("--adapter", str(c.tmp / "absent")), "--adapter: no PEFT adapter "
          "at <tmp>/absent"),
+    Case("eval: a judge by its class_path from before the wings split",
+         lambda c: c.eval("--judge", "emalign.evaluation.judges.OpenAIJudge", "--judge.init_args.model", "x"),
+         "judge: class_path 'emalign.evaluation.judges.OpenAIJudge' has moved: write emalign.judges.OpenAIJudge"),
     Case("eval: unknown flag", lambda c: c.eval("--samplez", "1"), "unrecognized arguments: --samplez 1 (see "
          "`cli.py eval --help`)"),
     Case("eval: a config file that is not YAML", lambda c: c.eval("--config", c.file("e.yaml", "samples: {1\n")),
