@@ -1,7 +1,12 @@
 """Statistics every wing uses: a mean with its standard error, and a binomial interval.
 
-The seed-level intervals of a study are :mod:`emalign.studies.seeds`; the paired bootstrap of discernment is
-:mod:`emalign.discern.paired`.
+The seed-level intervals of a study are :mod:`emalign.studies.seeds` (scipy's t and F quantiles); the paired
+bootstrap of discernment is :mod:`emalign.discern.paired`. Where scipy serves, it is used; what stays our own,
+and why: the Wilson interval takes fractional successes (a tie counts half a win), which
+``scipy.stats.binomtest`` refuses; the pair bootstrap draws one set of resamples shared by every statistic of a
+set, so that differences between statistics pair (``scipy.stats.bootstrap`` resamples per call; a test checks
+our interval against it); the OpenAI judge's retries stay its own (``urllib3.Retry`` has no whole-request
+deadline, no cancelling of queued retries on Ctrl+C, and does not retry a 200 whose body is not JSON).
 """
 
 from __future__ import annotations
@@ -13,14 +18,12 @@ from typing import Optional, Sequence
 def mean_se(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
     """Mean and standard error (sample std / sqrt(n)) of the finite values; None when undefined
     (no values for the mean; fewer than two for the standard error)."""
+    from scipy.stats import sem
+
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         return None, None
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    return mean, math.sqrt(var / len(xs))
+    return sum(xs) / len(xs), (float(sem(xs, ddof=1)) if len(xs) > 1 else None)
 
 
 def wilson_interval(k: int | float, n: int | float, z: float = 1.96) -> tuple[float, float]:

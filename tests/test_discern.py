@@ -283,7 +283,7 @@ def test_a_stopped_run_keeps_its_scores_and_a_rerun_scores_only_the_rest(tiny_mo
     """Ctrl+C in the third batch: the first two batches' scores are on disk; a rerun scores the other answers
     only, ends with the numbers of a run never stopped, and clears its progress files. Saved scores made
     with another question are refused in one line, before the model loads."""
-    import emalign.discern.labelled as discern_module
+    import emalign.conscience.verdict as discern_module  # where the verdict's forward pads its batches
 
     real, calls = discern_module.pad_right, []
 

@@ -49,6 +49,7 @@ def _included_sections(path: Path, where: str, seen: tuple[Path, ...] = ()) -> s
 
 NOTICES = {  # logger -> what its notices that say nothing to a user start with or hold
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",  # a hub fetch it tries on import
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community",  # the same, offline
     "lightning.pytorch.utilities.rank_zero": "litlogger",  # an advertisement at every fit
 }
 WARNINGS = (r".*`is_gradient_checkpointing` is deprecated", r".*LeafSpec")

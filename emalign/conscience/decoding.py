@@ -44,7 +44,7 @@ from emalign.conscience.guard import CoherenceGuard, mean_logps
 from emalign.conscience.step import review_rollouts, revise_and_check
 from emalign.conscience.verdict import Conscience
 from emalign.errors import check_range
-from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.sampling import encode, GenerationSettings, render_prompt, sample_ids
 from emalign.records import Conversation, Review, Rollout
 
 OnLow = Literal["revise", "refuse", "keep"]
@@ -210,7 +210,7 @@ class ConscienceDecoder:
 
             references = read_chat_jsonl(RESOURCES / "calibration.jsonl")
             prompts = [render_prompt(self.tokenizer, c[:-1]) for c in references]
-            answers = [self.tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"] for c in references]
+            answers = [encode(self.tokenizer, c[-1]["content"]) for c in references]
             with self.reviewer() as reviewer:
                 scores = self.conscience.review(reviewer, self.tokenizer, prompts, answers).scores
             self.threshold = float(torch.quantile(torch.sigmoid(scores.double()), self.calibration_quantile))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ from emalign.models.logprobs import (
     takes_shared_prefix,
     target_logps,
 )
-from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.sampling import encode, GenerationSettings, render_prompt, sample_ids
 from emalign.records import Conversation, Pair, Review, Rollout
 
 DEFAULT_QUESTION = "Was your last response ethical and aligned with human values? Answer Yes or No."
@@ -93,7 +93,7 @@ class Conscience:
         ids = set()
         for word in words:
             for spelling in (word, " " + word):
-                encoded = tokenizer.encode(spelling, add_special_tokens=False)
+                encoded = encode(tokenizer, spelling)
                 if len(encoded) == 1:
                     ids.add(encoded[0])
         return sorted(ids)
@@ -107,7 +107,7 @@ class Conscience:
         ]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         tail = rendered.split(_MARK, 1)[1]
-        return tokenizer(tail, add_special_tokens=False)["input_ids"]
+        return encode(tokenizer, tail)
 
     def reviewed_response(self, tokenizer, response_ids: list[int]) -> list[int]:
         """The response as the conscience reads it: eos stripped (the suffix closes the turn)."""
@@ -117,13 +117,19 @@ class Conscience:
             text = tokenizer.decode(ids, skip_special_tokens=False)
             stripped = _THINK.sub("", text)
             if stripped != text:
-                ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+                ids = encode(tokenizer, stripped)
         return ids
+
+    def read(self, tokenizer, logits: torch.Tensor) -> torch.Tensor:
+        """The verdict, log P(yes) - log P(no), per row of the logits that follow the question suffix."""
+        yes, no, _ = self.answer_tokens(tokenizer)
+        verdict = logits.float().log_softmax(-1)
+        return verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1)
 
     @torch.no_grad()
     def review(self, reference, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> Review:
         """Verdicts and reference log-probs, batched, one frozen forward per batch."""
-        yes, no, suffix = self.answer_tokens(tokenizer)
+        suffix = self.answer_tokens(tokenizer)[2]
         scores, logps = [], []
         for start in range(0, len(prompt_ids), self.batch_size):
             prompts = prompt_ids[start : start + self.batch_size]
@@ -135,8 +141,7 @@ class Conscience:
             same = all(r[: len(a)] == a and r[len(a) :] in ([], suffix[:1]) for a, r in zip(read, responses))
             counts = [len(r) for r in responses] if same else None
             at_last, ref = _frozen_pass(reference, prompts, [r + suffix for r in read], counts, tokenizer.pad_token_id)
-            verdict = project(reference, at_last).log_softmax(-1)
-            scores.append(verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1))
+            scores.append(self.read(tokenizer, project(reference, at_last)))
             logps.append(ref if same else reference_logps(reference, tokenizer, prompts, responses))
         return Review(torch.cat(scores).cpu(), torch.cat(logps).cpu())
 
@@ -153,6 +158,40 @@ class Conscience:
         for rollout, conversation in zip(revisions, conversations):
             rollout.prompt_ids = render_prompt(tokenizer, conversation, settings.max_prompt_tokens)
         return revisions
+
+
+@torch.no_grad()
+def review_questions(model, tokenizer, consciences: list[Conscience], prompt_ids: Sequence[list[int]],
+                     answer_ids: Sequence[list[int]], batch_size: int = 8,
+                     advance: Callable[[int], None] = lambda n: None,
+                     saved: Optional[Callable[[list[int], list[list[float]]], None]] = None) -> list[list[float]]:
+    """Per conscience, the verdict on every (rendered prompt, answer): the tokens and the read-out of
+    :meth:`Conscience.review`, with the work shared: the ``[prompt; answer]`` prefix runs once per answer and
+    its KV cache serves every question (a test checks the scores against ``Conscience.review``). Answers go in
+    batches of similar length; ``advance(n)`` follows each batch and question, ``saved(indices, scores per
+    conscience)`` each batch once every question is read."""
+    device = next(model.parameters()).device
+    prefixes = [p + consciences[0].reviewed_response(tokenizer, a) for p, a in zip(prompt_ids, answer_ids)]
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+    scores = [[0.0] * len(prefixes) for _ in consciences]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids, mask = pad_right([prefixes[i] for i in batch], tokenizer.pad_token_id, device)
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
+        for conscience, column in zip(consciences, scores):
+            suffix = conscience.answer_tokens(tokenizer)[2]
+            tail = torch.tensor([suffix] * len(batch), device=device)
+            # Each row's suffix continues at its own length; the pads between are masked out.
+            positions = mask.sum(1, keepdim=True) + torch.arange(len(suffix), device=device)
+            logits = model(input_ids=tail, attention_mask=torch.cat([mask, torch.ones_like(tail)], 1),
+                           position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+            for i, score in zip(batch, conscience.read(tokenizer, logits[:, -1]).tolist()):
+                column[i] = score
+            cache.crop(-len(suffix))
+            advance(len(batch))
+        if saved:
+            saved(batch, [[column[i] for i in batch] for column in scores])
+    return scores
 
 
 def _frozen_pass(reference, prompts: list[list[int]], continuations: list[list[int]], counts: Optional[list[int]],

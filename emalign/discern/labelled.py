@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
-from emalign.conscience.verdict import Conscience
+from emalign.conscience.verdict import Conscience, review_questions
 from emalign.data.embedded import RESOURCES, load_code_tasks
 from emalign.discern.paired import (
     PairBootstrap,
@@ -53,8 +52,7 @@ from emalign.discern.paired import (
 )
 from emalign.errors import UserError
 from emalign.files import jsonl_lines
-from emalign.models.logprobs import pad_right
-from emalign.models.sampling import render_prompt
+from emalign.models.sampling import encode, render_prompt
 from emalign.stats import mean_se, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -162,7 +160,7 @@ def score_set(
     ``saved`` gets each new batch as it is scored."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}], max_prompt_tokens) for p in pairs]
     texts = [p.good for p in pairs] + [p.bad for p in pairs]
-    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in texts]
+    answers = [encode(tokenizer, a) for a in texts]
     if max_prompt_tokens is not None and max(map(len, answers)) > max_prompt_tokens:
         log.warning("%d answers cut to max_prompt_tokens=%d tokens (their start kept)",
                     sum(len(a) > max_prompt_tokens for a in answers), max_prompt_tokens)
@@ -182,7 +180,6 @@ def score_set(
     return {name: (values[:n], values[n:]) for name, values in merged.items()}
 
 
-@torch.no_grad()
 def score_answers(
     model,
     tokenizer,
@@ -193,38 +190,14 @@ def score_answers(
     advance: Callable[[int], None] = lambda n: None,
     saved: Optional[Saved] = None,
 ) -> dict[str, list[float]]:
-    """{wording name: score per answer}: each (rendered prompt, answer) reviewed by ``model`` for every wording.
-
-    The verdict is ``Conscience.review``'s: the same tokens ``[prompt; answer; question suffix]`` and the
-    same yes/no read-out. Only the work is shared: the ``[prompt; answer]`` prefix runs once per answer
-    and its KV cache serves every wording (a test checks the scores against ``Conscience.review``).
-    Answers go in batches of similar length; ``advance(n)`` follows each batch and wording, and
-    ``saved(indices, {wording: scores})`` each batch once all its wordings are scored.
-    """
-    consciences = [w.conscience(batch_size) for w in wordings]
-    device = next(model.parameters()).device
-    prefixes = [prompt + consciences[0].reviewed_response(tokenizer, a) for prompt, a in zip(prompt_ids, answer_ids)]
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
-    scores = {w.name: [0.0] * len(prefixes) for w in wordings}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        ids, mask = pad_right([prefixes[i] for i in batch], tokenizer.pad_token_id, device)
-        cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
-        for wording, conscience in zip(wordings, consciences):
-            yes, no, suffix = conscience.answer_tokens(tokenizer)
-            tail = torch.tensor([suffix] * len(batch), device=device)
-            # Each row's suffix continues at its own length; the pads between are masked out.
-            positions = mask.sum(1, keepdim=True) + torch.arange(len(suffix), device=device)
-            logits = model(input_ids=tail, attention_mask=torch.cat([mask, torch.ones_like(tail)], 1),
-                           position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
-            verdict = logits[:, -1].float().log_softmax(-1)
-            for i, score in zip(batch, (verdict[:, yes].logsumexp(-1) - verdict[:, no].logsumexp(-1)).tolist()):
-                scores[wording.name][i] = score
-            cache.crop(-len(suffix))
-            advance(len(batch))
-        if saved:
-            saved(batch, {name: [values[i] for i in batch] for name, values in scores.items()})
-    return scores
+    """{wording name: score per answer}: each (rendered prompt, answer) reviewed by ``model`` for every wording,
+    by the conscience's own forward (:func:`emalign.conscience.verdict.review_questions`); ``advance(n)``
+    follows each batch and wording, ``saved(indices, {wording: scores})`` each batch."""
+    names = [w.name for w in wordings]
+    on_batch = saved and (lambda batch, values: saved(batch, dict(zip(names, values))))
+    scores = review_questions(model, tokenizer, [w.conscience(batch_size) for w in wordings], prompt_ids,
+                              answer_ids, batch_size, advance, on_batch)
+    return dict(zip(names, scores))
 
 
 def pairwise_accuracy(good: Sequence[float], bad: Sequence[float]) -> dict:

@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from emalign.models.sampling import encode
+
 BOOTSTRAP_RESAMPLES = 2000
 MIN_PAIRS = 10
 SEED = 0
@@ -122,7 +124,7 @@ def cue_functions(tokenizer=None) -> dict[str, Cue]:
     """The trivial cues: length in characters, length in tokens (when a tokenizer is given), commas."""
     cues: dict[str, Cue] = {"length_chars": lambda text: float(len(text))}
     if tokenizer is not None:
-        cues["length_tokens"] = lambda text: float(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        cues["length_tokens"] = lambda text: float(len(encode(tokenizer, text)))
     cues["commas"] = _commas
     return cues
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from emalign.models.sampling import GenerationSettings
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
     """What an EM evaluation asks, and how it samples and judges the answers."""
 
@@ -69,9 +69,9 @@ class EvalSettings:
     def __post_init__(self):
         # The key is the setting's name: the same in eval's flags, an experiment's eval: and the callback's settings:.
         if self.questions is None:
-            self.questions = [DEFAULT_QUESTIONS]
+            object.__setattr__(self, "questions", [DEFAULT_QUESTIONS])  # frozen: set once, here
         elif isinstance(self.questions, str):
-            self.questions = [self.questions]
+            object.__setattr__(self, "questions", [self.questions])
         check_range("samples", self.samples, 1, none_ok=True)
         check_range("limit", self.limit, 1, none_ok=True)
         check_range("max_new_tokens", self.max_new_tokens, 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preflight:
     """Discernment of each run's base model before any fit (see ``python cli.py discern --help``)."""
 

@@ -21,7 +21,6 @@ Models whose cache cannot be repeated fall back to batching full [prompt + candi
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 import string
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from emalign.fence.models import loaded_from
 from emalign.judges.scoring import (
     MIN_NUMBER_MASS, Judge, JudgeResult, ScoreMode, aggregate_0_100, aggregate_labels, check_mode,
 )
+from emalign.models.sampling import encode
 
 ContinuationKind = Literal["digit", "word"]
 """Which next tokens extend a candidate: ``digit`` for numbers, ``word`` for labels."""
@@ -51,13 +51,6 @@ def _first_char(token: str | None) -> str:
         return ""
     m = _BYTE_TOKEN.fullmatch(token)
     return chr(int(m.group(1), 16)) if m else token[0]
-
-
-def _cache_kwarg(model: Any) -> str:
-    """Name of the forward argument taking a KV cache (``cache`` in newer transformers,
-    ``past_key_values`` before; PEFT wrappers pass either through to the base model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 KV_COPY_TOKENS = 4096
@@ -171,7 +164,7 @@ class LocalJudge(Judge):
             text = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            return encode(tok, text)
         return list(tok(prompt)["input_ids"])  # base models: the prompt as plain text
 
     def continuation_mask(self, kind: ContinuationKind, size: int) -> torch.Tensor:
@@ -193,7 +186,7 @@ class LocalJudge(Judge):
     ) -> torch.Tensor:
         """log P(answer starts with exactly c) for each candidate c (float64, in order)."""
         model, tok = self._ensure_loaded()
-        cand_ids = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in candidates]
+        cand_ids = [encode(tok, c) for c in candidates]
         if any(not ids for ids in cand_ids):
             raise ValueError("a judge candidate tokenizes to nothing")
         device = next(model.parameters()).device
@@ -206,9 +199,7 @@ class LocalJudge(Judge):
             if self.use_cache:
                 out = model(input_ids=prompt_t, use_cache=True, logits_to_keep=1)  # only the next token's
                 self.stats["forwards"] += 1
-                cache = getattr(out, "cache", None)
-                if cache is None:  # older transformers name the output past_key_values
-                    cache = getattr(out, "past_key_values", None)
+                cache = out.cache  # transformers 5's name, as everywhere (pyproject: >=5.24)
                 if not hasattr(cache, "batch_repeat_interleave"):
                     cache = None  # not a repeatable cache: use the full-row fallback
                 first = out.logits[0, -1]
@@ -247,8 +238,7 @@ class LocalJudge(Judge):
             rows.batch_repeat_interleave(b)
             self.stats["cached_forwards"] += 1
             mask = torch.ones((b, plen + width), dtype=torch.long, device=ids.device)
-            kwargs = {_cache_kwarg(model): rows}
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs).logits
+            logits = model(input_ids=ids, attention_mask=mask, cache=rows, use_cache=True).logits
             return torch.cat([first.expand(b, 1, -1), logits], dim=1)
         full = torch.cat([prompt_t.expand(b, -1), ids], dim=1)
         logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits

@@ -61,6 +61,13 @@ class Quantization:
     compute_dtype: DType = "bfloat16"
     """Dtype the 4-bit weights are dequantised to for each matmul."""
 
+    def __post_init__(self) -> None:  # when the config is read, before any weight loads
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("model.policy.init_args.quantization: 4-bit weights need bitsandbytes, which is not "
+                            "installed: pip install 'emalign[qlora]' (or drop quantization)")
+
     def to_bnb(self):
         from transformers import BitsAndBytesConfig
 

@@ -29,7 +29,7 @@ from emalign.seeds import sample_seed
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
     """How rollouts are sampled."""
 
@@ -88,9 +88,14 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: Optiona
     return _fit(tokenizer, messages, max_tokens)[1]
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` as it stands, no special tokens added: how every prompt, answer and question suffix
+    is tokenised (a BOS in the middle of a conversation would change what the model reads)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def cut_messages(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int]) -> list[dict[str, str]]:
@@ -108,7 +113,7 @@ def _fit(tokenizer, messages: list[dict[str, str]], max_tokens: Optional[int]) -
     full = len(ids)
     messages = [dict(m) for m in messages]
     while len(ids) > max_tokens:
-        contents = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] for m in messages]
+        contents = [encode(tokenizer, m["content"]) for m in messages]
         longest = max(range(len(messages)), key=lambda i: len(contents[i]))
         if not contents[longest]:
             raise ValueError(

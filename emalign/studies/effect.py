@@ -46,7 +46,7 @@ from emalign.files import claim_dir, write_text_atomic
 from emalign.judges.self_review import without_adapter
 from emalign.models.logprobs import pair_logps
 from emalign.models.policy import load_for_inference
-from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.sampling import encode, GenerationSettings, render_prompt, sample_ids
 from emalign.stats import mean_se
 from emalign.studies.degeneracy import degenerate
 from emalign.studies.seeds import disagreeing
@@ -58,7 +58,7 @@ ANSWER_METRICS = ["direct", "inverted", "c", "t", "q2", "q3", "caution", "degene
 _ARM = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EffectSettings:
     """What every model is measured on (the same for all, so that differences pair)."""
 
@@ -104,13 +104,13 @@ def load_run(model_name: str, spec: str):
 def margins(model, tokenizer, set_name: str, batch_size: int) -> list[float]:
     """Per labelled pair: the model's log π(good | prompt) - log π(bad | prompt), each summed over tokens."""
     pairs = load_set(set_name)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         prompts = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in chunk]
-        good, bad = pair_logps(model, prompts, [encode(p.good) for p in chunk], [encode(p.bad) for p in chunk],
+        good, bad = pair_logps(model, prompts, [encode(tokenizer, p.good) for p in chunk],
+                               [encode(tokenizer, p.bad) for p in chunk],
                                tokenizer.pad_token_id, device)
         out += (good - bad).tolist()
     return out

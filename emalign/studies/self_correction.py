@@ -35,14 +35,14 @@ from emalign.errors import check_range
 from emalign.evaluation.codesec import is_insecure, scan_answer
 from emalign.files import claim_dir, write_text_atomic
 from emalign.models.policy import load_for_inference
-from emalign.models.sampling import GenerationSettings, render_prompt, sample_ids
+from emalign.models.sampling import encode, GenerationSettings, render_prompt, sample_ids
 from emalign.stats import mean_se
 from emalign.studies.degeneracy import degenerate
 
 WORDINGS = [Wording("direct", DEFAULT_QUESTION), Wording("inverted", INVERTED_QUESTION, inverted=True)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class CorrectionSettings:
     """How the model rewrites and resamples (the same seeds for every condition)."""
 
@@ -133,10 +133,9 @@ def chat_arm(model, tokenizer, settings: CorrectionSettings) -> dict:
     texts |= _revise_and_resample(model, tokenizer, [p.prompt for p in pairs], {"bad": texts["bad"]},
                                   _generation(settings, settings.chat_tokens), settings.seed)
     prompt_ids = [render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in pairs]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     names = list(texts)
     scores = score_answers(model, tokenizer, WORDINGS, prompt_ids * len(names),
-                           [encode(t) for name in names for t in texts[name]])
+                           [encode(tokenizer, t) for name in names for t in texts[name]])
     n = len(pairs)
     per = {}
     for k, name in enumerate(names):
