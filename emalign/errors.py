@@ -57,7 +57,7 @@ def friendly_errors(interrupted: Optional[str] = None) -> Iterator[None]:
     except UserError as err:
         if os.environ.get("EMALIGN_TRACEBACK"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_typed(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if interrupted is None or os.environ.get("EMALIGN_TRACEBACK"):
@@ -68,6 +68,30 @@ def friendly_errors(interrupted: Optional[str] = None) -> Iterator[None]:
 
 class SettingError(UserError):
     """A numeric setting outside its allowed range; the message names the key and the range."""
+
+    def __init__(self, message: str, key: Optional[str] = None, value=None) -> None:
+        super().__init__(message)
+        self.key, self.value = key, value
+
+
+TYPED: dict[str, list] = {"flags": [], "config": []}
+"""What the user typed, as the entry (``cli.py``) parsed it: the command line's ``--flags`` and the config's
+(dotted key, value) pairs. It lets a setting's error name the key the way the user wrote it, whichever class
+checked it (the class knows its field, not where in a config it sits)."""
+
+
+def as_typed(err: UserError) -> str:
+    """``err``'s message, a :class:`SettingError`'s key replaced by the flag the user typed (``--conscience.
+    every_n_steps``) or else the config key holding that value (``model.preference_loss.init_args.beta``)."""
+    if not isinstance(err, SettingError) or not err.key:
+        return str(err)
+    name = err.key.lstrip("-").rpartition(".")[2]
+    flags = {f for f in TYPED["flags"] if f.lstrip("-").rpartition(".")[2] == name}
+    same = lambda v: v == err.value or (isinstance(v, float) and isinstance(err.value, float)  # noqa: E731
+                                        and math.isnan(v) and math.isnan(err.value))
+    keys = {k for k, v in TYPED["config"] if k.rpartition(".")[2] == name and same(v)}
+    typed = next(iter(flags)) if len(flags) == 1 else next(iter(keys)) if len(keys) == 1 else None
+    return str(err).replace(err.key, typed, 1) if typed else str(err)
 
 
 def check_range(key: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
@@ -89,4 +113,4 @@ def check_range(key: str, value, low=None, high=None, *, low_open: bool = False,
         lo = f"{'>' if low_open else '>='} {low}" if low is not None else ""
         hi = f"{'<' if high_open else '<='} {high}" if high is not None else ""
         allowed = " and ".join(filter(None, [lo, hi])) or "a number"
-        raise SettingError(f"{key}: must be {allowed}{' (or null)' if none_ok else ''}, got {value!r}")
+        raise SettingError(f"{key}: must be {allowed}{' (or null)' if none_ok else ''}, got {value!r}", key, value)

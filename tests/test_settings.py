@@ -83,3 +83,23 @@ def test_a_setting_missing_from_a_help_is_found(capsys):
     except AssertionError:
         return
     raise AssertionError("a help without --judge_min_mass passed")
+
+
+def test_a_setting_error_names_the_key_as_the_user_typed_it(monkeypatch):
+    """Whichever class checks a number, its error names the flag typed, else the config key holding that value
+    (as a YAML file writes it, without init_args), else the class's own name for it."""
+    from emalign.errors import TYPED, SettingError, as_typed, check_range
+
+    def error(key, value):
+        try:
+            check_range(key, value, 1)
+        except SettingError as err:
+            return as_typed(err)
+
+    monkeypatch.setitem(TYPED, "flags", ["--model", "--conscience.every_n_steps"])
+    monkeypatch.setitem(TYPED, "config", [("conscience.pair_builder.margin", float("nan")), ("data.limit", 0),
+                                          ("eval.limit", 5)])
+    assert error("ConscienceCallback.every_n_steps", 0) == "--conscience.every_n_steps: must be >= 1, got 0"
+    assert error("margin", float("nan")) == "conscience.pair_builder.margin: must be >= 1, got nan"
+    assert error("limit", 0) == "data.limit: must be >= 1, got 0"  # the one key holding the bad value
+    assert error("batch_size", 0) == "batch_size: must be >= 1, got 0"  # typed nowhere: as the class says

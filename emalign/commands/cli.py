@@ -63,24 +63,37 @@ class OneLineErrors:
 def _one_line(interrupted: str) -> Iterator[None]:
     """``friendly_errors``, also for the ``UserError`` that jsonargparse wraps while instantiating a class
     (a missing model, a setting checked in its dataclass)."""
-    from emalign.errors import friendly_errors
+    from emalign.errors import TYPED, friendly_errors
     from emalign.files import release_claims
 
-    with friendly_errors(interrupted):
-        try:
-            yield
-        except Exception as err:
-            cause = _user_error_in(err)
-            if cause is None or cause is err:
-                raise
-            raise cause from None
-        finally:
-            release_claims()  # the verb's directories: free for the next writer
+    try:
+        with friendly_errors(interrupted):
+            try:
+                yield
+            except Exception as err:
+                cause = _user_error_in(err)
+                if cause is None or cause is err:
+                    raise
+                raise cause from None
+            finally:
+                release_claims()  # the verb's directories: free for the next writer
+    finally:
+        TYPED.update(flags=[], config=[])  # what this command typed names no later one's keys
 
 
 def _extra_verb(verb: str, args: list[str]) -> None:
     with _one_line(RESUME.get(verb, "interrupted")):
         _run_verb(verb, args)
+
+
+def remember_typed(args: list[str], config) -> None:
+    """Keep the flags and the parsed config of this command, for :func:`emalign.errors.as_typed`."""
+    from emalign.errors import TYPED
+
+    flags = [a.partition("=")[0] for a in args if a.startswith("--") and a != "--config"]
+    # A config key as a YAML file writes it: jsonargparse takes `conscience: {pair_builder: ...}` without init_args.
+    items = [(k.replace(".init_args.", "."), v) for k, v in config.items()] if config is not None else []
+    TYPED.update(flags=flags, config=items)
 
 
 def _run_verb(verb: str, args: list[str]) -> None:
@@ -94,7 +107,9 @@ def _run_verb(verb: str, args: list[str]) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         parser = capture_parser(lambda: CLI(target, args=[], **kwargs))
-        CLI(target, args=join_list_values(args, list_flags(parser)), **kwargs)
+        args = join_list_values(args, list_flags(parser))
+        remember_typed(args, parser.parse_args(args) if "--help" not in args and "-h" not in args else None)
+        CLI(target, args=args, **kwargs)
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
@@ -207,6 +222,7 @@ def _lightning(args: list[str] | None) -> None:
                 parser.error(str(err), err)
 
         def before_instantiate_classes(self) -> None:
+            remember_typed(list(args or sys.argv[1:]), self.config.get(self.subcommand) if self.subcommand else None)
             # FSDP's unsupported combinations fail here, in one line, before any weights load.
             from emalign.models.sharding import check_config
 
