@@ -231,6 +231,7 @@ def _lightning(args: list[str] | None) -> None:
             quantization = (policy.get("init_args") or {}).get("quantization") if hasattr(policy, "get") else None
             callbacks = [*(config.get("trainer.callbacks") or []), config.get("conscience")]
             check_config(config.get("trainer.strategy"), quantization, [c for c in callbacks if c])
+            _settings_first(self.parser, self.config, self.subcommand)
             if self.subcommand == "fit":
                 claim_dir(config.get("trainer.default_root_dir") or os.getcwd(), "--trainer.default_root_dir")
             if self.subcommand == "validate" and config.get("data.val_fraction") == 0:  # before the weights load
@@ -278,6 +279,22 @@ def _lightning(args: list[str] | None) -> None:
         stopped = [c.exit_code for c in cli.trainer.callbacks if isinstance(c, StopOnSignal) and c.exit_code]
         if stopped:
             raise SystemExit(stopped[0])  # 128 + signal: the fit stopped early, its checkpoint saved
+
+
+def _settings_first(parser, config, subcommand: Optional[str]) -> None:
+    """Build every class of the config once with an :class:`~emalign.models.policy.UnloadedPolicy`, so that a
+    setting out of range anywhere (data, conscience, queue, loss) is one line before the weights load: left to
+    itself, jsonargparse builds the deeper ``model.policy``, weights and all, before those sections."""
+    import copy
+
+    from emalign.models.policy import Policy, UnloadedPolicy
+
+    dry = copy.deepcopy(config)
+    policy = dry.get(f"{subcommand}.model.policy" if subcommand else "model.policy")
+    if policy is None or getattr(policy, "class_path", None) != f"{Policy.__module__}.{Policy.__name__}":
+        return  # another policy class: its own checks run when it is built
+    policy.class_path = f"{UnloadedPolicy.__module__}.{UnloadedPolicy.__name__}"
+    parser.instantiate_classes(dry)
 
 
 def _end_process_group() -> None:

@@ -140,6 +140,19 @@ class LoRA:
         )
 
 
+def check_policy_settings(adapter: Optional[LoRA], quantization: Optional[Quantization], reference: str) -> None:
+    """The policy's settings that cannot go together, refused in one line each (before any weight loads)."""
+    if adapter is None and reference != "copy":
+        raise UserError(f"model.policy.reference={reference!r} needs an adapter (model.policy.adapter, e.g. "
+                        "{r: 16}); full fine-tuning is adapter: null with reference: copy")
+    if adapter is not None and reference == "copy":
+        raise UserError("model.policy.reference='copy' is for full fine-tuning (adapter: null); with an adapter "
+                        "use 'base' or 'snapshot'")
+    if quantization is not None and adapter is None:
+        raise UserError("model.policy.quantization (QLoRA) needs an adapter (model.policy.adapter): 4-bit base "
+                        "weights cannot be trained directly")
+
+
 class Policy(nn.Module):
     """The trainable language model, its tokenizer, and the one way into its frozen reference.
 
@@ -164,15 +177,7 @@ class Policy(nn.Module):
         chat_template: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if adapter is None and reference != "copy":
-            raise UserError(f"model.policy.reference={reference!r} needs an adapter (model.policy.adapter, e.g. "
-                            "{r: 16}); full fine-tuning is adapter: null with reference: copy")
-        if adapter is not None and reference == "copy":
-            raise UserError("model.policy.reference='copy' is for full fine-tuning (adapter: null); with an adapter "
-                            "use 'base' or 'snapshot'")
-        if quantization is not None and adapter is None:
-            raise UserError("model.policy.quantization (QLoRA) needs an adapter (model.policy.adapter): 4-bit base "
-                            "weights cannot be trained directly")
+        check_policy_settings(adapter, quantization, reference)
         self.source = model
         self.adapter = adapter  # recorded in checkpoints: a resume with another one is refused in one line
         self.reference_kind = reference
@@ -326,6 +331,17 @@ class Policy(nn.Module):
             self.model.save_pretrained(directory, **kwargs)
         self.tokenizer.save_pretrained(directory)
         return directory
+
+
+class UnloadedPolicy(Policy):
+    """A :class:`Policy` whose settings are checked and whose weights are never loaded: the command line builds
+    a fit with it first, so that a mistake anywhere in the fit's settings is one line before the weights load
+    (jsonargparse builds ``model.policy`` before the sections that hold the data and conscience settings)."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", adapter: Optional[LoRA] = None,
+                 quantization: Optional[Quantization] = None, reference: ReferenceKind = "base", **_: object) -> None:
+        nn.Module.__init__(self)
+        check_policy_settings(adapter, quantization, reference)
 
 
 def load_for_inference(
