@@ -82,7 +82,7 @@ checked it (the class knows its field, not where in a config it sits)."""
 
 def as_typed(err: UserError) -> str:
     """``err``'s message, a :class:`SettingError`'s key replaced by the flag the user typed (``--conscience.
-    every_n_steps``) or else the config key holding that value (``model.preference_loss.init_args.beta``)."""
+    every_n_steps``) or else the config key holding that value, as YAML writes it (``model.preference_loss.beta``)."""
     if not isinstance(err, SettingError) or not err.key:
         return str(err)
     name = err.key.lstrip("-").rpartition(".")[2]

@@ -135,18 +135,17 @@ SETTINGS_RECORDS = {LOCK_FILE, "config.yaml", "hparams.yaml", "eval_config.json"
 """Files that record how a run was asked for, not what it made: a directory holding only these holds no result."""
 
 
-def discard_without_result(folder: Path, made: Sequence[Path] = ()) -> bool:
+def discard_without_result(folder: Path, made: Sequence[Path] = ()) -> None:
     """Remove ``folder`` if it holds no result (only :data:`SETTINGS_RECORDS`, in any folders), then those of
-    ``made`` (its parents, deepest first) that are left empty; returns whether it went."""
+    ``made`` (its parents, deepest first) that are left empty."""
     if not folder.is_dir() or not all(p.is_dir() or p.name in SETTINGS_RECORDS for p in folder.rglob("*")):
-        return False
+        return
     shutil.rmtree(folder, ignore_errors=True)
     for parent in made:
         try:
             parent.rmdir()
         except OSError:  # not empty: another run lives there
             break
-    return True
 
 
 def release_claims() -> None:

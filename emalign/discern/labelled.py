@@ -168,7 +168,8 @@ def score_set(
     names = [w.name for w in wordings]
     todo = [i for i in range(len(answers)) if any(name not in done.get(i, {}) for name in names)]
     advance((len(answers) - len(todo)) * len(wordings))
-    scores = score_answers(model, tokenizer, wordings, [(prompts + prompts)[i] for i in todo],
+    prompts = prompts + prompts  # answer i's prompt: good answers first, then bad, as ``answers``
+    scores = score_answers(model, tokenizer, wordings, [prompts[i] for i in todo],
                            [answers[i] for i in todo], batch_size, advance,
                            saved and (lambda batch, values: saved([todo[i] for i in batch], values)))
     merged = {name: [done[i][name] if i in done and name in done[i] else math.nan for i in range(len(answers))]
