@@ -182,8 +182,7 @@ class Policy(nn.Module):
         self.adapter = adapter  # recorded in checkpoints: a resume with another one is refused in one line
         self.reference_kind = reference
         self.quantized = quantization is not None
-        self.tokenizer = load_tokenizer(model, trust_remote_code, chat_template)
-        base = load_causal_lm(model, dtype, quantization, trust_remote_code)
+        self.tokenizer, base = self._load(model, dtype, quantization, trust_remote_code, chat_template)
         base.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.gradient_checkpointing = gradient_checkpointing
         self._reference_copy: Optional[nn.Module] = None
@@ -198,6 +197,12 @@ class Policy(nn.Module):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+
+    def _load(self, model: str, dtype: DType, quantization: Optional[Quantization], trust_remote_code: bool,
+              chat_template: Optional[str]) -> tuple[object, nn.Module]:
+        """(tokenizer, base model) from the source (``emalign.planning.MetaPolicy`` builds them without weights)."""
+        tokenizer = load_tokenizer(model, trust_remote_code, chat_template)
+        return tokenizer, load_causal_lm(model, dtype, quantization, trust_remote_code)
 
     def _wrap(self, base: nn.Module, adapter: LoRA, quantized: bool) -> nn.Module:
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training

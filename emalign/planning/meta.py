@@ -1,0 +1,111 @@
+"""A policy at its real shape on the meta device: built from ``config.json`` alone, no weights read or allocated.
+
+``MetaPolicy`` is :class:`~emalign.models.policy.Policy` with another loader: the same adapter, reference,
+gradient checkpointing and QLoRA preparation (peft's own) run on tensors that have shapes and dtypes only.
+4-bit layers are bitsandbytes' own ``Linear4bit``, quantised on meta by bitsandbytes' ``quantize_4bit`` (its
+fake kernel gives the packed weights' and constants' sizes), so their forward and backward are bitsandbytes'
+code too. The architecture comes from, in order: ``model_config`` (a ``config.json``), the model directory or
+cached Hub copy, or the config shipped with emalign for the models the configs name (``SHIPPED``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from emalign.errors import UserError
+from emalign.models.policy import DType, LoRA, Policy, Quantization, ReferenceKind, load_tokenizer
+from emalign.models.sources import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "resources" / "model_configs"
+"""``<org>--<name>.json``: the architectures of the Hub models emalign's configs name."""
+
+
+def model_config(source: str, config_file: Optional[str] = None, trust_remote_code: bool = False):
+    """The transformers config of ``source``: from ``config_file``, the source itself, or ``SHIPPED``."""
+    from transformers import AutoConfig
+
+    shipped = SHIPPED / f"{source.replace('/', '--')}.json"
+    if config_file is None and shipped.is_file():
+        config_file = str(shipped)
+    if config_file is not None:
+        try:
+            values = json.loads(Path(config_file).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"--model_config {config_file}: not a readable config.json ({err})") from None
+        values = {k: v for k, v in values.items() if k != "_comment"}
+        if "model_type" not in values:
+            raise UserError(f"--model_config {config_file}: it has no model_type (a transformers config.json has)")
+        return AutoConfig.for_model(**values)
+    try:
+        from emalign.models.sources import from_hub
+
+        return from_hub(AutoConfig.from_pretrained, source, trust_remote_code=trust_remote_code)
+    except (ModelSourceError, OSError, ValueError) as err:
+        raise UserError(f"no config.json for model {source!r} ({str(err).splitlines()[0]}): pass one with "
+                        "--model_config FILE") from None
+
+
+def stand_in_tokenizer(source: str, trust_remote_code: bool, chat_template: Optional[str]):
+    """The model's own tokenizer where it is at hand, else the embedded SmolLM2's: the plan's token ids are
+    made up to the lengths it plans for, so a tokenizer is needed for its pad id and chat template only."""
+    try:
+        return load_tokenizer(source, trust_remote_code, chat_template)
+    except (UserError, OSError, ValueError):
+        log.info("plan: no tokenizer for %s at hand; the embedded SmolLM2's stands in (ids only)", source)
+        return load_tokenizer("smollm2-135m-instruct")
+
+
+def quantize_on_meta(lm: nn.Module, quantization: Quantization) -> None:
+    """Replace ``lm``'s linear layers as transformers' bitsandbytes loader does (its own function, the same
+    layers kept in high precision), and quantise each weight on meta with bitsandbytes' ``quantize_4bit``."""
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = quantization.to_bnb()
+    replace_with_bnb_linear(lm, get_keys_to_not_convert(lm), config)
+    dtype = config.bnb_4bit_compute_dtype
+    for module in lm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            full = torch.empty(module.out_features, module.in_features, dtype=dtype, device="meta")
+            packed, state = bnb.functional.quantize_4bit(
+                full, quant_type=quantization.quant_type, compress_statistics=quantization.double_quant,
+                quant_storage=config.bnb_4bit_quant_storage)
+            module.weight = bnb.nn.Params4bit(
+                packed, requires_grad=False, quant_state=state, compress_statistics=quantization.double_quant,
+                quant_type=quantization.quant_type, quant_storage=config.bnb_4bit_quant_storage, module=module,
+                bnb_quantized=True)
+    lm.is_loaded_in_4bit = True  # what peft's prepare_model_for_kbit_training reads
+
+
+class MetaPolicy(Policy):
+    """A :class:`Policy` on the meta device (same arguments, plus ``model_config``): shapes and dtypes, no data."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", adapter: Optional[LoRA] = None,
+                 quantization: Optional[Quantization] = None, reference: ReferenceKind = "base",
+                 dtype: DType = "float32", gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+                 chat_template: Optional[str] = None, model_config: Optional[str] = None) -> None:
+        self._config_file = model_config
+        super().__init__(model, adapter, quantization, reference, dtype, gradient_checkpointing, trust_remote_code,
+                         chat_template)
+
+    def _load(self, model: str, dtype: DType, quantization: Optional[Quantization], trust_remote_code: bool,
+              chat_template: Optional[str]) -> tuple[object, nn.Module]:
+        from transformers import AutoModelForCausalLM
+
+        config = model_config(model, self._config_file, trust_remote_code)
+        tokenizer = stand_in_tokenizer(model, trust_remote_code, chat_template)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                  trust_remote_code=trust_remote_code)
+        if quantization is not None:
+            quantize_on_meta(lm, quantization)
+        return tokenizer, lm
