@@ -1,8 +1,9 @@
 """The verbs ``cli.py`` adds beyond LightningCLI's fit/validate/test, one module per verb family.
 
 ``inference`` holds generate, chat and ``data em``; ``evaluation`` holds eval and experiment; ``discern``
-holds discern; ``studies`` holds effect and self_correction. ``VERBS`` below registers them all, in one place:
-``cli.py`` prints its verb list from it and dispatches through it. Each target is a ``"module:function"``
+holds discern; ``studies`` holds effect and self_correction; ``plan`` holds plan, which reads the fit's flags
+with the fit's own parser (its target says so with ``takes_fit_flags``). ``VERBS`` below registers them all, in
+one place: ``cli.py`` prints its verb list from it and dispatches through it. Each target is a ``"module:function"``
 string (or a dict of them, one per subcommand), imported only when its verb runs, so that ``cli.py --help``
 stays fast.
 """
@@ -30,6 +31,8 @@ VERBS: dict[str, tuple[str, Target]] = {
                "emalign.commands.studies:effect"),
     "self_correction": ("does the model fix its own bad answers: revisions of insecure code and bad chat answers",
                         "emalign.commands.studies:self_correction"),
+    "plan": ("a fit's peak GPU memory per phase of its step, forecast at the real shape without weights or a GPU",
+             "emalign.commands.plan:plan"),
 }
 """verb -> (one-line description, ``"module:function"`` target, or a dict of them per subcommand)."""
 

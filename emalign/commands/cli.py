@@ -11,6 +11,7 @@
     python cli.py discern --out runs/discern              # how well the conscience tells good from bad
     python cli.py effect --out runs/effect --runs base= method_s0=runs/method_s0/adapter
     python cli.py self_correction --out runs/self_correction
+    python cli.py plan --config configs/em/insecure_conscience.yaml   # peak GPU memory per phase, no GPU
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def _one_line(interrupted: str) -> Iterator[None]:
 
 def _extra_verb(verb: str, args: list[str]) -> None:
     with _one_line(RESUME.get(verb, "interrupted")):
-        _run_verb(verb, args)
+        target = verb_target(verb)
+        if getattr(target, "takes_fit_flags", False):  # plan: the fit's own parser reads its command line
+            target(args)
+        else:
+            _run_verb(verb, args)
 
 
 def remember_typed(args: list[str], config) -> None:
@@ -152,17 +157,17 @@ def join_list_values(args: list[str], flags: dict[str, bool]) -> list[str]:
     return out
 
 
-def _lightning(args: list[str] | None) -> None:
+def fit_cli_class(args: list[str] | None, fitting: list):
+    """The LightningCLI class of fit, validate and test (``plan`` builds on it): ``args`` as the command gave them
+    (``None``: ``sys.argv``), ``fitting`` receives the fit's trainer once it starts."""
     from jsonargparse import Namespace
     from lightning.pytorch.cli import LightningArgumentParser
 
     from emalign.callbacks import ConscienceCallback, StopOnSignal
-    from emalign.data.chat import ChatDataModule
     from emalign.errors import UserError
     from emalign.fence.lightning import CheckedCkptPathCLI
-    from emalign.files import claim_dir, discard_without_result
+    from emalign.files import claim_dir
     from emalign.training.checkpoint import RunCheckpoint, check_checkpoint
-    from emalign.training.module import EmergentAlignment
 
     class Parser(OneLineErrors, LightningArgumentParser):
         pass
@@ -259,14 +264,25 @@ def _lightning(args: list[str] | None) -> None:
                     self.config_init[self.subcommand]["ckpt_path"] = None
             # An explicit path was checked in check_ckpt_path already.
 
+    EmalignCLI.Parser = Parser
+    return EmalignCLI
+
+
+def _lightning(args: list[str] | None) -> None:
+    from emalign.callbacks import StopOnSignal
+    from emalign.data.chat import ChatDataModule
+    from emalign.files import discard_without_result
+    from emalign.training.module import EmergentAlignment
+
     fitting: list = []  # the fit's trainer, once it starts
+    EmalignCLI = fit_cli_class(args, fitting)
     try:
         cli = EmalignCLI(
             EmergentAlignment,
             ChatDataModule,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_class=Parser,
+            parser_class=EmalignCLI.Parser,
             args=args,
         )
     except BaseException:

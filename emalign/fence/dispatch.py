@@ -10,6 +10,12 @@ SCALAR_READ = torch.ops.aten._local_scalar_dense.default
 """``.item()``, ``bool(t)``: a value read back from the device."""
 COPY = torch.ops.aten._to_copy.default
 """``.to(...)``, ``.cpu()``: a copy to another device or dtype."""
+EFFICIENT_ATTENTION = torch.ops.aten._scaled_dot_product_efficient_attention.default
+"""CUDA's memory-efficient attention kernel (it has a meta implementation, and a backward)."""
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention.default
+"""CUDA's flash attention kernel (meta implementation and backward too)."""
+FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+"""The CPU's flash attention kernel (meta implementation and backward too)."""
 
 
 
@@ -19,4 +25,5 @@ def engine_backward(loss: torch.Tensor) -> None:
     torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
 
 
-__all__ = ["engine_backward", "DispatchMode", "tree_leaves", "tree_map", "NONZERO", "SCALAR_READ", "COPY"]
+__all__ = ["engine_backward", "EFFICIENT_ATTENTION", "FLASH", "FLASH_CPU", "DispatchMode", "tree_leaves", "tree_map",
+           "NONZERO", "SCALAR_READ", "COPY"]

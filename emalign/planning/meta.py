@@ -109,3 +109,13 @@ class MetaPolicy(Policy):
         if quantization is not None:
             quantize_on_meta(lm, quantization)
         return tokenizer, lm
+
+
+def materialize(policy: Policy, device: str) -> None:
+    """Give a meta policy uninitialised storage on ``device``, the 4-bit constants too: random weights of the real
+    shape, for running the planned step for real on a GPU (their values do not change the memory)."""
+    policy.to_empty(device=device)
+    for param in policy.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            state.to(device)

@@ -31,7 +31,7 @@ from emalign.conscience.step import ConscienceStep
 from emalign.fence.dispatch import engine_backward
 from emalign.models.merge import merged_adapter
 from emalign.models.sampling import SeededSampler
-from emalign.planning.autocast import EmulatedAutocast
+from emalign.planning.cuda import AttentionKernel, EmulatedAutocast
 from emalign.planning.tracker import LiveMemory
 from emalign.records import Pair
 from emalign.training.module import EmergentAlignment
@@ -64,16 +64,17 @@ class Shapes:
 
 
 def run_step(module: EmergentAlignment, conscience: Optional[ConscienceStep], shapes: Shapes,
-             precision: str = "32-true", clip: Optional[float] = None, memory: Optional[LiveMemory] = None,
-             ) -> LiveMemory:
-    """Run the phases (module docstring) on ``module``'s device, on meta or for real, counting memory."""
+             precision: str = "32-true", clip: Optional[float] = None, target: str = "cuda") -> LiveMemory:
+    """Run the phases (module docstring) on ``module``'s device, on meta or for real, counting memory. On meta,
+    attention runs as on ``target`` ("cuda", or "cpu" to check a plan against a real CPU run)."""
     policy = module.policy
     vocab = policy.model.get_output_embeddings().weight.shape[0]
-    memory = memory or LiveMemory(vocab)
+    memory = LiveMemory(vocab, cuda=policy.device.type == "cuda")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     memory.track_module(policy)
     memory.watch_gradients(trainable)
-    with memory, warnings.catch_warnings():
+    kernels = AttentionKernel(target) if policy.device.type == "meta" else contextlib.nullcontext()
+    with memory, kernels, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer, deprecations: the plan shows its table only
         optimizer = module.optimizer(trainable)
         _first_update(optimizer, trainable, memory)
@@ -135,6 +136,7 @@ def decode(model, prompts: int, samples: int, shapes: Shapes, settings, memory: 
         cache = out.cache
         cache.batch_repeat_interleave(samples)
         del out
+        memory.retag([t for layer in cache.layers for t in (layer.keys, layer.values)], "kv cache")
     ids = ids.repeat_interleave(samples, 0)
     rows = ids.shape[0]
     sampler = SeededSampler([0] * rows, settings.temperature, settings.top_p, device) if settings.temperature else None

@@ -44,15 +44,21 @@ class Phase:
     peak: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
     start: int = 0
+    allocated: int | None = None
+    """On a GPU: ``torch.cuda.max_memory_allocated`` over the phase (the allocator's own count)."""
+    reserved: int | None = None
+    """On a GPU: ``torch.cuda.max_memory_reserved`` over the phase (what the caching allocator held)."""
 
 
 class LiveMemory(DispatchMode):
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, cuda: bool = False) -> None:
         """
         Args:
             vocab_size: a tensor whose last dimension has this size is counted as logits (or their gradient).
+            cuda: also read the CUDA allocator's peaks per phase (a step run on a GPU, to check a plan).
         """
         super().__init__()
+        self.cuda = cuda
         self.vocab_size = vocab_size
         self.live = 0
         self.by_kind: Counter[str] = Counter()
@@ -121,10 +127,16 @@ class LiveMemory(DispatchMode):
         self.phases[name] = phase
         before = self._current, self.default_kind
         self._current, self.default_kind = phase, default_kind
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         try:
             yield phase
         finally:
             self._current, self.default_kind = before
+            if self.cuda:
+                torch.cuda.synchronize()
+                phase.allocated, phase.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
 
     # -- the dispatch -------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -1,4 +1,6 @@
-"""``torch.autocast("cuda", dtype)`` for the meta device, which autocast does not run on.
+"""What a CUDA device does that the meta device does not: autocast's dtype choices, and attention's kernel.
+
+``torch.autocast("cuda", dtype)`` does not run on meta tensors; ``EmulatedAutocast`` makes its choices.
 
 Lightning's ``bf16-mixed`` and ``16-mixed`` run the training step's forward under CUDA autocast: matrix
 products in the low precision, reductions and pointwise transcendental ops in float32, and the low-precision
@@ -7,9 +9,10 @@ every saved activation weighs, so a plan on meta must make the same choices. ``E
 a ``TorchFunctionMode``, above autograd as real autocast is, so the casts it makes are in the graph and the
 copies backward needs stay alive as they do on a GPU.
 
-The op lists are CUDA's, from PyTorch's ``aten/src/ATen/autocast_mode.cpp`` (``AT_FORALL_LOWER_PRECISION_FP``
-``AT_FORALL_FP32`` and ``AT_FORALL_FP32_SET_OPT_DTYPE``), by the Python names that reach them. Ops not listed run in their inputs' dtype, as
-autocast's own fall-through does. What this cannot check on a CPU is in the GPU script (bench/plan_gpu.py).
+The op lists are CUDA's, from PyTorch's ``aten/src/ATen/autocast_mode.h`` (``AT_FORALL_LOWER_PRECISION_FP``,
+``AT_FORALL_FP32`` and ``AT_FORALL_FP32_SET_OPT_DTYPE``), by the Python names that reach them. Ops not listed run
+in their inputs' dtype, as autocast's own fall-through does. What a CPU cannot check is left to the GPU script
+(bench/plan_gpu.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-from emalign.fence.dispatch import tree_map
+from emalign.fence.dispatch import EFFICIENT_ATTENTION, FLASH, FLASH_CPU, tree_map
 
 LOWER = frozenset({
     "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "addr", "baddbmm", "addbmm",
@@ -85,3 +88,42 @@ def _up(value):
     if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
         return value.float()
     return value
+
+
+class AttentionKernel(TorchFunctionMode):
+    """``scaled_dot_product_attention`` on meta as the target device runs it, by its fused kernel: the output and the
+    log-sum-exp saved for backward, no ``L x L`` matrix. Left to itself the meta device takes the math path, which
+    keeps one per layer.
+
+    ``cuda``: flash where it applies (no mask, 16-bit, head size up to 256; grouped keys and values read in place),
+    else the memory-efficient kernel (grouped keys and values repeated for it). ``cpu``: torch's flash kernel for
+    CPU, as a real CPU run takes it (how ``plan --device cpu`` checks a plan)."""
+
+    def __init__(self, target: str = "cuda") -> None:
+        super().__init__()
+        self.target = target
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "scaled_dot_product_attention":
+            return func(*args, **kwargs)
+        return fused_attention(self.target, *args, **kwargs)
+
+
+def fused_attention(target: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """The fused kernel's call as ``scaled_dot_product_attention`` makes it on ``target`` (a boolean mask becomes an
+    additive bias of its shape first)."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(attn_mask.logical_not(), float("-inf"))
+    if target == "cpu":
+        return FLASH_CPU(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+        return FLASH(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(query.shape[0], query.shape[-3], query.shape[-2], key.shape[-2])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return EFFICIENT_ATTENTION(query, key, value, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
