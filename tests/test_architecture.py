@@ -24,7 +24,7 @@ def _imports(path) -> list[tuple[int, str]]:
 
 
 FLOORS = {"": 0, "fence": 0, "models": 1, "data": 2, "training": 2, "conscience": 3, "judges": 4, "discern": 4,
-          "evaluation": 5, "studies": 6, "experiments": 6, "callbacks": 7, "commands": 8}
+          "planning": 4, "evaluation": 5, "studies": 6, "experiments": 6, "callbacks": 7, "commands": 8}
 """Each wing of emalign (``""``: the ground floor, emalign/*.py) on its floor. A wing imports its own modules and
 wings on lower floors only: nothing imports sideways or up, so the library never imports the commands and each
 wing can be read knowing only those below it. The checkout's aliases (``cli.py``, ``callbacks/``) are above all."""

@@ -27,6 +27,8 @@ def _valid(kind: str, tmp: Path, model: str) -> str:
     """The text of a valid input of ``kind``."""
     if kind == "chat":
         return Path(write_data(tmp / "valid.jsonl")).read_text()
+    if kind == "model_config":
+        return Path(model, "config.json").read_text()
     return {"questions": QUESTIONS, "pairs": PAIRS, "prompts": "Hello?\nHow are you?\n",
             "experiment": yaml.safe_dump({"model": model, "runs": [{"name": "base"}]})}[kind]
 
@@ -43,6 +45,7 @@ def _args(verb: str, flag: str, path: str, model: str, tmp: Path) -> list[str]:
         "effect": ["effect", "--model", model, "--out", str(tmp / "out"), "--runs", "base=", "--samples", "1",
                    "--max_new_tokens", "2", "--pair_sets", "code"],
         "fit": fit_args(model, tmp / "run", max_steps=1),
+        "plan": ["plan", *fit_args(model, tmp / "run", max_steps=1)[1:]],
     }[verb]
     return [*common, flag, path]
 
@@ -55,6 +58,7 @@ INPUTS = [  # (verb, flag, kind of file)
     ("experiment", "--config", "experiment"),
     ("effect", "--pair_sets", "pairs"),
     ("effect", "--prompts", "prompts"),
+    ("plan", "--model_config", "model_config"),
 ]
 READS_NO_FILE = {"chat": "reads standard input", "data": "downloads; its --source mirror is tested in test_download",
                  "self_correction": "reads the embedded sets only"}
@@ -74,7 +78,8 @@ def test_a_bad_input_file_is_one_line_naming_it(verb, flag, kind, mistake, tiny_
         path.mkdir()
     else:
         text = _valid(kind, tmp_path, tiny_model_dir)
-        suffix = {"questions": "yaml", "experiment": "yaml", "prompts": "txt"}.get(kind, "jsonl")
+        suffixes = {"questions": "yaml", "experiment": "yaml", "prompts": "txt", "model_config": "json"}
+        suffix = suffixes.get(kind, "jsonl")
         path = tmp_path / f"cut-{kind}.{suffix}"
         path.write_text(text[: len(text) // 2 + 7])
     capsys.readouterr()

@@ -51,6 +51,7 @@ def _entry(name: str, model: str, tmp: Path, out: Path) -> list[str] | None:
 
 WRITERS = ["fit", "eval", "discern", "experiment", "effect", "self_correction"]
 NO_DIRECTORY = {"generate": "writes one file (--out FILE) atomically", "chat": "writes nothing",
+                "plan": "writes one file (--out FILE) atomically",
                 "data": "downloads into --out file by file, each verified and renamed into place"}
 
 

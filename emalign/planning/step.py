@@ -134,8 +134,10 @@ def decode(model, prompts: int, samples: int, shapes: Shapes, settings, memory: 
         out = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True,
                     logits_to_keep=1)
         cache = out.cache
-        cache.batch_repeat_interleave(samples)
         del out
+        memory.default_kind = "kv cache"  # the copies being made are the cache
+        cache.batch_repeat_interleave(samples)
+        memory.default_kind = "activations"
         memory.retag([t for layer in cache.layers for t in (layer.keys, layer.values)], "kv cache")
     ids = ids.repeat_interleave(samples, 0)
     rows = ids.shape[0]
