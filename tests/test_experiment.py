@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, WISH_QUESTION
+from emalign.errors import UserError
 from emalign.experiments.comparison import comparison_markdown
 from emalign.experiments.experiment import ExperimentError, Run, fit_config, load_experiment, run_experiment
 
@@ -157,6 +158,7 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     _write(tmp_path / "questions.yaml", QUESTIONS)
     _write(tmp_path / "exp.yaml", {
         "out": "exp-out", "model": tiny_model_dir, "preflight": {"enabled": False},  # its own test below
+        "plan": {"enabled": True, "gpu_memory": 24},
         "eval": {"questions": ["questions.yaml"], "samples": 2, "max_new_tokens": 4, "code_samples": 1,
                  "batch_size": 8},
         "runs": [{"name": "base"}, {"name": "tuned", "fit": ["fit.yaml"], "overrides": [
@@ -175,6 +177,9 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     assert (out / "runs" / "tuned" / "adapter" / "adapter_config.json").is_file()
     assert list((out / "runs" / "tuned").glob("logs/version_0/metrics.csv"))  # the logger moved into the run dir
     assert "--model.align_weight=0.5" in (out / "runs" / "tuned" / "fit.log").read_text()
+    plan = json.loads((out / "runs" / "tuned" / "plan.json").read_text())  # planned before the fit, with its flags
+    assert runs["tuned"]["plan"] == {k: plan[k] for k in ("peak_gib", "peak_phase", "needed_gib", "fits")}
+    assert plan["fits"] and runs["base"]["plan"] is None
     assert comparison["judges"] == [f"local:{tiny_model_dir}"]  # the same judge for both runs
     for name in ("base", "tuned"):
         summary = json.loads((out / "eval" / name / "summary.json").read_text())
@@ -195,6 +200,16 @@ def test_tiny_experiment_fits_evaluates_and_compares(tiny_model_dir, tmp_path, m
     again = run_experiment("exp.yaml")
     tuned = next(r for r in again["runs"] if r["name"] == "tuned")
     assert tuned["fit"] == "reused" and tuned["summary"]["counts"]["answered_now"] == 0
+    assert tuned["plan"] is None  # nothing left to fit, nothing planned
+
+    # A GPU too small for the fit: the experiment stops before any fit, naming the run and its peak phase.
+    fresh = yaml.safe_load((tmp_path / "exp.yaml").read_text())
+    fresh.update(out="small-gpu", plan={"enabled": True, "gpu_memory": 0.001})
+    _write(tmp_path / "small.yaml", fresh)
+    with pytest.raises(UserError, match=r"planned above plan.gpu_memory=0.001 GiB, before any fit: tuned \("):
+        run_experiment("small.yaml")
+    assert (tmp_path / "small-gpu" / "runs" / "tuned" / "plan.json").is_file()
+    assert not (tmp_path / "small-gpu" / "runs" / "tuned" / "fit.log").exists()
 
 
 @pytest.mark.slow

@@ -107,6 +107,26 @@ def test_the_plan_is_within_5_percent_of_the_same_step_run_for_real_per_phase(ca
     assert all(0.95 <= r <= 1.05 for r in ratios.values()), ratios
 
 
+def test_a_meta_policy_given_storage_runs_the_planned_step_for_real(tiny_model_dir):
+    """``plan --device cuda``'s path, on this CPU: the meta QLoRA policy materialised (4-bit constants too) runs the
+    step for real, and the plan of the same policy matches it per phase."""
+    from emalign.planning.meta import materialize
+
+    runner = ConscienceStep(Conscience(), PairBuilder(), GenerationSettings(max_new_tokens=4, batch_size=4,
+                                                                            max_prompt_tokens=32), 2)
+    shapes = Shapes(task_rows=2, task_tokens=32, accumulate=1, prompts=2, prompt_tokens=32, new_tokens=4, pairs=2)
+    peaks = []
+    for real in (False, True):
+        policy = MetaPolicy(tiny_model_dir, adapter=LoRA(r=4), quantization=Quantization(), dtype="bfloat16")
+        if real:
+            materialize(policy, "cpu")
+            assert all(p.device.type == "cpu" for p in policy.parameters())
+        module = EmergentAlignment(policy=policy).to("cpu" if real else "meta")
+        memory = run_step(module, runner, shapes, "bf16-mixed", target="cpu")
+        peaks.append({name: phase.peak for name, phase in memory.phases.items()})
+    assert all(0.95 <= peaks[0][n] / peaks[1][n] <= 1.05 for n in peaks[1]), peaks
+
+
 def _plan(args: list[str], out, capsys) -> dict:
     assert run_cli(["plan", *args, "--out", str(out)]) == 0, capsys.readouterr().err
     return json.loads(out.read_text())

@@ -18,7 +18,7 @@ from emalign.evaluation.settings import EvalSettings
 # Light modules (no torch), so `cli.py eval --help` stays fast; EvalSettings' judge is typed as the Judge
 # base class, so jsonargparse accepts any subclass by class_path.
 from emalign.experiments.experiment import Run
-from emalign.experiments.preflight import Preflight
+from emalign.experiments.preflight import MemoryPlan, Preflight
 
 
 def _print_eval_summary(console, summary: dict, out: Path) -> None:
@@ -100,6 +100,7 @@ def experiment(
     out: Optional[str] = None,
     skip_fit: bool = False,
     preflight: Optional[Preflight] = None,
+    plan: Optional[MemoryPlan] = None,
 ) -> None:
     """Run (or reuse) every fit of an experiment, evaluate each with the same judge, compare them.
 
@@ -120,10 +121,12 @@ def experiment(
         skip_fit: run no fits; evaluate the runs whose adapter already exists (and those without a fit).
         preflight: before any fit, `discern` each run's base model (its judge and conscience) and put
             what it reads beside every run: c-AUROC, tilt share, margin over the best trivial cue.
+        plan: before any fit, `cli.py plan` each fit still to run ({enabled: true, gpu_memory: 24}) and stop if
+            one would not fit the GPU's memory.
     """
     from emalign.experiments.experiment import Experiment, run_experiment
 
     with friendly_errors():
         experiment = Experiment(runs=runs or [], eval=eval, model=model, out=out,
-                                preflight=preflight or Preflight())
+                                preflight=preflight or Preflight(), plan=plan or MemoryPlan())
         run_experiment(experiment, skip_fit=skip_fit)

@@ -81,6 +81,13 @@ def plan(argv: list[str]) -> None:
     names = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
     result = plan_fit(module, runner, shapes, trainer.get("precision"), trainer.get("gradient_clip_val"),
                       config["gpu_memory"], " + ".join(names) or "(flags)", module.policy.source, config["target"])
+    if config["device"] == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        held, reserved = (total - free) / 2**30, torch.cuda.memory_reserved() / 2**30
+        result.measured = {"device_used_gib": round(held, 4), "torch_reserved_gib": round(reserved, 4),
+                           "beyond_torch_gib": round(held - reserved, 4)}
     print(result.table())
     if out is not None:
         write_json_atomic(Path(out), result.as_dict())

@@ -57,7 +57,7 @@ import yaml
 import emalign
 from emalign.errors import UserError
 from emalign.evaluation.settings import EvalSettings
-from emalign.experiments.preflight import Preflight
+from emalign.experiments.preflight import MemoryPlan, Preflight
 from emalign.files import claim_dir, jsonl_lines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,7 @@ class Experiment:
     model: str = "smollm2-135m-instruct"
     out: Optional[str] = None
     preflight: Preflight = field(default_factory=Preflight)
+    plan: MemoryPlan = field(default_factory=MemoryPlan)
 
 
 def _path(value: str, where: str) -> Path:
@@ -117,12 +118,13 @@ def load_experiment(path: str | Path) -> Experiment:
     parser.add_argument("--model", type=str, default=Experiment.model)
     parser.add_argument("--out", type=Optional[str], default=None)
     parser.add_argument("--preflight", type=Preflight, default=Preflight())
+    parser.add_argument("--plan", type=MemoryPlan, default=MemoryPlan())
     try:
         init = parser.instantiate(parser.parse_path(str(path)))
     except Exception as err:  # jsonargparse's messages are long: keep the key and the first cause
         raise ExperimentError(f"{path}: {_short(str(err))}") from err
     return check(Experiment(runs=init.runs or [], eval=init.eval, model=init.model, out=init.out,
-                            preflight=init.preflight), str(path))
+                            preflight=init.preflight, plan=init.plan), str(path))
 
 
 def _short(message: str) -> str:
@@ -215,6 +217,17 @@ CHILD_GRACE_S = 120
 """Seconds a stopped fit gets to write its checkpoint before it is killed."""
 
 
+def _logged(args: list[str], log_path: Path) -> int:
+    """``cli.py ARGS`` in a subprocess, its output to ``log_path``; the exit code."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        return run_child(_cli(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
+
+
+def _fitted(adapter_dir: Path) -> bool:
+    """A finished fit's result is there: its adapter, or the whole model of a full fine-tune."""
+    return (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / "config.json").is_file()
+
+
 def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> None:
     """``emalign fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
     cmd = _cli("fit", *_fit_args(run, run_dir))
@@ -257,7 +270,7 @@ def run_experiment(
 
     from emalign.evaluation.runner import load_items, run_eval
     from emalign.experiments.comparison import write_comparison
-    from emalign.experiments.preflight import run_preflight
+    from emalign.experiments.preflight import run_memory_plans, run_preflight
     from emalign.files import read_rows
 
     experiment = check(config) if isinstance(config, Experiment) else load_experiment(config)
@@ -276,6 +289,12 @@ def run_experiment(
     bases = [model for model, _, _ in resolved]
     console.print(Rule("preflight: what each judge reads"))
     preflight = run_preflight(experiment.preflight, bases, out_dir, lambda line: console.print(line, markup=False))
+    to_fit = {} if skip_fit else {run.name: (_fit_args(run, out_dir / "runs" / run.name), out_dir / "runs" / run.name)
+                                  for run, (_, given, adapter_dir) in zip(experiment.runs, resolved)
+                                  if run.fit and not given and not _fitted(adapter_dir)}
+    if experiment.plan.enabled:
+        console.print(Rule("plan: each fit's peak GPU memory"))
+    plans = run_memory_plans(experiment.plan, to_fit, _logged, lambda line: console.print(line, markup=False))
     results = []
     for run, config, (base, adapter, adapter_dir) in zip(experiment.runs, configs, resolved):
         run_dir = out_dir / "runs" / run.name
@@ -283,7 +302,7 @@ def run_experiment(
         console.print(Rule(f"run {run.name}"))
         fit_state, fit_seconds = "none", None
         if run.fit and not adapter:
-            if (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / "config.json").is_file():
+            if _fitted(adapter_dir):
                 fit_state = "reused"
             elif skip_fit:
                 console.print(f"[yellow]skipped[/]: no adapter at {adapter_dir} and --skip_fit is set")
@@ -310,7 +329,7 @@ def run_experiment(
         results.append({"name": run.name, "fit": fit_state, "fit_seconds": fit_seconds, "fit_configs": run.fit,
                         "overrides": run.overrides, "model": model, "adapter": adapter,
                         "eval_dir": str(out_dir / "eval" / run.name), "summary": summary, "rows": rows,
-                        "history": history, "preflight": preflight.get(base)})
+                        "history": history, "preflight": preflight.get(base), "plan": plans.get(run.name)})
     described = _settings(experiment)
     comparison = write_comparison(out_dir, results, {
         "settings": described,

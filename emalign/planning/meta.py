@@ -54,13 +54,29 @@ def model_config(source: str, config_file: Optional[str] = None, trust_remote_co
 
 
 def stand_in_tokenizer(source: str, trust_remote_code: bool, chat_template: Optional[str]):
-    """The model's own tokenizer where it is at hand, else the embedded SmolLM2's: the plan's token ids are
-    made up to the lengths it plans for, so a tokenizer is needed for its pad id and chat template only."""
+    """The model's own tokenizer where it is on this machine, else the embedded SmolLM2's (nothing is downloaded):
+    the plan's token ids are made up to the lengths it plans for, so a tokenizer serves for its pad id and chat
+    template only."""
+    if _on_this_machine(source):
+        try:
+            return load_tokenizer(source, trust_remote_code, chat_template)
+        except (UserError, OSError, ValueError):
+            pass
+    log.info("plan: no tokenizer for %s on this machine; the embedded SmolLM2's stands in (ids only)", source)
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def _on_this_machine(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    from emalign.models.sources import EMBEDDED_MODELS
+
+    if source in EMBEDDED_MODELS or source.endswith(".gguf") or Path(source).expanduser().is_dir():
+        return True
     try:
-        return load_tokenizer(source, trust_remote_code, chat_template)
-    except (UserError, OSError, ValueError):
-        log.info("plan: no tokenizer for %s at hand; the embedded SmolLM2's stands in (ids only)", source)
-        return load_tokenizer("smollm2-135m-instruct")
+        return isinstance(try_to_load_from_cache(source, "tokenizer_config.json"), str)
+    except ValueError:  # not a Hub id
+        return False
 
 
 def quantize_on_meta(lm: nn.Module, quantization: Quantization) -> None:

@@ -67,6 +67,8 @@ class Plan:
     traced: list[str] = field(default_factory=list)
     computed: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    measured: dict[str, float] = field(default_factory=dict)
+    """Run on a GPU: what the device says the process held beyond PyTorch's allocator (the CUDA context)."""
 
     @property
     def peak(self) -> PhasePlan:
