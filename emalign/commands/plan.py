@@ -73,7 +73,8 @@ def plan(argv: list[str]) -> None:
     runner = callback.runner if callback is not None else None
     generation = runner.generation if runner is not None else None
     shapes = Shapes(
-        task_rows=data.batch_size, task_tokens=data.max_length, accumulate=trainer.get("accumulate_grad_batches") or 1,
+        task_rows=data.batch_size if data.train_file else 0, task_tokens=data.max_length,
+        accumulate=trainer.get("accumulate_grad_batches") or 1,
         prompts=callback.num_prompts if callback is not None else 0,
         prompt_tokens=(generation.max_prompt_tokens or data.max_length) if generation else 0,
         new_tokens=generation.max_new_tokens if generation else 0,

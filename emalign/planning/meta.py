@@ -130,8 +130,25 @@ class MetaPolicy(Policy):
 def materialize(policy: Policy, device: str) -> None:
     """Give a meta policy uninitialised storage on ``device``, the 4-bit constants too: random weights of the real
     shape, for running the planned step for real on a GPU (their values do not change the memory)."""
-    policy.to_empty(device=device)
-    for param in policy.parameters():
-        state = getattr(param, "quant_state", None)
-        if state is not None:
-            state.to(device)
+    quantized = {m: own["weight"] for m in policy.modules() for own in [dict(m.named_parameters(recurse=False))]
+                 if getattr(own.get("weight"), "quant_state", None) is not None}
+    policy.to_empty(device=device)  # a 4-bit weight comes back a plain parameter: made 4-bit again below
+    lm = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
+    lm.tie_weights()  # to_empty gives each of tied weights' names its own storage
+    for module, old in quantized.items():
+        import bitsandbytes as bnb
+
+        _empty_like_on(old.quant_state, device)
+        module.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, quant_state=old.quant_state, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+            module=module, bnb_quantized=True)
+
+
+def _empty_like_on(state, device: str) -> None:
+    """A bitsandbytes ``QuantState``'s tensors (and its nested state's) made uninitialised on ``device``."""
+    for name, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            setattr(state, name, torch.empty_like(value, device=device))
+        elif type(value).__name__ == "QuantState":
+            _empty_like_on(value, device)

@@ -13,7 +13,8 @@ The phases, in the order a fit meets them once its optimizer has state:
 2. ``conscience: review``: ``Conscience.review`` itself, by the frozen reference, over every rollout.
 3. ``conscience: revision`` (with ``revise_below``): the reference rewriting, as sampling.
 4. ``train: task``: ``EmergentAlignment.training_step`` on a task micro-batch at ``max_length``, and backward.
-5. ``train: task + pairs``: the same with ``pairs_per_step`` queued pairs (the DPO term in the same backward).
+5. ``train: task + pairs``: the same with ``pairs_per_step`` queued pairs (the DPO term in the same backward);
+   ``train: pairs`` in a fit without task data (``data.train_file: null``), which has no phase 4.
 6. ``optimizer step``: clipping and the optimizer's update.
 With gradient accumulation, gradients stay alive between micro-batches, so phase 5 runs with phase 4's.
 """
@@ -21,6 +22,7 @@ With gradient accumulation, gradients stay alive between micro-batches, so phase
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -48,7 +50,7 @@ class Shapes:
     """The sizes one planned step runs at: the largest the fit's settings allow."""
 
     task_rows: int
-    """Sequences in a task micro-batch (``data.batch_size``)."""
+    """Sequences in a task micro-batch (``data.batch_size``; 0: the fit has no task data)."""
     task_tokens: int
     """Their length (``data.max_length``)."""
     accumulate: int
@@ -80,14 +82,15 @@ def run_step(module: EmergentAlignment, conscience: Optional[ConscienceStep], sh
         _first_update(optimizer, trainable, memory)
         if conscience is not None and shapes.prompts:
             _conscience(policy, conscience, shapes, memory)
-        batch = _task_batch(shapes, policy.device)
-        with memory.phase("train: task"):
-            _train(module, batch, precision)
-        if shapes.accumulate == 1:
-            optimizer.zero_grad(set_to_none=True)
+        batch = _task_batch(shapes, policy.device) if shapes.task_rows else {}  # {}: a fit without task data
+        if batch:
+            with memory.phase("train: task"):
+                _train(module, batch, precision)
+            if shapes.accumulate == 1:
+                optimizer.zero_grad(set_to_none=True)
         if conscience is not None and shapes.pairs:
             module.pair_queue.put(_pairs(shapes), step=0)
-            with memory.phase("train: task + pairs"):
+            with memory.phase("train: task + pairs" if batch else "train: pairs"):
                 _train(module, batch, precision)
         with memory.phase("optimizer step", default_kind="optimizer temporaries"):
             if clip:
@@ -129,30 +132,52 @@ def decode(model, prompts: int, samples: int, shapes: Shapes, settings, memory: 
     """``prompts x samples`` rows decoded to ``max_new_tokens`` as ``sample_ids`` does (module docstring)."""
     device = next(model.parameters()).device
     ids = torch.full((prompts, shapes.prompt_tokens), TOKEN, device=device)
-    shared = samples > 1 and settings.share_prefill
-    if shared:  # the prefill of every prompt token but the last, once per prompt, its cache copied per sample
-        out = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True,
-                    logits_to_keep=1)
-        cache = out.cache
-        del out
-        memory.default_kind = "kv cache"  # the copies being made are the cache
-        cache.batch_repeat_interleave(samples)
-        memory.default_kind = "activations"
-        memory.retag([t for layer in cache.layers for t in (layer.keys, layer.values)], "kv cache")
-    ids = ids.repeat_interleave(samples, 0)
-    rows = ids.shape[0]
-    sampler = SeededSampler([0] * rows, settings.temperature, settings.top_p, device) if settings.temperature else None
-    step_ids, cache = (ids[:, -1:], cache) if shared else (ids, None)
-    for _ in range(shapes.new_tokens):
-        out = model(input_ids=step_ids, attention_mask=torch.ones(rows, ids.shape[1], device=device, dtype=torch.long),
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)  # as generate copies them
-        del out
-        scores = sampler(ids, logits) if sampler else logits
-        step_ids = scores.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, step_ids], 1)
-        memory.retag([t for layer in cache.layers for t in (layer.keys, layer.values)], "kv cache")
+    with _cache_kept_as_cache(model, memory) as held:
+        shared = samples > 1 and settings.share_prefill
+        if shared:  # the prefill of every prompt token but the last, once per prompt, its cache copied per sample
+            out = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True,
+                        logits_to_keep=1)
+            held.cache = out.cache
+            del out
+            memory.default_kind = "kv cache"  # the copies being made are the cache
+            held.cache.batch_repeat_interleave(samples)
+            memory.default_kind = "activations"
+        ids = ids.repeat_interleave(samples, 0)
+        rows = ids.shape[0]
+        sampler = SeededSampler([0] * rows, settings.temperature, settings.top_p, device) if settings.temperature \
+            else None
+        step_ids = ids[:, -1:] if shared else ids
+        for _ in range(shapes.new_tokens):
+            out = model(input_ids=step_ids, cache=held.cache, use_cache=True, logits_to_keep=1,
+                        attention_mask=torch.ones(rows, ids.shape[1], device=device, dtype=torch.long))
+            held.cache = out.cache
+            logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)  # as generate copies them
+            del out
+            scores = sampler(ids, logits) if sampler else logits
+            step_ids = scores.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step_ids], 1)
+
+
+@contextlib.contextmanager
+def _cache_kept_as_cache(model, memory: LiveMemory):
+    """Count the KV cache as the cache from the moment each decoder layer extends it: a layer's new keys and
+    values replace its old ones inside its forward, so a retag after the whole step would miss them at the
+    step's peak. Yields a holder whose ``cache`` the decoding sets."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # what every decoder layer is
+
+    held = types.SimpleNamespace(cache=None)
+
+    def retag(*_):
+        if held.cache is not None and held.cache.layers:
+            memory.retag([t for layer in held.cache.layers for t in (layer.keys, layer.values)
+                          if isinstance(t, torch.Tensor)], "kv cache")
+
+    hooks = [m.register_forward_hook(retag) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    try:
+        yield held
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _task_batch(shapes: Shapes, device) -> dict[str, torch.Tensor]:
