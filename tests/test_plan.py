@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_faults import fit_args
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from emalign.conscience.step import ConscienceStep
 from emalign.conscience.verdict import Conscience, PairBuilder
 from emalign.models.policy import LoRA, Policy, Quantization
@@ -162,6 +162,18 @@ def test_a_plan_it_cannot_make_is_one_line(flags, message, tiny_model_dir, tmp_p
     assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0], err
 
 
+def test_the_configs_tables_quote_the_committed_plans():
+    """configs/README.md's planned table is ``bench/plan_configs.py``'s table of its committed result, and the
+    README's configs table quotes the same numbers."""
+    from bench.plan_configs import markdown_table
+
+    result = json.loads((ROOT / "bench" / "results" / "plan_configs.json").read_text())
+    assert markdown_table(result) in (ROOT / "configs" / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in ("em/insecure", "em/insecure_conscience"):
+        assert f"{result['configs'][name]['plan']['needed_gib']:.1f} GiB planned" in readme, name
+
+
 @pytest.mark.slow
 def test_the_7b_conscience_config_plans_on_this_cpu(tmp_path, capsys):
     """The issue's command: the EM 7B QLoRA config with the conscience, planned in minutes on a CPU."""
@@ -172,3 +184,6 @@ def test_the_7b_conscience_config_plans_on_this_cpu(tmp_path, capsys):
     assert without["peak_gib"] <= with_conscience["peak_gib"]
     weights = with_conscience["phases"][0]["by_kind_gib"]
     assert 2.5 < weights["4-bit weights"] < 4  # 7.6B parameters at ~4.1 bits with double quantisation
+    committed = json.loads((ROOT / "bench" / "results" / "plan_configs.json").read_text())["configs"]
+    for name, plan in (("em/insecure_conscience", with_conscience), ("em/insecure", without)):
+        assert plan["peak_gib"] == pytest.approx(committed[name]["plan"]["peak_gib"], abs=1e-3), name
