@@ -226,6 +226,44 @@ def test_the_private_parser_api_we_use_still_exists():
     assert parsing.parse_unvalidated(required, []).name is None  # unvalidated: the missing --name passes
 
 
+def test_the_private_torch_dispatch_api_we_use_still_exists():
+    """What emalign/fence/dispatch.py takes from torch: a dispatch mode sees ops, the aten ops it names run on meta
+    (the attention kernels with their backward), and the engine's backward keeps a function mode on."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from emalign.fence import dispatch
+
+    seen = []
+
+    class Seen(dispatch.DispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q = torch.empty(1, 2, 4, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with Seen():
+        for kernel in (dispatch.FLASH, dispatch.FLASH_CPU):
+            kernel(q, q, q, 0.0, True, scale=None)[0].sum().backward()
+        dispatch.EFFICIENT_ATTENTION(q, q, q, None, True, 0.0, True, scale=None)[0].sum().backward()
+        torch.ones(3, dtype=torch.bool, device="meta").to(torch.float16)
+    assert {dispatch.FLASH, dispatch.FLASH_CPU, dispatch.EFFICIENT_ATTENTION, dispatch.COPY} <= set(seen)
+    assert dispatch.tree_leaves(({"a": 1}, [2])) == [1, 2] and dispatch.tree_map(str, [1]) == ["1"]
+    assert dispatch.NONZERO.name() == "aten::nonzero" and dispatch.SCALAR_READ.name() == "aten::_local_scalar_dense"
+    names = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            names.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    w = torch.ones(2, requires_grad=True)
+    w.register_hook(lambda g: torch.neg(torch.neg(g)))  # Python code in backward, as a checkpoint's recomputation
+    with Mode():
+        dispatch.engine_backward((w * 2).sum())
+    assert w.grad.tolist() == [2.0, 2.0] and names.count("neg") == 2  # the mode was on during backward
+
+
 def test_the_private_transformers_and_bandit_api_we_use_still_exists():
     """transformers' checkpointing hook and bandit's per-file scan, as emalign/fence/ uses them."""
     import torch

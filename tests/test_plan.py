@@ -153,9 +153,11 @@ def test_plan_takes_a_fits_flags_and_says_whether_it_fits(tiny_model_dir, tmp_pa
     (["--trainer.precision", "64-true"], "trainer.precision='64-true': plan runs"),
     (["--trainer.strategy", "emalign.models.sharding.FSDP2"], "trainer.strategy: plan forecasts one unsharded process"),
     (["--out", "{tmp}"], "--out {tmp}: a directory"),
+    (["--gpu_memory", "0"], "--gpu_memory"),
 ])
-def test_a_plan_it_cannot_make_is_one_line(flags, message, tiny_model_dir, tmp_path, capsys):
-    fit = fit_args(tiny_model_dir, tmp_path / "run", max_steps=1)[1:]
+def test_a_plan_it_cannot_make_is_one_line(flags, message, tmp_path, capsys):
+    """Each before any model is built: the model named here does not exist."""
+    fit = fit_args(str(tmp_path / "no-model"), tmp_path / "run", max_steps=1)[1:]
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert run_cli(["plan", *fit, *flags]) != 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -46,6 +46,7 @@ def plan(argv: list[str]) -> None:
                                      "with a --device cpu run)")
 
         def instantiate_classes(self) -> None:
+            _check(self.config)  # before any model is built
             if self.config["device"] == "cpu":  # the real model, weights and all
                 self.config_init = self.parser.instantiate_classes(self.config)
                 return
@@ -60,12 +61,7 @@ def plan(argv: list[str]) -> None:
     cli = PlanCLI(EmergentAlignment, ChatDataModule, auto_configure_optimizers=False, parser_class=base.Parser,
                   args=argv, run=False, parser_kwargs={"prog": "cli.py plan", "description": plan.__doc__})
     config, built = cli.config, cli.config_init
-    out = config["out"]
-    if out is not None and Path(out).is_dir():
-        raise UserError(f"--out {out}: a directory; plan writes one JSON file")
-    trainer = config["trainer"]
-    if "fsdp" in str(trainer.get("strategy") or "").lower() or "ModelParallel" in str(trainer.get("strategy")):
-        raise UserError("trainer.strategy: plan forecasts one unsharded process; FSDP is not planned yet")
+    out, trainer = config["out"], config["trainer"]
     module, callback, data = built["model"], built["conscience"], built["data"]
     if config["device"] == "cuda":
         materialize(module.policy, "cuda")
@@ -82,17 +78,25 @@ def plan(argv: list[str]) -> None:
     names = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
     result = plan_fit(module, runner, shapes, trainer.get("precision"), trainer.get("gradient_clip_val"),
                       config["gpu_memory"], " + ".join(names) or "(flags)", module.policy.source, config["target"])
-    if config["device"] == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        held, reserved = (total - free) / 2**30, torch.cuda.memory_reserved() / 2**30
-        result.measured = {"device_used_gib": round(held, 4), "torch_reserved_gib": round(reserved, 4),
-                           "beyond_torch_gib": round(held - reserved, 4)}
     print(result.table())
     if out is not None:
         write_json_atomic(Path(out), result.as_dict())
         print(f"plan written to {out}", file=sys.stderr)
+
+
+def _check(config) -> None:
+    """What plan cannot do with these settings, in one line, before anything is built."""
+    from emalign.errors import check_range
+    from emalign.planning import precision_of
+
+    out, trainer = config["out"], config["trainer"]
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"--out {out}: a directory; plan writes one JSON file")
+    check_range("--gpu_memory", config["gpu_memory"], 0, low_open=True)
+    strategy = str(trainer.get("strategy") or "")
+    if "fsdp" in strategy.lower() or "ModelParallel" in strategy:
+        raise UserError("trainer.strategy: plan forecasts one unsharded process; FSDP is not planned yet")
+    precision_of(trainer.get("precision"))
 
 
 plan.takes_fit_flags = True  # cli.py hands it the command line as it is: the fit's parser reads it

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from emalign.conscience.step import ConscienceStep
 from emalign.errors import UserError
 from emalign.planning.report import Plan, make_plan
@@ -47,7 +49,11 @@ def plan_fit(module: EmergentAlignment, conscience: Optional[ConscienceStep], sh
         computed += ON_META + ([QUANTIZED] if module.policy.quantized else [])
         if name != "32-true":
             computed.append(f"{name}: CUDA autocast's dtype choices emulated on meta (emalign.planning.cuda)")
-    if device == "meta":
-        device = f"meta, for {target}"
-    return make_plan(memory, shapes, config=config, model=model, device=device, precision=name,
-                     gpu_memory_gib=gpu_memory_gib, traced=list(TRACED), computed=computed)
+    plan = make_plan(memory, shapes, config=config, model=model, device=f"meta, for {target}" if device == "meta"
+                     else device, precision=name, gpu_memory_gib=gpu_memory_gib, traced=list(TRACED), computed=computed)
+    if device == "cuda":  # what the device holds beyond torch's allocator: the CUDA context, library workspaces
+        free, total = torch.cuda.mem_get_info()
+        held, reserved = (total - free) / 2**30, torch.cuda.memory_reserved() / 2**30
+        plan.measured = {"device_used_gib": round(held, 4), "torch_reserved_gib": round(reserved, 4),
+                         "beyond_torch_gib": round(held - reserved, 4)}
+    return plan
