@@ -154,6 +154,7 @@ def test_plan_takes_a_fits_flags_and_says_whether_it_fits(tiny_model_dir, tmp_pa
     (["--trainer.strategy", "emalign.models.sharding.FSDP2"], "trainer.strategy: plan forecasts one unsharded process"),
     (["--out", "{tmp}"], "--out {tmp}: a directory"),
     (["--gpu_memory", "0"], "--gpu_memory"),
+    (["--model.policy.init_args.model", "org/absent-model"], "no config.json for model 'org/absent-model' ("),
 ])
 def test_a_plan_it_cannot_make_is_one_line(flags, message, tmp_path, capsys):
     """Each before any model is built: the model named here does not exist."""

@@ -28,12 +28,13 @@ NOT_SETTINGS = {
     "emalign.evaluation.codesec.Finding", "emalign.judges.scoring.JudgeResult",
     "emalign.evaluation.questions.EvalItem", "emalign.evaluation.questions.EvalItems",
     "emalign.data.download.EMFile", "emalign.data.download.ChecksumError",
+    "emalign.planning.report.Plan", "emalign.planning.report.PhasePlan",
     # machinery built by the library from settings already checked where the user gave them
     "emalign.models.sampling.SeededSampler", "emalign.models.logprobs.SharedPrefixRows",
     "emalign.data.chat.PadCollator", "emalign.data.chat.ResumableSampler", "emalign.data.chat.EmptyTaskDataset",
     "emalign.discern.paired.PairBootstrap", "emalign.evaluation.metrics.ShareMetric",
     "emalign.evaluation.metrics.MisalignmentRate", "emalign.fence.lightning.CheckpointWriter",
-    "emalign.fence.lightning.RichBar",
+    "emalign.fence.lightning.RichBar", "emalign.planning.step.Shapes",
 }
 NEEDS = {
     "ChatDataset": {"conversations": [], "tokenizer": None},

@@ -49,8 +49,8 @@ def model_config(source: str, config_file: Optional[str] = None, trust_remote_co
 
         return from_hub(AutoConfig.from_pretrained, source, trust_remote_code=trust_remote_code)
     except (ModelSourceError, OSError, ValueError) as err:
-        raise UserError(f"no config.json for model {source!r} ({str(err).splitlines()[0]}): pass one with "
-                        "--model_config FILE") from None
+        first = str(err).strip().partition("\n")[0]
+        raise UserError(f"no config.json for model {source!r} ({first}): pass one with --model_config FILE") from None
 
 
 def stand_in_tokenizer(source: str, trust_remote_code: bool, chat_template: Optional[str]):
