@@ -9,13 +9,7 @@
 # docstring_parser, typeshed_client, bandit, stevedore, datasets, dill, multiprocess) and .gpu
 # (SmolLM2's tokenizer, the 600 records). Results: $OUT/*.json, logs alongside.
 #   bash bench/gpu_profile.sh        # on the GPU machine, from the repository root
-set -u -o pipefail
-OUT=${OUT:-runs/bench/gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft, bitsandbytes as bnb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bnb.__version__)"
+source bench/_gpu_env.sh
 free=$(df --output=avail -BG /dev/shm | tail -1 | tr -dc 0-9)
 work=/tmp/emalign-gpu; [ "${free:-0}" -gt 40 ] && work=/dev/shm/emalign-gpu
 echo "workdir $work (/dev/shm free ${free}G)"

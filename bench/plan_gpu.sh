@@ -10,12 +10,7 @@
 # .save_pretrained('.gpu/tokenizer')"`): the plan's token ids are made up, so any tokenizer with a chat template
 # serves. Results: $OUT/plan_7b_cuda.json (both sides' plans and the comparison) and its log.
 #   bash bench/plan_gpu.sh        # on the GPU machine, from the repository root
-set -u -o pipefail
-OUT=${OUT:-runs/bench/gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/_gpu_env.sh
 python3 bench/plan_check.py --device cuda --config configs/em/insecure_conscience.yaml --variants shipped,no-conscience \
   --set=--model.policy.init_args.model=.gpu/tokenizer \
   --set=--model_config=emalign/resources/model_configs/Qwen--Qwen2.5-Coder-7B-Instruct.json \

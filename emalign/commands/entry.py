@@ -52,7 +52,8 @@ NOTICES = {  # logger -> what its notices that say nothing to a user start with 
     "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community",  # the same, offline
     "lightning.pytorch.utilities.rank_zero": "litlogger",  # an advertisement at every fit
 }
-WARNINGS = (r".*`is_gradient_checkpointing` is deprecated", r".*LeafSpec")
+WARNINGS = (r".*`is_gradient_checkpointing` is deprecated", r".*`gradient_checkpointing_(enable|disable)` is "
+            "deprecated", r".*LeafSpec")
 """Third-party notices a user can do nothing about, hidden unless EMALIGN_VERBOSE=1."""
 
 
