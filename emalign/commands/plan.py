@@ -75,7 +75,8 @@ def plan(argv: list[str]) -> None:
         prompt_tokens=(generation.max_prompt_tokens or data.max_length) if generation else 0,
         new_tokens=generation.max_new_tokens if generation else 0,
         pairs=module.pairs_per_step if callback is not None else 0)
-    names = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
+    names = [a.removeprefix("--config=") for i, a in enumerate(argv)
+             if a.startswith("--config=") or i and argv[i - 1] == "--config"]
     result = plan_fit(module, runner, shapes, trainer.get("precision"), trainer.get("gradient_clip_val"),
                       config["gpu_memory"], " + ".join(names) or "(flags)", module.policy.source, config["target"])
     print(result.table())

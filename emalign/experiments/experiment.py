@@ -218,9 +218,12 @@ CHILD_GRACE_S = 120
 
 
 def _logged(args: list[str], log_path: Path) -> int:
-    """``cli.py ARGS`` in a subprocess, its output to ``log_path``; the exit code."""
+    """``cli.py ARGS`` in a subprocess, the command and its output appended to ``log_path``; the exit code."""
+    cmd = _cli(*args)
     with open(log_path, "a", encoding="utf-8") as log:
-        return run_child(_cli(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        return run_child(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
 
 
 def _fitted(adapter_dir: Path) -> bool:
@@ -230,16 +233,13 @@ def _fitted(adapter_dir: Path) -> bool:
 
 def _fit(run: Run, run_dir: Path, config: dict[str, Any], log_path: Path) -> None:
     """``emalign fit`` in a subprocess, output to ``log_path``; resumes from last.ckpt."""
-    cmd = _cli("fit", *_fit_args(run, run_dir))
+    args = ["fit", *_fit_args(run, run_dir)]
     if _get(config, "trainer.logger.init_args.save_dir") is not None:  # a logger that names its own directory
-        cmd.append(f"--trainer.logger.init_args.save_dir={run_dir}")
+        args.append(f"--trainer.logger.init_args.save_dir={run_dir}")
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        cmd += ["--ckpt_path", "last"]
+        args += ["--ckpt_path", "last"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        code = run_child(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    code = _logged(args, log_path)
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         raise ExperimentError(f"the fit of run {run.name!r} failed (exit {code}); {log_path} ends with:\n"

@@ -12,7 +12,7 @@ copies backward needs stay alive as they do on a GPU.
 The op lists are CUDA's, from PyTorch's ``aten/src/ATen/autocast_mode.h`` (``AT_FORALL_LOWER_PRECISION_FP``,
 ``AT_FORALL_FP32`` and ``AT_FORALL_FP32_SET_OPT_DTYPE``), by the Python names that reach them. Ops not listed run
 in their inputs' dtype, as autocast's own fall-through does. What a CPU cannot check is left to the GPU script
-(bench/plan_gpu.py).
+(bench/plan_gpu.sh).
 """
 
 from __future__ import annotations

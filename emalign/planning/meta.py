@@ -135,9 +135,9 @@ def materialize(policy: Policy, device: str) -> None:
     policy.to_empty(device=device)  # a 4-bit weight comes back a plain parameter: made 4-bit again below
     lm = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
     lm.tie_weights()  # to_empty gives each of tied weights' names its own storage
-    for module, old in quantized.items():
+    if quantized:
         import bitsandbytes as bnb
-
+    for module, old in quantized.items():
         _empty_like_on(old.quant_state, device)
         module.weight = bnb.nn.Params4bit(
             module.weight.data, requires_grad=False, quant_state=old.quant_state, blocksize=old.blocksize,

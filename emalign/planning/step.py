@@ -1,6 +1,7 @@
 """One steady-state step of a fit, phase by phase, through the project's own code, with its memory counted.
 
-    shapes = Shapes.of(module, conscience_step, num_prompts, data_batch=2, max_length=2048, accumulate=8)
+    shapes = Shapes(task_rows=2, task_tokens=2048, accumulate=8, prompts=8, prompt_tokens=1024, new_tokens=256,
+                    pairs=4)
     memory = run_step(module, conscience_step, shapes, precision="bf16-mixed")
     memory.phases["train: task + pairs"].peak
 
@@ -124,7 +125,7 @@ def _conscience(policy, conscience: ConscienceStep, shapes: Shapes, memory: Live
         conscience.conscience.review(reference, policy.tokenizer, [prompt] * len(answers), answers)
     if conscience.conscience.revise_below is not None:
         with memory.phase("conscience: revision"), policy.as_reference() as reference:
-            decode(reference, min(shapes.prompts, max(1, settings.batch_size)), 1, shapes, settings, memory)
+            decode(reference, min(shapes.prompts, settings.batch_size), 1, shapes, settings, memory)
 
 
 @torch.no_grad()
@@ -139,9 +140,8 @@ def decode(model, prompts: int, samples: int, shapes: Shapes, settings, memory: 
                         logits_to_keep=1)
             held.cache = out.cache
             del out
-            memory.default_kind = "kv cache"  # the copies being made are the cache
-            held.cache.batch_repeat_interleave(samples)
-            memory.default_kind = "activations"
+            with memory.counting_as("kv cache"):  # the copies being made are the cache
+                held.cache.batch_repeat_interleave(samples)
         ids = ids.repeat_interleave(samples, 0)
         rows = ids.shape[0]
         sampler = SeededSampler([0] * rows, settings.temperature, settings.top_p, device) if settings.temperature \
@@ -192,17 +192,14 @@ def _pairs(shapes: Shapes) -> list[Pair]:
 
 def _train(module: EmergentAlignment, batch: dict[str, torch.Tensor], precision: str) -> None:
     """A micro-batch as Lightning runs it: the forward under the precision's autocast, then backward."""
-    low = PRECISIONS[precision]
-    on_meta = next(module.policy.parameters()).device.type == "meta"
-    autocast = (contextlib.nullcontext() if low is None else EmulatedAutocast(low) if on_meta
-                else torch.autocast(next(module.policy.parameters()).device.type, dtype=low))
-    if not isinstance(autocast, EmulatedAutocast):
-        with autocast:
-            loss = module.training_step(batch, 0)
-        loss.backward()
+    low, device = PRECISIONS[precision], module.policy.device.type
+    if low is not None and device == "meta":
+        # Kept on through backward: a checkpointed block's recomputation must run under the autocast of its
+        # forward (torch's checkpoint re-enters the real one, not a function mode). Backward's own formulas are
+        # C++, out of a function mode's reach as they are out of autocast's.
+        with EmulatedAutocast(low):
+            engine_backward(module.training_step(batch, 0))
         return
-    # Kept on through backward: a checkpointed block's recomputation must run under the autocast of its forward
-    # (torch's checkpoint re-enters the real one, not a function mode). Backward's own formulas are C++, out of a
-    # function mode's reach as they are out of autocast's.
-    with autocast:
-        engine_backward(module.training_step(batch, 0))
+    with contextlib.nullcontext() if low is None else torch.autocast(device, dtype=low):
+        loss = module.training_step(batch, 0)
+    loss.backward()

@@ -11,8 +11,9 @@ KV caches and temporaries are counted as long as something holds them. It runs t
 on the meta device, where nothing is allocated: that is how ``plan`` forecasts a 7B step on a CPU. On meta, the
 few ops whose output depends on the data are answered by stated assumptions (``META_ASSUMPTIONS``).
 
-Each storage has a kind (``KINDS``) for the breakdown at a phase's peak: set when it is tracked, and changed
-by ``retag`` (gradients when they land, optimizer state after a step, the KV cache after each decoded token).
+Each storage has a kind for the breakdown at a phase's peak (``report.LEVERS`` names them all): set when it is
+tracked (``counting_as`` sets the default), and changed by ``retag`` (gradients when they land, optimizer state
+after a step, the KV cache as each decoder layer extends it).
 The device allocator's rounding and caching are not counted: ``plan`` adds an allowance for them.
 """
 
@@ -28,22 +29,19 @@ import torch
 
 from emalign.fence.dispatch import COPY, NONZERO, SCALAR_READ, DispatchMode, tree_leaves
 
-KINDS = ("4-bit weights", "weights", "adapter", "gradients", "optimizer state", "kv cache", "logits", "activations",
-         "optimizer temporaries")
-
 META_ASSUMPTIONS = (
     "positions picked by a mask (nonzero) are taken as all of them: an upper bound on the gathered states",
     "a scalar read from the device (a finiteness check, a count) reads 1",
     "a copy to the host stays on the meta device and is not device memory",
 )
 
+
 @dataclass
 class Phase:
-    """One phase's peak: the bytes alive at its highest point, by kind, and the live bytes when it began."""
+    """One phase's peak: the bytes alive at its highest point, and by kind."""
 
     peak: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
-    start: int = 0
     allocated: int | None = None
     """On a GPU: ``torch.cuda.max_memory_allocated`` over the phase (the allocator's own count)."""
     reserved: int | None = None
@@ -123,20 +121,30 @@ class LiveMemory(DispatchMode):
     @contextmanager
     def phase(self, name: str, default_kind: str = "activations") -> Iterator[Phase]:
         """Record the peak of what is alive while the block runs (what was alive at its start included)."""
-        phase = Phase(peak=self.live, at_peak=dict(self.by_kind), start=self.live)
+        phase = Phase(peak=self.live, at_peak=dict(self.by_kind))
         self.phases[name] = phase
-        before = self._current, self.default_kind
-        self._current, self.default_kind = phase, default_kind
+        before = self._current
+        self._current = phase
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         try:
-            yield phase
+            with self.counting_as(default_kind):
+                yield phase
         finally:
-            self._current, self.default_kind = before
+            self._current = before
             if self.cuda:
                 torch.cuda.synchronize()
                 phase.allocated, phase.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+    @contextmanager
+    def counting_as(self, kind: str) -> Iterator[None]:
+        """Count what the block makes as ``kind`` (unless it is logits)."""
+        before, self.default_kind = self.default_kind, kind
+        try:
+            yield
+        finally:
+            self.default_kind = before
 
     # -- the dispatch -------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
